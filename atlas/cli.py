@@ -1,0 +1,112 @@
+"""The ``atlas`` command: ``serve``, ``agent``, ``user ...``, ``chat`` and ``ask``.
+
+Each subcommand's module is imported only when it runs, so ``atlas --help`` stays instant.
+Exit codes: 0 success, 1 a failure at run time, 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .config import DEFAULT_AGENT_BIND, DEFAULT_SERVE_BIND, SETTINGS, ConfigError, load_settings
+
+# Settings each server command accepts as flags (names from config.SETTINGS).
+SERVE_SETTINGS = {s.name for s in SETTINGS}
+AGENT_SETTINGS = {
+    "data_dir", "bind", "agent_secret", "provider_url", "provider_urls", "provider_timeout",
+    "provider_retries", "agents_file", "log_level",
+}
+USER_SETTINGS = {"data_dir", "log_level"}
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, names: set[str]) -> None:
+    for setting in SETTINGS:
+        if setting.name in names and setting.flag:
+            env = " / ".join(setting.env)
+            parser.add_argument(
+                setting.flag, dest=setting.name, default=None, metavar="VALUE",
+                help=f"{setting.help} [env {env}]",
+            )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="atlas",
+        description="Atlas: a self-hosted gateway between people and AI agents.",
+    )
+    parser.add_argument("--version", action="version", version=f"atlas {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve", help=f"run the transport and the agent in one process (default {DEFAULT_SERVE_BIND})"
+    )
+    add_setting_flags(serve, SERVE_SETTINGS)
+    serve.set_defaults(handler="atlas.server:main", default_bind=DEFAULT_SERVE_BIND)
+
+    agent = commands.add_parser(
+        "agent", help=f"run the agent HTTP API alone (default {DEFAULT_AGENT_BIND})"
+    )
+    add_setting_flags(agent, AGENT_SETTINGS)
+    agent.set_defaults(handler="atlas.agent_server:main", default_bind=DEFAULT_AGENT_BIND)
+
+    user = commands.add_parser("user", help="manage built-in users (works while serve runs)")
+    add_setting_flags(user, USER_SETTINGS)
+    user_commands = user.add_subparsers(dest="user_command", metavar="ACTION", required=True)
+    add = user_commands.add_parser("add", help="create a user and print its token once")
+    add.add_argument("user_id")
+    add.add_argument("--virtual-key", required=True, help="the provider key billed for this user")
+    add.add_argument("--provider-url", default=None, help="this user's provider base URL")
+    user_commands.add_parser("list", help="list users (keys masked)")
+    remove = user_commands.add_parser("remove", help="delete a user and its token")
+    remove.add_argument("user_id")
+    set_key = user_commands.add_parser("set-key", help="replace a user's virtual key")
+    set_key.add_argument("user_id")
+    set_key.add_argument("--virtual-key", required=True)
+    set_key.add_argument("--provider-url", default=None)
+    rotate = user_commands.add_parser("rotate-token", help="issue a new token, revoke the old one")
+    rotate.add_argument("user_id")
+    user.set_defaults(handler="atlas.users_cli:main", default_bind=DEFAULT_SERVE_BIND)
+
+    for name, summary in (
+        ("chat", "interactive chat with an agent in a running Atlas"),
+        ("ask", "ask one question and stream the answer to stdout"),
+    ):
+        client = commands.add_parser(name, help=summary)
+        client.set_defaults(handler=f"atlas.{name}:main")
+        client.add_argument("--url", default=None, help="Atlas base URL [env ATLAS_URL]")
+        client.add_argument("--user", default=None, help="user id (room) [env ATLAS_USER]")
+        client.add_argument("--token", default=None, help="auth token [env ATLAS_TOKEN]")
+        client.add_argument("--agent", default=None, help="agent id")
+        client.add_argument("--conversation", default=None, help="conversation id")
+        if name == "ask":
+            client.add_argument("question", help="the question, or - to read it from stdin")
+            client.add_argument("--json", action="store_true", help="print the final agent:done object")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module_name, _, function_name = args.handler.partition(":")
+    handler = getattr(importlib.import_module(module_name), function_name)
+    try:
+        if hasattr(args, "default_bind"):
+            flags = {s.name: getattr(args, s.name, None) for s in SETTINGS}
+            args.settings = load_settings(flags, default_bind=args.default_bind)
+        return int(handler(args) or 0)
+    except ConfigError as exc:
+        print(f"atlas: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

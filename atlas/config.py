@@ -1,0 +1,241 @@
+"""Settings: command-line flags, then ``ATLAS_*`` environment variables, then defaults.
+
+Every setting is declared once in ``SETTINGS``; the CLI builds its flags from that table and
+``load_settings`` resolves the values. A value that cannot be used raises ``ConfigError`` naming
+the setting, which the CLI prints as one line before exiting with status 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+DEFAULT_SERVE_BIND = "127.0.0.1:1999"
+DEFAULT_AGENT_BIND = "127.0.0.1:8788"
+
+
+class ConfigError(Exception):
+    """A setting has a value Atlas cannot use. ``str()`` is the one line shown to the user."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(f"invalid {setting}: {message}")
+        self.setting = setting
+
+
+@dataclass(frozen=True)
+class Bind:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_bind(value: str) -> Bind:
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ValueError("expected HOST:PORT or [IPV6]:PORT")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError("expected HOST:PORT, for example 127.0.0.1:1999")
+    if not host:
+        raise ValueError("the host is empty (use 0.0.0.0 to listen everywhere)")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"port {port_text!r} is not a number from 0 to 65535")
+    return Bind(host, int(port_text))
+
+
+def parse_http_url(value: str) -> str:
+    """An http(s) base URL, normalised: lower-case scheme and host, no trailing slash."""
+    text = value.strip()
+    parts = urlsplit(text)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError("expected an http:// or https:// URL")
+    if parts.query or parts.fragment:
+        raise ValueError("a base URL takes no query string or fragment")
+    if parts.username or parts.password:
+        raise ValueError("put credentials in their own setting, not in the URL")
+    return normalize_url(text)
+
+
+def normalize_url(url: str) -> str:
+    """The form in which URLs are compared: scheme and host lower-case, default port and
+    trailing slashes dropped."""
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    default_port = {"http": 80, "https": 443}.get(scheme)
+    netloc = host if port is None or port == default_port else f"{host}:{port}"
+    path = parts.path.rstrip("/")
+    return f"{scheme}://{netloc}{path}"
+
+
+def parse_url_list(value: str) -> tuple[str, ...]:
+    urls = [item for item in (part.strip() for part in value.split(",")) if item]
+    return tuple(parse_http_url(url) for url in urls)
+
+
+def parse_positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise ValueError("must be greater than 0")
+    return number
+
+
+def parse_positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError("must be at least 1")
+    return number
+
+
+def parse_non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError("must be 0 or more")
+    return number
+
+
+def parse_log_level(value: str) -> str:
+    level = value.strip().upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError("expected one of debug, info, warning, error")
+    return level
+
+
+def parse_secret(value: str) -> str:
+    if not value.strip():
+        raise ValueError("is empty")
+    return value.strip()
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str  # attribute of Settings
+    env: tuple[str, ...]  # environment variables, first one wins
+    flag: str | None  # command-line flag, None for environment-only settings (secrets)
+    parse: Callable[[str], Any]
+    help: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("data_dir", ("ATLAS_DATA_DIR",), "--data-dir", Path, "data directory (default ./data)"),
+    Setting("bind", ("ATLAS_BIND",), "--bind", parse_bind, "address to listen on, HOST:PORT"),
+    Setting("auth_url", ("ATLAS_AUTH_URL",), "--auth-url", parse_http_url,
+            "external auth API base URL (default: built-in auth from the data directory)"),
+    Setting("auth_cache_seconds", ("ATLAS_AUTH_CACHE_SECONDS",), "--auth-cache-seconds",
+            float, "how long a verified token is trusted before asking the auth API again"),
+    Setting("auth_timeout", ("ATLAS_AUTH_TIMEOUT",), "--auth-timeout", parse_positive_float,
+            "seconds to wait for the auth API"),
+    Setting("agent_url", ("ATLAS_AGENT_URL", "VOLTAGENT_URL"), "--agent-url", parse_http_url,
+            "remote agent base URL (default: the agent runs in this process)"),
+    Setting("agent_secret", ("ATLAS_AGENT_SECRET",), None, parse_secret,
+            "shared secret between the transport and a remote agent"),
+    Setting("provider_url", ("ATLAS_PROVIDER_URL",), "--provider-url", parse_http_url,
+            "default OpenAI-compatible provider base URL, ending in /v1 (default: built-in dev provider)"),
+    Setting("provider_urls", ("ATLAS_PROVIDER_URLS",), "--provider-urls", parse_url_list,
+            "comma-separated provider URLs the agent may call (default: the default provider only)"),
+    Setting("provider_timeout", ("ATLAS_PROVIDER_TIMEOUT",), "--provider-timeout",
+            parse_positive_float, "seconds without a byte from the provider before giving up"),
+    Setting("provider_retries", ("ATLAS_PROVIDER_RETRIES",), "--provider-retries",
+            parse_non_negative_int, "retries before the first token on 429/5xx/connect failures"),
+    Setting("agents_file", ("ATLAS_AGENTS_FILE",), "--agents-file", Path,
+            "TOML file defining agents (default DATA_DIR/agents.toml when it exists)"),
+    Setting("room_idle_seconds", ("ATLAS_ROOM_IDLE_SECONDS",), "--room-idle-seconds",
+            parse_positive_float, "seconds an idle room stays in memory"),
+    Setting("max_message_bytes", ("ATLAS_MAX_MESSAGE_BYTES",), "--max-message-bytes",
+            parse_positive_int, "largest WebSocket message accepted"),
+    Setting("max_requests_per_connection", ("ATLAS_MAX_REQUESTS_PER_CONNECTION",),
+            "--max-requests-per-connection", parse_positive_int,
+            "agent requests in flight on one WebSocket"),
+    Setting("conversation_turns", ("ATLAS_CONVERSATION_TURNS",), "--conversation-turns",
+            parse_positive_int, "messages kept per conversation"),
+    Setting("shutdown_seconds", ("ATLAS_SHUTDOWN_SECONDS",), "--shutdown-seconds",
+            parse_positive_float, "grace period for connections at shutdown"),
+    Setting("log_level", ("ATLAS_LOG_LEVEL",), "--log-level", parse_log_level,
+            "debug, info, warning or error"),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = Path("data")
+    bind: Bind = field(default_factory=lambda: parse_bind(DEFAULT_SERVE_BIND))
+    auth_url: str | None = None
+    auth_cache_seconds: float = 5.0
+    auth_timeout: float = 5.0
+    agent_url: str | None = None
+    agent_secret: str | None = None
+    provider_url: str | None = None
+    provider_urls: tuple[str, ...] = ()
+    provider_timeout: float = 60.0
+    provider_retries: int = 2
+    agents_file: Path | None = None
+    room_idle_seconds: float = 60.0
+    max_message_bytes: int = 1024 * 1024
+    max_requests_per_connection: int = 8
+    conversation_turns: int = 40
+    shutdown_seconds: float = 5.0
+    log_level: str = "INFO"
+
+    def allowed_provider_urls(self, default_provider_url: str) -> tuple[str, ...]:
+        """The provider URLs the agent may call: the configured list, else the default one."""
+        return self.provider_urls or (normalize_url(default_provider_url),)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def load_settings(
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    default_bind: str = DEFAULT_SERVE_BIND,
+) -> Settings:
+    """Resolve every setting: a flag (already a string, or None when not given) wins over the
+    environment, which wins over the default."""
+    flags = flags or {}
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {"bind": parse_bind(default_bind)}
+    for setting in SETTINGS:
+        raw, source = flags.get(setting.name), setting.flag
+        if raw is None:
+            raw, source = next(
+                ((environ[name], name) for name in setting.env if environ.get(name)), (None, None)
+            )
+        if raw is None:
+            continue
+        try:
+            values[setting.name] = raw if not isinstance(raw, str) else setting.parse(raw)
+        except ValueError as exc:
+            shown = "<hidden>" if setting.flag is None else repr(raw)
+            raise ConfigError(source or setting.name, f"{shown}: {exc}") from None
+    return Settings(**values)
+
+
+def prepare_data_dir(path: Path) -> Path:
+    """Create the data directory (0700) and prove that it is writable, or raise ConfigError."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        probe = path / f".write-probe-{secrets.token_hex(4)}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError("data directory", f"{str(path)!r}: {exc.strerror or exc}") from None
+    return path

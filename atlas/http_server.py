@@ -1,0 +1,64 @@
+"""Serving an ASGI app with Hypercorn's trio worker, the one way every Atlas listener starts.
+
+Hypercorn's access log is off: request lines carry ``?token=`` query strings, and a token must
+never reach a log. Errors still go to the ``atlas.http`` logger.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+from .config import Bind
+
+ASGIApp = Callable[[dict[str, Any], Callable[..., Awaitable[Any]], Callable[..., Awaitable[Any]]], Awaitable[None]]
+
+log = logging.getLogger("atlas.http")
+
+
+def hypercorn_config(
+    bind: Bind, *, max_message_bytes: int = 1024 * 1024, graceful_seconds: float = 5.0
+) -> Config:
+    config = Config()
+    config.bind = [str(bind)]
+    config.accesslog = None
+    config.errorlog = log
+    config.graceful_timeout = graceful_seconds
+    # Hypercorn itself closes an oversized message with 1009, before it is buffered whole.
+    config.websocket_max_message_size = max_message_bytes
+    config.keep_alive_timeout = 75
+    config.include_server_header = False
+    return config
+
+
+def local_url(bound: str) -> str:
+    """The URL a process on this machine uses to reach a listener bound to ``bound``."""
+    return bound.replace("://0.0.0.0:", "://127.0.0.1:").replace("://[::]:", "://[::1]:")
+
+
+async def serve_asgi(
+    app: ASGIApp,
+    bind: Bind,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    max_message_bytes: int = 1024 * 1024,
+    graceful_seconds: float = 5.0,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` until ``shutdown_trigger`` returns or the caller is cancelled. Reports the
+    local base URL (``http://host:port``, the real port when ``bind.port`` is 0) once listening."""
+    config = hypercorn_config(
+        bind, max_message_bytes=max_message_bytes, graceful_seconds=graceful_seconds
+    )
+
+    async def started(nursery_status: trio.TaskStatus[list[str]]) -> None:
+        await serve(app, config, shutdown_trigger=shutdown_trigger, task_status=nursery_status)
+
+    async with trio.open_nursery() as nursery:
+        binds: list[str] = await nursery.start(started)
+        task_status.started(local_url(binds[0]))
