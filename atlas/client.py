@@ -174,6 +174,8 @@ def describe(exc: BaseException) -> str:
         else:
             current = current.__cause__ or current.__context__
     for inner in reversed(seen):
+        if isinstance(inner, OSError) and inner.errno:
+            return os.strerror(inner.errno).lower()
         if isinstance(inner, OSError) and inner.strerror:
             return inner.strerror.lower()
     return str(exc) or type(exc).__name__
