@@ -54,7 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
     agent.set_defaults(handler="atlas.agent_server:main", default_bind=DEFAULT_AGENT_BIND)
 
     user = commands.add_parser("user", help="manage built-in users (works while serve runs)")
-    add_setting_flags(user, USER_SETTINGS)
     user_commands = user.add_subparsers(dest="user_command", metavar="ACTION", required=True)
     add = user_commands.add_parser("add", help="create a user and print its token once")
     add.add_argument("user_id")
@@ -69,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     set_key.add_argument("--provider-url", default=None)
     rotate = user_commands.add_parser("rotate-token", help="issue a new token, revoke the old one")
     rotate.add_argument("user_id")
+    for action in (add, user_commands.choices["list"], remove, set_key, rotate):
+        add_setting_flags(action, USER_SETTINGS)
     user.set_defaults(handler="atlas.users_cli:main", default_bind=DEFAULT_SERVE_BIND)
 
     for name, summary in (

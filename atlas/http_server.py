@@ -56,9 +56,9 @@ async def serve_asgi(
         bind, max_message_bytes=max_message_bytes, graceful_seconds=graceful_seconds
     )
 
-    async def started(nursery_status: trio.TaskStatus[list[str]]) -> None:
-        await serve(app, config, shutdown_trigger=shutdown_trigger, task_status=nursery_status)
+    async def run_hypercorn(*, task_status: trio.TaskStatus[list[str]]) -> None:
+        await serve(app, config, shutdown_trigger=shutdown_trigger, task_status=task_status)
 
     async with trio.open_nursery() as nursery:
-        binds: list[str] = await nursery.start(started)
+        binds: list[str] = await nursery.start(run_hypercorn)
         task_status.started(local_url(binds[0]))

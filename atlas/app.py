@@ -1,0 +1,193 @@
+"""The transport's ASGI app: a small dispatcher in front of the routes.
+
+    /party/{roomId}, /parties/main/{roomId}   WebSocket: ws.websocket_endpoint (raw ASGI)
+                                              HTTP: room status, or ?proxy= to the agent
+    /api/me                                   built-in auth (only without ATLAS_AUTH_URL)
+    everything else                           Quart: the web page, /static, /healthz
+
+The hot paths (WebSocket frames, proxied streams) are raw ASGI: Quart's per-message overhead and
+its response timeout are measured costs there (see STYLE.md), and the in-process proxy hands the
+request straight to the agent's ASGI app. Quart serves the pages, where its conveniences pay.
+The agent's own routes are never served on this port.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+from urllib.parse import parse_qsl
+
+import httpx
+import msgspec
+from quart import Response
+from quart_trio import QuartTrio
+
+from .auth import AuthError, Identity, TokenVerifier, builtin_me_app, token_from_scope
+from .config import Settings
+from .proxy import (
+    ProxyRefused, agent_path, forwarded_headers, proxy_in_process, proxy_remote,
+)
+from .relay import Relay
+from .rooms import RoomRegistry
+from .store import Store, StoreError, is_valid_user_id, mask_key
+from .ws import websocket_endpoint
+
+log = logging.getLogger("atlas.app")
+
+_encoder = msgspec.json.Encoder()
+ROOM_PREFIXES = ("/party/", "/parties/main/")
+
+
+@dataclass
+class Services:
+    """Everything a request handler may use, created once by ``server.serve_atlas``."""
+
+    settings: Settings
+    store: Store
+    verifier: TokenVerifier
+    rooms: RoomRegistry
+    relay: Relay
+    default_provider_url: str
+    agent_app: Any = None  # in-process agent ASGI app, or None with a remote agent
+    agent_client: httpx.AsyncClient | None = None  # with a remote agent
+    shutting_down: bool = False
+
+
+async def send_json(send: Any, status: int, body: Any, headers: list[tuple[bytes, bytes]] = []) -> None:
+    await send({
+        "type": "http.response.start", "status": status,
+        "headers": [(b"content-type", b"application/json"), (b"cache-control", b"no-store"), *headers],
+    })
+    await send({"type": "http.response.body", "body": _encoder.encode(body)})
+
+
+async def send_error(send: Any, status: int, code: str, message: str) -> None:
+    await send_json(send, status, {"error": {"code": code, "message": message}})
+
+
+def room_id_of(path: str) -> str | None:
+    for prefix in ROOM_PREFIXES:
+        if path.startswith(prefix):
+            return path[len(prefix):]
+    return None
+
+
+async def authorize(services: Services, room_id: str, scope: dict[str, Any], send: Any) -> Identity | None:
+    """The room's user, or None after an error response (400/401/403/503) has been sent."""
+    if not is_valid_user_id(room_id):
+        await send_error(send, 400, "bad_room_id", "room ids are 1-128 of A-Z a-z 0-9 . _ @ -")
+        return None
+    try:
+        identity = await services.verifier.verify(token_from_scope(scope))
+    except AuthError as exc:
+        headers = [(b"www-authenticate", b"Bearer")] if exc.status == 401 else []
+        await send_json(send, exc.status, {"error": {"code": exc.code, "message": str(exc)}}, headers)
+        return None
+    if identity.id != room_id:
+        await send_error(send, 403, "forbidden", "this token belongs to another user's room")
+        return None
+    return identity
+
+
+def query_param(scope: dict[str, Any], name: str) -> str | None:
+    for key, value in parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True):
+        if key == name:
+            return value
+    return None
+
+
+async def party_http(services: Services, room_id: str, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    requested = query_param(scope, "proxy")
+    if requested is None and scope["method"] not in ("GET", "HEAD"):
+        await send_error(send, 405, "method_not_allowed", "use GET for the room status, or ?proxy=/agents/...")
+        return
+    identity = await authorize(services, room_id, scope, send)
+    if identity is None:
+        return
+    path = None
+    if requested is not None:
+        try:
+            path = agent_path(requested)
+        except ProxyRefused as exc:
+            await send_error(send, 400, "bad_proxy_path", str(exc))
+            return
+    try:
+        async with services.rooms.open_room(room_id) as room:
+            room.set_identity(identity)
+            if path is None:
+                await send_json(send, 200, {
+                    "roomId": room.id, "userId": identity.id, "credentials": room.has_credentials,
+                    "virtualKey": mask_key(identity.virtual_key or ""),
+                    "providerUrl": identity.provider_url or services.default_provider_url,
+                    "prefs": room.prefs, "connections": len(room.connections),
+                })
+                return
+            headers = forwarded_headers(
+                scope["headers"], services.relay.credentials(room), services.settings.agent_secret
+            )
+            if services.agent_app is not None:
+                await proxy_in_process(services.agent_app, scope, receive, send, path, headers)
+            else:
+                assert services.agent_client is not None and services.settings.agent_url
+                sent = await proxy_remote(
+                    services.agent_client, services.settings.agent_url, scope, receive, send, path, headers
+                )
+                if not sent:
+                    await send_error(send, 502, "agent_unavailable", "the agent cannot be reached")
+    except StoreError:
+        await send_error(send, 500, "internal", "this room's stored state is unreadable; the server log names the file")
+
+
+def build_pages_app(services: Services) -> QuartTrio:
+    pages = QuartTrio(__name__, static_folder="web", static_url_path="/static")
+    # Quart's default 60 s response timeout would cut long responses; none are streamed here,
+    # but nothing should be cut silently either.
+    pages.config["RESPONSE_TIMEOUT"] = None
+
+    @pages.get("/")
+    async def index() -> Response:
+        page = resources.files("atlas").joinpath("web/index.html")
+        if not page.is_file():
+            return Response("Atlas is running. The web page is not installed.", mimetype="text/plain")
+        return Response(page.read_text(encoding="utf-8"), mimetype="text/html")
+
+    @pages.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"ok": not services.shutting_down, "rooms": len(services.rooms.rooms)}
+
+    @pages.errorhandler(404)
+    async def not_found(_: Exception) -> tuple[dict[str, Any], int]:
+        return {"error": {"code": "not_found", "message": "no such route"}}, 404
+
+    return pages
+
+
+def build_app(services: Services):
+    pages = build_pages_app(services)
+    builtin_me = None if services.settings.auth_url else builtin_me_app(services.store)
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await pages(scope, receive, send)
+            return
+        path = scope["path"]
+        room_id = room_id_of(path)
+        if room_id is not None:
+            if kind == "websocket":
+                await websocket_endpoint(services, room_id, scope, receive, send)
+            else:
+                await party_http(services, room_id, scope, receive, send)
+            return
+        if kind == "websocket":
+            # Refused before the upgrade: the client sees HTTP 403 for an unknown WebSocket path.
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        if path == "/api/me" and builtin_me is not None:
+            await builtin_me(scope, receive, send)
+            return
+        await pages(scope, receive, send)
+
+    return app

@@ -1,0 +1,199 @@
+"""Token verification: one code path, ``GET {auth}/api/me`` with ``Authorization: Bearer``.
+
+With ``ATLAS_AUTH_URL`` the auth API is external and reached over HTTP. Without it, the built-in
+``/api/me`` below (backed by the store's ``users/`` and ``tokens/``) answers the same request,
+reached in-process through an ``httpx.ASGITransport``: same client, same parsing, same cache,
+same errors, and no TCP hop. The built-in endpoint is also served on the public port.
+
+Errors:
+    AuthError
+    ├── Unauthorized      401 / WebSocket 4001: missing, unknown or revoked token
+    └── AuthUnavailable   503 / WebSocket 1011: the auth API is down, slow or answers nonsense
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import parse_qsl
+
+import httpx
+import msgspec
+import trio
+
+from .config import Settings
+from .store import Store, StoreError, hash_token
+
+log = logging.getLogger("atlas.auth")
+
+BUILTIN_BASE_URL = "http://atlas.builtin-auth"
+CACHE_LIMIT = 100_000
+
+
+class AuthError(Exception):
+    code = "internal"
+    status = 500
+
+
+class Unauthorized(AuthError):
+    code = "unauthorized"
+    status = 401
+
+
+class AuthUnavailable(AuthError):
+    code = "auth_unavailable"
+    status = 503
+
+
+class Identity(msgspec.Struct, rename="camel", frozen=True):
+    """What ``/api/me`` says about a token's user (extra fields are ignored)."""
+
+    id: str
+    virtual_key: str | None = None
+    provider_url: str | None = None
+
+
+_identity_decoder = msgspec.json.Decoder(Identity)
+_encoder = msgspec.json.Encoder()
+
+
+def token_from_scope(scope: dict[str, Any]) -> str | None:
+    """The token of an ASGI request: ``Authorization: Bearer`` first, then ``?token=``."""
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            scheme, _, credential = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and credential.strip():
+                return credential.strip()
+    query = scope.get("query_string", b"").decode("latin-1")
+    if "token=" in query:
+        for key, value in parse_qsl(query, keep_blank_values=True):
+            if key == "token" and value:
+                return value
+    return None
+
+
+def lookup_builtin_user(store: Store, token: str) -> Identity | None:
+    """The built-in user a token belongs to, or None. Raises StoreError for unreadable files."""
+    token_hash = hash_token(token)
+    record = store.load_token(token_hash)
+    if record is None:
+        return None
+    user = store.load_user(record.user_id)
+    # The user record must still name this token: a rotated or removed token is dead even if its
+    # token file survived a crash.
+    if user is None or not hmac.compare_digest(user.token_hash, token_hash):
+        return None
+    return Identity(id=user.id, virtual_key=user.virtual_key or None, provider_url=user.provider_url)
+
+
+def builtin_me_app(store: Store):
+    """ASGI app for the built-in ``GET /api/me``."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        status, body = 200, b""
+        token = token_from_scope(scope)
+        if scope["method"] not in ("GET", "HEAD"):
+            status, body = 405, _error_body("method_not_allowed", "use GET /api/me")
+        elif token is None:
+            status, body = 401, _error_body("unauthorized", "missing bearer token")
+        else:
+            try:
+                identity = lookup_builtin_user(store, token)
+            except StoreError as exc:
+                log.error("built-in auth: %s", exc)
+                identity, status = None, 500
+                body = _error_body("internal", "this user's stored record is unreadable")
+            if identity is not None:
+                body = _encoder.encode(identity)
+            elif status == 200:
+                status, body = 401, _error_body("unauthorized", "unknown or revoked token")
+        await send({
+            "type": "http.response.start", "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"cache-control", b"no-store")],
+        })
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+def _error_body(code: str, message: str) -> bytes:
+    return _encoder.encode({"error": {"code": code, "message": message}})
+
+
+class TokenVerifier:
+    """Verifies tokens against ``/api/me``, caching results for ``cache_seconds``."""
+
+    def __init__(self, client: httpx.AsyncClient, *, cache_seconds: float, timeout: float) -> None:
+        self._client = client
+        self._cache_seconds = cache_seconds
+        self._timeout = timeout
+        self._cache: OrderedDict[str, tuple[float, Identity]] = OrderedDict()
+
+    async def verify(self, token: str | None) -> Identity:
+        if not token:
+            raise Unauthorized("missing token: pass ?token= or Authorization: Bearer")
+        key = hash_token(token)  # the cache never holds a token
+        cached = self._cache.get(key)
+        now = time.monotonic()
+        if cached is not None and cached[0] > now:
+            self._cache.move_to_end(key)
+            return cached[1]
+        identity = await self._ask(token)
+        if self._cache_seconds > 0:
+            self._cache[key] = (now + self._cache_seconds, identity)
+            self._cache.move_to_end(key)
+            while len(self._cache) > CACHE_LIMIT:
+                self._cache.popitem(last=False)
+        return identity
+
+    def forget(self) -> None:
+        self._cache.clear()
+
+    async def _ask(self, token: str) -> Identity:
+        response = None
+        with trio.move_on_after(self._timeout):
+            try:
+                response = await self._client.get(
+                    "/api/me", headers={"Authorization": f"Bearer {token}"}
+                )
+            except httpx.HTTPError as exc:
+                # The exception text can hold the URL but never the header, so it is safe to log.
+                log.warning("auth API unreachable: %s", type(exc).__name__)
+                raise AuthUnavailable("the auth API cannot be reached") from None
+        if response is None:
+            log.warning("auth API did not answer within %.1f s", self._timeout)
+            raise AuthUnavailable("the auth API did not answer in time")
+        if response.status_code in (401, 403):
+            raise Unauthorized("invalid or revoked token")
+        if response.status_code != 200:
+            log.warning("auth API answered %d", response.status_code)
+            raise AuthUnavailable(f"the auth API answered {response.status_code}")
+        try:
+            identity = _identity_decoder.decode(response.content)
+        except msgspec.DecodeError:
+            log.warning("auth API answered 200 without a usable user object")
+            raise AuthUnavailable("the auth API answered with an unusable user object") from None
+        return identity
+
+
+@asynccontextmanager
+async def open_token_verifier(settings: Settings, store: Store) -> AsyncIterator[TokenVerifier]:
+    if settings.auth_url:
+        client = httpx.AsyncClient(
+            base_url=settings.auth_url, timeout=settings.auth_timeout, follow_redirects=False
+        )
+    else:
+        client = httpx.AsyncClient(
+            base_url=BUILTIN_BASE_URL, transport=httpx.ASGITransport(app=builtin_me_app(store))
+        )
+    async with client:
+        yield TokenVerifier(
+            client, cache_seconds=settings.auth_cache_seconds, timeout=settings.auth_timeout
+        )

@@ -1,0 +1,109 @@
+"""One WebSocket connection's outgoing side: a bounded outbox and the task that writes it.
+
+Everything sent to a client goes through its outbox, so a slow client never blocks anyone else:
+
+- replies to the client's own messages wait for room in the outbox (``send``): a client that
+  does not read slows only itself;
+- frames from others (broadcasts) never wait (``send_nowait``): a peer whose outbox is full has
+  fallen too far behind and is dropped;
+- agent deltas are coalesced (``send_delta``): a request queues at most one pending-text buffer,
+  the writer takes whatever text has piled up when it gets to it, so a client that reads slower
+  than the provider writes gets fewer, larger deltas instead of an unbounded queue.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from .protocol import CLOSE_TOO_SLOW, AgentDelta, encode
+
+log = logging.getLogger("atlas.connection")
+
+OUTBOX_SIZE = 256
+
+
+class DeltaBuffer:
+    """Text of one agent request that is waiting to be written, as one ``agent:delta``."""
+
+    __slots__ = ("request_id", "parts", "queued")
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.parts: list[str] = []
+        self.queued = False
+
+    def take_frame(self) -> str | None:
+        self.queued = False
+        if not self.parts:
+            return None
+        text = self.parts[0] if len(self.parts) == 1 else "".join(self.parts)
+        self.parts = []
+        return encode(AgentDelta(self.request_id, text))
+
+
+class Connection:
+    def __init__(self, connection_id: str) -> None:
+        self.id = connection_id
+        self.requests: dict[str, trio.CancelScope] = {}
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self._outbox_send, self._outbox_receive = trio.open_memory_channel[Any](OUTBOX_SIZE)
+        self._cancel_scope: trio.CancelScope | None = None
+
+    # Sending
+
+    async def send(self, frame: str) -> None:
+        try:
+            await self._outbox_send.send(frame)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass  # the connection is gone; nothing to tell it
+
+    def send_nowait(self, frame: str) -> bool:
+        try:
+            self._outbox_send.send_nowait(frame)
+            return True
+        except trio.WouldBlock:
+            log.warning("connection %s fell too far behind; dropping it", self.id)
+            self.close(CLOSE_TOO_SLOW, "too slow: the outgoing queue is full")
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+        return False
+
+    async def send_delta(self, buffer: DeltaBuffer, text: str) -> None:
+        buffer.parts.append(text)
+        if not buffer.queued:
+            buffer.queued = True
+            await self.send(buffer)  # type: ignore[arg-type]
+
+    async def serve_writer(self, write: Callable[[str], Awaitable[None]]) -> None:
+        """Write the outbox to the socket until the connection ends."""
+        async with self._outbox_receive:
+            async for item in self._outbox_receive:
+                frame = item.take_frame() if isinstance(item, DeltaBuffer) else item
+                if frame is not None:
+                    await write(frame)
+                # A send to a socket that is already gone returns without a checkpoint; without
+                # this one a busy writer would starve the whole server.
+                await trio.lowlevel.checkpoint()
+
+    # Closing
+
+    def bind(self, cancel_scope: trio.CancelScope) -> None:
+        self._cancel_scope = cancel_scope
+
+    def close(self, code: int, reason: str = "") -> None:
+        """End the connection with ``code``; the endpoint sends the close frame."""
+        if self.close_code is None:
+            self.close_code = code
+            self.close_reason = reason
+        if self._cancel_scope is not None:
+            self._cancel_scope.cancel()
+
+    def finish(self) -> None:
+        self._outbox_send.close()
+        for scope in self.requests.values():
+            scope.cancel()

@@ -1,0 +1,45 @@
+"""Logging set-up for the Atlas processes.
+
+Nothing in Atlas logs a token or a key on purpose. As a second line of defence, every record
+passes a filter that masks anything shaped like a bearer credential or a ``token=`` parameter,
+so that a library's message (an exception text quoting a URL, say) cannot leak one either.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+
+_SECRET_PATTERNS = (
+    (re.compile(r"(?i)(bearer\s+)[^\s'\",]+"), r"\1***"),
+    (re.compile(r"(?i)([?&]token=)[^&\s'\"]+"), r"\1***"),
+    (re.compile(r"(?i)(x-provider-api-key['\"]?\s*[:=]\s*['\"]?)[^\s'\",]+"), r"\1***"),
+)
+
+
+def redact(text: str) -> str:
+    for pattern, replacement in _SECRET_PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+class RedactingFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = redact(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        return True
+
+
+def setup_logging(level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RedactingFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # httpx logs every request line at INFO; keep it to warnings.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)

@@ -1,0 +1,198 @@
+"""The WebSocket protocol: one tagged union per direction, decoders and encoders built once.
+
+Every frame is a JSON text frame with a ``type``. ``decode_client_message`` turns a frame into a
+typed message or raises ``ProtocolError`` with the contract's error code (``bad_json``,
+``bad_message``, ``unknown_type``, ``too_large``) and the id of the request it belongs to, if any,
+so that the reply can be an ``agent:error`` for that id instead of a bare ``error``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import msgspec
+
+# Close codes (contract: "WebSocket").
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_TOO_BIG = 1009
+CLOSE_INTERNAL = 1011
+CLOSE_TOO_SLOW = 1008
+CLOSE_UNAUTHORIZED = 4001
+CLOSE_FORBIDDEN = 4003
+CLOSE_BAD_ROOM = 4400
+
+
+class ErrorBody(msgspec.Struct):
+    code: str
+    message: str
+
+
+class ProtocolError(Exception):
+    def __init__(self, code: str, message: str, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+    def body(self) -> ErrorBody:
+        return ErrorBody(self.code, self.message)
+
+
+# Client to server. Unknown fields are refused so that a typo is an error, not silence.
+
+
+class _ClientMessage(msgspec.Struct, tag_field="type", rename="camel", forbid_unknown_fields=True):
+    pass
+
+
+class AgentStream(_ClientMessage, tag="agent:stream"):
+    message: str
+    id: str | None = None
+    agent_id: str | None = None
+    conversation_id: str | None = None
+    options: dict[str, Any] | None = None
+
+
+class AgentText(AgentStream, tag="agent:text"):
+    pass
+
+
+class AgentCancel(_ClientMessage, tag="agent:cancel"):
+    id: str
+
+
+class PrefsGet(_ClientMessage, tag="prefs:get"):
+    pass
+
+
+class PrefsSet(_ClientMessage, tag="prefs:set"):
+    prefs: dict[str, Any]
+
+
+class Broadcast(_ClientMessage, tag="broadcast"):
+    data: Any = None
+
+
+class Ping(_ClientMessage, tag="ping"):
+    pass
+
+
+ClientMessage = Union[AgentStream, AgentText, AgentCancel, PrefsGet, PrefsSet, Broadcast, Ping]
+CLIENT_TYPES = frozenset(
+    ("agent:stream", "agent:text", "agent:cancel", "prefs:get", "prefs:set", "broadcast", "ping")
+)
+
+
+class _Envelope(msgspec.Struct):
+    """Just enough of a bad frame to classify the error and find its request id."""
+
+    type: Any = None
+    id: Any = None
+
+
+_client_decoder = msgspec.json.Decoder(ClientMessage)
+_envelope_decoder = msgspec.json.Decoder(_Envelope)
+
+
+def decode_client_message(frame: str | bytes) -> ClientMessage:
+    try:
+        return _client_decoder.decode(frame)
+    except msgspec.DecodeError as exc:
+        # Slow path, errors only: decode again loosely to say precisely what is wrong.
+        error = str(exc)
+    try:
+        envelope = _envelope_decoder.decode(frame)
+    except msgspec.ValidationError:
+        raise ProtocolError("bad_message", "a message must be a JSON object with a \"type\"") from None
+    except msgspec.DecodeError:
+        raise ProtocolError("bad_json", "the frame is not valid JSON") from None
+    request_id = envelope.id if isinstance(envelope.id, str) else None
+    if envelope.type is None:
+        raise ProtocolError("bad_message", "the message has no \"type\" field", request_id)
+    if not isinstance(envelope.type, str) or envelope.type not in CLIENT_TYPES:
+        shown = envelope.type if isinstance(envelope.type, str) else type(envelope.type).__name__
+        raise ProtocolError(
+            "unknown_type",
+            f"unknown message type {shown[:64]!r}; known: {', '.join(sorted(CLIENT_TYPES))}",
+            request_id,
+        )
+    raise ProtocolError("bad_message", f"{envelope.type}: {error}", request_id)
+
+
+# Server to client.
+
+
+class _ServerMessage(msgspec.Struct, tag_field="type", rename="camel", omit_defaults=False):
+    pass
+
+
+class Usage(msgspec.Struct, rename="camel"):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class Ready(_ServerMessage, tag="ready"):
+    room_id: str
+    user_id: str
+    connection_id: str
+    credentials: bool
+    prefs: dict[str, Any]
+
+
+class AgentStart(_ServerMessage, tag="agent:start"):
+    id: str
+    agent_id: str
+
+
+class AgentDelta(_ServerMessage, tag="agent:delta"):
+    id: str
+    text: str
+
+
+class AgentDone(_ServerMessage, tag="agent:done"):
+    id: str
+    text: str
+    usage: Usage
+    finish_reason: str
+
+
+class AgentErrorMessage(_ServerMessage, tag="agent:error"):
+    id: str
+    error: ErrorBody
+
+
+class PrefsMessage(_ServerMessage, tag="prefs"):
+    prefs: dict[str, Any]
+
+
+class BroadcastMessage(_ServerMessage, tag="broadcast"):
+    from_: str = msgspec.field(name="from")
+    data: Any = None
+
+
+class Pong(_ServerMessage, tag="pong"):
+    pass
+
+
+class ErrorMessage(_ServerMessage, tag="error"):
+    error: ErrorBody
+
+
+ServerMessage = Union[
+    Ready, AgentStart, AgentDelta, AgentDone, AgentErrorMessage, PrefsMessage, BroadcastMessage,
+    Pong, ErrorMessage,
+]
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode(message: ServerMessage) -> str:
+    return _encoder.encode(message).decode()
+
+
+def error_frame(code: str, message: str, request_id: str | None = None) -> str:
+    if request_id is not None:
+        return encode(AgentErrorMessage(request_id, ErrorBody(code, message)))
+    return encode(ErrorMessage(ErrorBody(code, message)))

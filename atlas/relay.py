@@ -1,0 +1,153 @@
+"""The WebSocket relay: ``agent:stream`` / ``agent:text`` / ``agent:cancel`` for one room.
+
+A request runs as a task in its room's nursery under its own cancel scope, kept in the
+connection's ``requests`` so that ``agent:cancel`` and the connection's end both cancel it; leaving
+the agent's stream context closes the provider request at once. The agent is anything with
+``open_stream(agent_id, input, options, credentials)``: the in-process ``AgentService`` (direct
+calls, no HTTP hop) or ``RemoteAgent`` (``/agents/{id}/stream`` over HTTP).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from contextlib import AbstractAsyncContextManager
+from typing import Any, AsyncIterator, Protocol
+
+import trio
+
+from .agent_types import AgentError, ChatMessage, Credentials, Finish, StreamEvent, TextDelta
+from .agent_types import Usage as AgentUsage
+from .connection import Connection, DeltaBuffer
+from .protocol import (
+    AgentDone, AgentStart, AgentStream, AgentText, Usage, encode, error_frame,
+)
+from .rooms import Room
+from .store import Turn
+
+log = logging.getLogger("atlas.relay")
+
+DEFAULT_AGENT_ID = "atlas-assistant"
+MAX_REQUEST_ID_LENGTH = 128
+
+# Codes of the agent API that the WebSocket protocol names differently.
+WS_ERROR_CODES = {"bad_request": "bad_message"}
+
+
+class Agent(Protocol):
+    def open_stream(
+        self, agent_id: str, input: str | list[ChatMessage], options: dict[str, Any],
+        credentials: Credentials,
+    ) -> AbstractAsyncContextManager[AsyncIterator[StreamEvent]]: ...
+
+
+class Relay:
+    def __init__(
+        self, agent: Agent, *, default_provider_url: str, max_requests: int, conversation_turns: int
+    ) -> None:
+        self.agent = agent
+        self.default_provider_url = default_provider_url
+        self.max_requests = max_requests
+        self.conversation_turns = conversation_turns
+
+    def credentials(self, room: Room) -> Credentials | None:
+        identity = room.identity
+        if identity is None or not identity.virtual_key:
+            return None
+        return Credentials(
+            api_key=identity.virtual_key,
+            api_url=identity.provider_url or self.default_provider_url,
+            user_id=room.id,
+        )
+
+    async def start(self, room: Room, connection: Connection, message: AgentStream) -> None:
+        request_id = message.id if message.id is not None else secrets.token_hex(6)
+
+        async def refuse(code: str, text: str) -> None:
+            await connection.send(error_frame(code, text, request_id))
+
+        if not request_id or len(request_id) > MAX_REQUEST_ID_LENGTH:
+            await refuse("bad_message", f"id must be 1-{MAX_REQUEST_ID_LENGTH} characters")
+            return
+        if request_id in connection.requests:
+            await refuse("bad_message", f"request {request_id!r} is already in flight on this connection")
+            return
+        if len(connection.requests) >= self.max_requests:
+            await refuse("too_many_requests", f"at most {self.max_requests} requests may be in flight per connection")
+            return
+        credentials = self.credentials(room)
+        if credentials is None:
+            await refuse("no_credentials", "this user has no virtual key; ask the operator to set one")
+            return
+        prefs = room.prefs
+        agent_id = message.agent_id or _string(prefs.get("agentId")) or DEFAULT_AGENT_ID
+        default_options = prefs.get("options")
+        options = dict(default_options) if isinstance(default_options, dict) else {}
+        options.update(message.options or {})
+        scope = trio.CancelScope()
+        connection.requests[request_id] = scope
+        room.start_request(lambda: self._run(
+            room, connection, message, request_id, agent_id, options, credentials, scope
+        ))
+
+    async def cancel(self, connection: Connection, request_id: str) -> None:
+        scope = connection.requests.get(request_id)
+        if scope is None:
+            await connection.send(
+                error_frame("bad_message", f"no request {request_id!r} in flight on this connection", request_id)
+            )
+            return
+        scope.cancel()
+
+    async def _run(
+        self, room: Room, connection: Connection, message: AgentStream, request_id: str,
+        agent_id: str, options: dict[str, Any], credentials: Credentials, scope: trio.CancelScope,
+    ) -> None:
+        streaming = not isinstance(message, AgentText)
+        conversation_id = message.conversation_id
+        history = room.conversation(conversation_id) if conversation_id else []
+        agent_input: str | list[ChatMessage] = message.message
+        if history:
+            agent_input = [ChatMessage(t.role, t.content) for t in history]
+            agent_input.append(ChatMessage("user", message.message))
+        try:
+            with scope:
+                if streaming:
+                    await connection.send(encode(AgentStart(request_id, agent_id)))
+                parts: list[str] = []
+                finish = Finish("unknown", usage=AgentUsage())
+                buffer = DeltaBuffer(request_id)
+                async with self.agent.open_stream(agent_id, agent_input, options, credentials) as events:
+                    async for event in events:
+                        if isinstance(event, TextDelta):
+                            parts.append(event.text)
+                            if streaming:
+                                await connection.send_delta(buffer, event.text)
+                        else:
+                            finish = event
+                text = "".join(parts)
+                if conversation_id:
+                    turns = [Turn("user", message.message), Turn("assistant", text)]
+                    await room.append_turns(conversation_id, turns, self.conversation_turns)
+                usage = finish.usage
+                await connection.send(encode(AgentDone(
+                    request_id, text,
+                    Usage(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens),
+                    finish.finish_reason,
+                )))
+            if scope.cancelled_caught:
+                await connection.send(error_frame("cancelled", "the request was cancelled", request_id))
+        except AgentError as exc:
+            await connection.send(encode_agent_error(request_id, exc))
+        finally:
+            connection.requests.pop(request_id, None)
+
+
+def encode_agent_error(request_id: str, exc: AgentError) -> str:
+    code = WS_ERROR_CODES.get(exc.code, exc.code)
+    return error_frame(code, exc.message, request_id)
+
+
+def _string(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+

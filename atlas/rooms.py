@@ -1,0 +1,241 @@
+"""Rooms: one per user (room id = user id), each owned by a task in the registry's nursery.
+
+A room holds, after its first load, the user's latest credentials (from the auth API), the
+preferences and conversations from ``rooms/{id}.json``, its live connections, and a nursery for
+the agent requests in flight. It is evicted once nothing holds it (no connection, no HTTP request,
+no agent request) for ``room_idle_seconds``; the next use loads it again from disk.
+
+Writes go through ``Room.save``: under the room's lock, the new state is written durably (in a
+worker thread, so fsync never blocks the event loop) and only then becomes the room's state, so
+whatever a client has been told is already on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import trio
+
+from .auth import Identity
+from .store import RoomState, Store, StoreError, Turn
+
+if TYPE_CHECKING:
+    from .connection import Connection
+
+log = logging.getLogger("atlas.rooms")
+
+
+class Room:
+    def __init__(self, room_id: str, registry: RoomRegistry) -> None:
+        self.id = room_id
+        self.identity: Identity | None = None
+        self.state = RoomState()
+        self.connections: dict[Connection, None] = {}  # insertion-ordered set, keyed by socket
+        self.nursery: trio.Nursery | None = None
+        self._registry = registry
+        self._holders = 0
+        self._in_flight = 0
+        self._changed = trio.Event()
+        self._loaded = trio.Event()
+        self._load_error: BaseException | None = None
+        self._write_lock = trio.Lock()
+
+    # Life cycle
+
+    @property
+    def busy(self) -> bool:
+        return self._holders > 0 or self._in_flight > 0
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Load the room, serve its request tasks, and return once it has been idle long enough."""
+        try:
+            try:
+                self.state = await trio.to_thread.run_sync(self._registry.store.load_room, self.id)
+            except BaseException as exc:
+                self._load_error = exc
+                raise
+            finally:
+                self._loaded.set()
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                task_status.started()
+                await self._wait_until_idle_expired()
+        finally:
+            self._registry._forget(self)
+
+    async def _wait_until_idle_expired(self) -> None:
+        while True:
+            changed = self._changed
+            if self.busy:
+                await changed.wait()
+                continue
+            with trio.move_on_after(self._registry.idle_seconds):
+                await changed.wait()
+            if not changed.is_set() and not self.busy:
+                log.debug("room %s evicted after idling", self.id)
+                # Leave the registry before the next checkpoint so no opener can pick this room.
+                self._registry._forget(self)
+                return
+
+    async def wait_loaded(self) -> None:
+        if not self._loaded.is_set():
+            await self._loaded.wait()
+        if self._load_error is not None:
+            raise self._load_error
+
+    def _hold(self) -> None:
+        self._holders += 1
+        self._notify()
+
+    def _release(self) -> None:
+        self._holders -= 1
+        self._notify()
+
+    # Credentials and state
+
+    def set_identity(self, identity: Identity) -> None:
+        self.identity = identity
+
+    @property
+    def has_credentials(self) -> bool:
+        return bool(self.identity and self.identity.virtual_key)
+
+    @property
+    def prefs(self) -> dict[str, Any]:
+        return self.state.prefs
+
+    async def save(self, state: RoomState) -> None:
+        """Make ``state`` durable, then the room's state. Callers hold ``write_lock``."""
+        await trio.to_thread.run_sync(self._registry.store.save_room, self.id, state)
+        self.state = state
+
+    @property
+    def write_lock(self) -> trio.Lock:
+        return self._write_lock
+
+    async def merge_prefs(self, patch: dict[str, Any]) -> dict[str, Any]:
+        """Merge ``patch`` into the prefs (``None`` deletes a key); returns them once durable."""
+        async with self._write_lock:
+            prefs = dict(self.state.prefs)
+            for key, value in patch.items():
+                if value is None:
+                    prefs.pop(key, None)
+                else:
+                    prefs[key] = value
+            await self.save(RoomState(prefs=prefs, conversations=self.state.conversations))
+            return prefs
+
+    def conversation(self, conversation_id: str) -> list[Turn]:
+        return list(self.state.conversations.get(conversation_id, ()))
+
+    async def append_turns(self, conversation_id: str, turns: list[Turn], keep: int) -> None:
+        """Append turns to a conversation, keeping its last ``keep`` messages; durable on return."""
+        async with self._write_lock:
+            conversations = dict(self.state.conversations)
+            history = conversations.pop(conversation_id, [])
+            # Re-inserted last: the dict's order is recency, and the oldest conversations go
+            # first when there are too many.
+            conversations[conversation_id] = (history + turns)[-keep:]
+            while len(conversations) > self._registry.max_conversations:
+                del conversations[next(iter(conversations))]
+            await self.save(RoomState(prefs=self.state.prefs, conversations=conversations))
+
+    # Connections and requests
+
+    def attach(self, connection: Connection) -> None:
+        self.connections[connection] = None
+        self._notify()
+
+    def detach(self, connection: Connection) -> None:
+        # Keyed by the connection object itself: a stale close never removes a live connection.
+        self.connections.pop(connection, None)
+        self._notify()
+
+    def broadcast(self, frame: str, *, sender: Connection | None = None) -> None:
+        for connection in list(self.connections):
+            if connection is not sender:
+                connection.send_nowait(frame)
+
+    def start_request(self, request: Callable[[], Awaitable[None]]) -> None:
+        """Run ``request`` in the room's nursery; the room stays loaded until it ends."""
+        assert self.nursery is not None, "room not running"
+        self._in_flight += 1
+        self._notify()
+
+        async def run_and_release() -> None:
+            try:
+                await request()
+            except Exception:
+                log.exception("agent request in room %s failed", self.id)
+            finally:
+                self._in_flight -= 1
+                self._notify()
+
+        self.nursery.start_soon(run_and_release)
+
+
+class RoomRegistry:
+    def __init__(
+        self, store: Store, nursery: trio.Nursery, *, idle_seconds: float, max_conversations: int = 100
+    ) -> None:
+        self.store = store
+        self.idle_seconds = idle_seconds
+        self.max_conversations = max_conversations
+        self.rooms: dict[str, Room] = {}
+        self._nursery = nursery
+
+    def _forget(self, room: Room) -> None:
+        if self.rooms.get(room.id) is room:
+            del self.rooms[room.id]
+
+    @asynccontextmanager
+    async def open_room(self, room_id: str) -> AsyncIterator[Room]:
+        """The room for ``room_id``, loaded, held (not evicted) until the block exits.
+
+        Raises StoreError when the room's file cannot be read; nothing is cached for a failed
+        load, so the next open tries again (after an operator repaired the file)."""
+        room = self.rooms.get(room_id)
+        created = room is None
+        if room is None:
+            room = Room(room_id, self)
+            self.rooms[room_id] = room
+        # Held before the first checkpoint, so the room cannot be evicted under us.
+        room._hold()
+        try:
+            if created:
+                try:
+                    await self._nursery.start(room.run)
+                except StoreError as exc:
+                    log.error("room %s cannot be loaded: %s", room_id, exc)
+                    raise
+            else:
+                await room.wait_loaded()
+            yield room
+        finally:
+            room._release()
+
+    def connections(self) -> list[Connection]:
+        return [connection for room in self.rooms.values() for connection in room.connections]
+
+    def close_all(self, code: int, reason: str) -> None:
+        for connection in self.connections():
+            connection.close(code, reason)
+
+
+async def serve_rooms(
+    store: Store,
+    *,
+    idle_seconds: float,
+    task_status: trio.TaskStatus[RoomRegistry] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
+    """Own every room task; reports the registry once ready. Runs until cancelled."""
+    async with trio.open_nursery() as nursery:
+        task_status.started(RoomRegistry(store, nursery, idle_seconds=idle_seconds))
+        await trio.sleep_forever()

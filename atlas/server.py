@@ -1,0 +1,156 @@
+"""``atlas serve``: the transport and the agent in one Hypercorn (trio worker) process.
+
+``serve_atlas`` starts everything under one nursery and reports the base URL once listening:
+the dev provider (when no provider is configured), the token verifier, the agent (in-process,
+or a client for a remote one), the room registry, and the HTTP/WebSocket server. Shutdown (the
+``shutdown`` event, set by SIGINT/SIGTERM in ``main``) stops new connections, closes every
+WebSocket with 1001, waits a bounded time for them to go, then stops the server. Every
+acknowledged write is already on disk, so nothing is left half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from contextlib import AsyncExitStack
+from functools import partial
+
+import httpx
+import trio
+
+from .app import Services, build_app
+from .auth import open_token_verifier
+from .config import Settings, prepare_data_dir
+from .http_server import serve_asgi
+from .logs import setup_logging
+from .protocol import CLOSE_GOING_AWAY
+from .relay import Relay
+from .rooms import serve_rooms
+from .store import Store
+from .users_cli import create_user
+
+log = logging.getLogger("atlas.server")
+
+DEMO_USER = "demo"
+DEMO_KEY = "dev-demo-key"
+
+
+async def serve_atlas(
+    settings: Settings,
+    *,
+    shutdown: trio.Event | None = None,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until ``shutdown`` is set (then shut down gracefully) or until cancelled."""
+    store = Store(prepare_data_dir(settings.data_dir))
+    store.ensure_dirs()
+    if shutdown is None:
+        shutdown = trio.Event()
+    async with trio.open_nursery() as background, AsyncExitStack() as stack:
+        provider_url = settings.provider_url
+        if provider_url is None:
+            from .devprovider import serve_dev_provider
+
+            provider_url = await background.start(serve_dev_provider)
+            log.warning(
+                "using the built-in dev provider at %s: replies are canned test text, not a model. "
+                "Set ATLAS_PROVIDER_URL to use a real provider.", provider_url,
+            )
+        verifier = await stack.enter_async_context(open_token_verifier(settings, store))
+        agent_app = agent_client = None
+        if settings.agent_url:
+            from .remote_agent import RemoteAgent
+
+            agent_client = await stack.enter_async_context(
+                httpx.AsyncClient(timeout=httpx.Timeout(settings.provider_timeout, connect=5.0))
+            )
+            agent = RemoteAgent(agent_client, settings.agent_url, settings.agent_secret)
+            log.info("agent requests go to the remote agent at %s", settings.agent_url)
+        else:
+            from .agent import build_agent_app, open_agent_service
+
+            agent = await stack.enter_async_context(
+                open_agent_service(settings, default_provider_url=provider_url)
+            )
+            agent_app = build_agent_app(agent, settings)
+        rooms = await background.start(
+            partial(serve_rooms, store, idle_seconds=settings.room_idle_seconds)
+        )
+        services = Services(
+            settings=settings, store=store, verifier=verifier, rooms=rooms,
+            relay=Relay(
+                agent, default_provider_url=provider_url,
+                max_requests=settings.max_requests_per_connection,
+                conversation_turns=settings.conversation_turns,
+            ),
+            default_provider_url=provider_url, agent_app=agent_app, agent_client=agent_client,
+        )
+        stop_listening = trio.Event()
+        async with trio.open_nursery() as server:
+            url = await server.start(partial(
+                serve_asgi, build_app(services), settings.bind,
+                shutdown_trigger=stop_listening.wait,
+                max_message_bytes=settings.max_message_bytes,
+                graceful_seconds=settings.shutdown_seconds,
+            ))
+            log.info("Atlas listening on %s (data directory %s)", url, store.data_dir)
+            if settings.provider_url is None and settings.auth_url is None and not store.has_users():
+                announce_demo_user(store, url)
+            task_status.started(url)
+            await shutdown.wait()
+            log.info("shutting down: closing every connection with 1001")
+            services.shutting_down = True
+            rooms.close_all(CLOSE_GOING_AWAY, "server shutting down")
+            with trio.move_on_after(settings.shutdown_seconds):
+                while rooms.connections():
+                    await trio.sleep(0.01)
+            stop_listening.set()
+        background.cancel_scope.cancel()
+    log.info("stopped")
+
+
+def announce_demo_user(store: Store, url: str) -> None:
+    """First run on the embedded defaults: create ``demo`` and print three ways in, once."""
+    token = create_user(store, DEMO_USER, DEMO_KEY, None)
+    print(
+        "\nFirst run: created the user 'demo' (billed to the dev provider, which needs no key).\n"
+        "Its token is shown only this once. Three ways in:\n\n"
+        f"  Web page:   {url}/#user={DEMO_USER}&token={token}\n"
+        f"  Terminal:   atlas chat --url {url} --user {DEMO_USER} --token {token}\n"
+        f"  curl:       curl -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' \\\n"
+        f"                -d '{{\"input\": \"Hello\"}}' '{url}/party/{DEMO_USER}?proxy=/agents/atlas-assistant/text'\n",
+        flush=True,
+    )
+
+
+async def run_until_signal(settings: Settings) -> None:
+    """Serve until SIGINT/SIGTERM, then shut down gracefully; a second signal stops at once."""
+    shutdown = trio.Event()
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def watch_signals() -> None:
+                async for signum in signals:
+                    name = signal.Signals(signum).name
+                    if shutdown.is_set():
+                        log.warning("second %s: stopping now", name)
+                        nursery.cancel_scope.cancel()
+                    log.info("%s received", name)
+                    shutdown.set()
+
+            async def serve(task_status: trio.TaskStatus[str]) -> None:
+                await serve_atlas(settings, shutdown=shutdown, task_status=task_status)
+                nursery.cancel_scope.cancel()  # served and shut down: stop watching signals
+
+            nursery.start_soon(watch_signals)
+            url = await nursery.start(serve)
+            print(f"Atlas listening on {url}", file=sys.stderr, flush=True)
+
+
+def main(args: argparse.Namespace) -> int:
+    settings: Settings = args.settings
+    setup_logging(settings.log_level)
+    trio.run(run_until_signal, settings)
+    return 0

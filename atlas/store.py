@@ -1,0 +1,216 @@
+"""JSON-on-disk store under the data directory, one small file per thing.
+
+    DATA_DIR/                      0700
+      users/{userId}.json          built-in auth: the user's virtual key, provider URL, token hash
+      tokens/{sha256(token)}.json  built-in auth: which user a token hash belongs to
+      rooms/{roomId}.json          a room's state: preferences and conversations
+
+Nothing is read at start-up: a file is read the first time its user is used, so start-up cost does
+not grow with the number of users. Every write is atomic and durable: a uniquely named temporary
+file is written, flushed and fsynced, renamed over the old file, and the directory is fsynced, so a
+crash at any moment leaves either the old or the new file, never a torn one. Files are 0600.
+
+A file that exists but cannot be read or decoded raises ``StoreCorrupt`` naming its path; it is
+never replaced silently, and other users' files are unaffected.
+
+The functions here block (file I/O, fsync); async callers run them with ``trio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import secrets
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+
+USER_ID_PATTERN = re.compile(r"[A-Za-z0-9._@-]{1,128}")
+
+T = TypeVar("T")
+
+
+class StoreError(Exception):
+    """Base of the store's errors."""
+
+
+class StoreCorrupt(StoreError):
+    """A stored file exists but cannot be used. The message names the file."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"stored file {path} is unreadable: {reason}")
+        self.path = path
+
+
+class Turn(msgspec.Struct, frozen=True):
+    role: str
+    content: str
+
+
+class UserRecord(msgspec.Struct, rename="camel", omit_defaults=True):
+    """A built-in user. New fields must have defaults (schema evolution)."""
+
+    id: str
+    virtual_key: str = ""
+    provider_url: str | None = None
+    token_hash: str = ""
+    created_at: float = 0.0
+
+
+class TokenRecord(msgspec.Struct, rename="camel"):
+    user_id: str
+
+
+class RoomState(msgspec.Struct, rename="camel", omit_defaults=True):
+    """What a room keeps on disk. New fields must have defaults (schema evolution)."""
+
+    prefs: dict[str, Any] = msgspec.field(default_factory=dict)
+    conversations: dict[str, list[Turn]] = msgspec.field(default_factory=dict)
+
+
+def is_valid_user_id(value: str) -> bool:
+    return USER_ID_PATTERN.fullmatch(value) is not None
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def mask_key(key: str) -> str:
+    """A virtual key as it may be shown: only its last 4 characters."""
+    if not key:
+        return ""
+    return "…" + key[-4:] if len(key) > 8 else "…"
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new content."""
+    directory = path.parent
+    temporary = directory / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    fsync_directory(directory)
+
+
+def fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_struct(path: Path, kind: type[T]) -> T | None:
+    """The decoded file, None when it does not exist, StoreCorrupt when it cannot be used."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StoreCorrupt(path, exc.strerror or str(exc)) from None
+    try:
+        return msgspec.json.decode(data, type=kind)
+    except msgspec.DecodeError as exc:
+        raise StoreCorrupt(path, str(exc)) from None
+
+
+class Store:
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.users_dir = data_dir / "users"
+        self.tokens_dir = data_dir / "tokens"
+        self.rooms_dir = data_dir / "rooms"
+
+    def ensure_dirs(self) -> None:
+        for directory in (self.data_dir, self.users_dir, self.tokens_dir, self.rooms_dir):
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def _file(self, directory: Path, name: str) -> Path:
+        # Ids are validated against USER_ID_PATTERN before they get here; the check is repeated
+        # because a path built from an unchecked id could escape the data directory.
+        if not is_valid_user_id(name):
+            raise ValueError(f"invalid id {name!r}")
+        return directory / f"{name}.json"
+
+    def _write(self, path: Path, value: Any) -> None:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_atomic(path, _encoder.encode(value))
+
+    # Users (built-in auth)
+
+    def user_path(self, user_id: str) -> Path:
+        return self._file(self.users_dir, user_id)
+
+    def load_user(self, user_id: str) -> UserRecord | None:
+        return read_struct(self.user_path(user_id), UserRecord)
+
+    def save_user(self, user: UserRecord) -> None:
+        self._write(self.user_path(user.id), user)
+
+    def delete_user(self, user_id: str) -> None:
+        self.user_path(user_id).unlink(missing_ok=True)
+        fsync_directory(self.users_dir)
+
+    def user_ids(self) -> list[str]:
+        if not self.users_dir.is_dir():
+            return []
+        return sorted(
+            path.stem for path in self.users_dir.glob("*.json") if not path.name.startswith(".")
+        )
+
+    def has_users(self) -> bool:
+        if not self.users_dir.is_dir():
+            return False
+        return any(
+            entry.name.endswith(".json") and not entry.name.startswith(".")
+            for entry in os.scandir(self.users_dir)
+        )
+
+    # Tokens (built-in auth): the file name is the token's SHA-256, the token itself is never stored.
+
+    def token_path(self, token_hash: str) -> Path:
+        if not re.fullmatch(r"[0-9a-f]{64}", token_hash):
+            raise ValueError("not a token hash")
+        return self.tokens_dir / f"{token_hash}.json"
+
+    def load_token(self, token_hash: str) -> TokenRecord | None:
+        return read_struct(self.token_path(token_hash), TokenRecord)
+
+    def save_token(self, token_hash: str, user_id: str) -> None:
+        self._write(self.token_path(token_hash), TokenRecord(user_id=user_id))
+
+    def delete_token(self, token_hash: str) -> None:
+        self.token_path(token_hash).unlink(missing_ok=True)
+        fsync_directory(self.tokens_dir)
+
+    # Rooms
+
+    def room_path(self, room_id: str) -> Path:
+        return self._file(self.rooms_dir, room_id)
+
+    def load_room(self, room_id: str) -> RoomState:
+        return read_struct(self.room_path(room_id), RoomState) or RoomState()
+
+    def save_room(self, room_id: str, state: RoomState) -> None:
+        self._write(self.room_path(room_id), state)

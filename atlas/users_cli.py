@@ -1,0 +1,128 @@
+"""``atlas user add|list|remove|set-key|rotate-token``: built-in users in the data directory.
+
+These commands only touch ``users/`` and ``tokens/``, which a running ``atlas serve`` reads but
+never writes, so they are safe while the server runs; the server sees a change once its auth
+cache entry expires. A new token is printed once, alone on the last line of standard output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .config import ConfigError, parse_http_url, prepare_data_dir
+from .store import Store, StoreError, UserRecord, hash_token, is_valid_user_id, mask_key, new_token
+
+
+class UserCommandError(Exception):
+    pass
+
+
+def create_user(store: Store, user_id: str, virtual_key: str, provider_url: str | None) -> str:
+    """Create a user; returns its new token (the only time it exists outside the client)."""
+    if store.load_user(user_id) is not None:
+        raise UserCommandError(f"user {user_id!r} already exists (use set-key or rotate-token)")
+    token = new_token()
+    token_hash = hash_token(token)
+    store.save_token(token_hash, user_id)
+    store.save_user(
+        UserRecord(
+            id=user_id, virtual_key=virtual_key, provider_url=provider_url,
+            token_hash=token_hash, created_at=time.time(),
+        )
+    )
+    return token
+
+
+def existing_user(store: Store, user_id: str) -> UserRecord:
+    user = store.load_user(user_id)
+    if user is None:
+        raise UserCommandError(f"no user {user_id!r}")
+    return user
+
+
+def rotate_token(store: Store, user_id: str) -> str:
+    user = existing_user(store, user_id)
+    token = new_token()
+    token_hash = hash_token(token)
+    # New token file first, then the user record; the old token file goes last. Verification
+    # requires both to agree, so a crash in between never leaves the old token working.
+    store.save_token(token_hash, user_id)
+    old_hash = user.token_hash
+    user.token_hash = token_hash
+    store.save_user(user)
+    if old_hash:
+        store.delete_token(old_hash)
+    return token
+
+
+def remove_user(store: Store, user_id: str) -> None:
+    user = existing_user(store, user_id)
+    store.delete_user(user_id)
+    if user.token_hash:
+        store.delete_token(user.token_hash)
+
+
+def set_key(store: Store, user_id: str, virtual_key: str, provider_url: str | None) -> UserRecord:
+    user = existing_user(store, user_id)
+    user.virtual_key = virtual_key
+    if provider_url is not None:
+        user.provider_url = provider_url or None
+    store.save_user(user)
+    return user
+
+
+def checked_provider_url(value: str | None) -> str | None:
+    if value is None or value == "":
+        return value
+    try:
+        return parse_http_url(value)
+    except ValueError as exc:
+        raise ConfigError("--provider-url", f"{value!r}: {exc}") from None
+
+
+def main(args: argparse.Namespace) -> int:
+    store = Store(prepare_data_dir(args.settings.data_dir))
+    store.ensure_dirs()
+    action = args.user_command
+    user_id = getattr(args, "user_id", None)
+    if user_id is not None and not is_valid_user_id(user_id):
+        print(f"atlas: invalid user id {user_id!r}: use 1-128 of A-Z a-z 0-9 . _ @ -", file=sys.stderr)
+        return 2
+    virtual_key = getattr(args, "virtual_key", None)
+    if virtual_key is not None and not virtual_key.strip():
+        print("atlas: invalid --virtual-key: it is empty", file=sys.stderr)
+        return 2
+    try:
+        if action == "add":
+            provider_url = checked_provider_url(args.provider_url)
+            token = create_user(store, user_id, virtual_key.strip(), provider_url)
+            print(f"Created user {user_id} (virtual key {mask_key(virtual_key.strip())}).")
+            print("Its token follows; it is shown only this once:")
+            print(token)
+        elif action == "list":
+            ids = store.user_ids()
+            if not ids:
+                print("No users. Add one with: atlas user add ID --virtual-key KEY")
+            for listed_id in ids:
+                try:
+                    user = existing_user(store, listed_id)
+                    provider = user.provider_url or "(default provider)"
+                    print(f"{listed_id}\tkey {mask_key(user.virtual_key)}\t{provider}")
+                except StoreError as exc:
+                    print(f"{listed_id}\tERROR: {exc}")
+        elif action == "remove":
+            remove_user(store, user_id)
+            print(f"Removed user {user_id}; its token no longer works.")
+        elif action == "set-key":
+            user = set_key(store, user_id, virtual_key.strip(), checked_provider_url(args.provider_url))
+            print(f"Updated user {user_id}: virtual key {mask_key(user.virtual_key)}.")
+        elif action == "rotate-token":
+            token = rotate_token(store, user_id)
+            print(f"New token for {user_id}; the old one no longer works. Shown only this once:")
+            print(token)
+    except (UserCommandError, StoreError) as exc:
+        print(f"atlas: {exc}", file=sys.stderr)
+        return 1
+    return 0

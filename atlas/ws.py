@@ -1,0 +1,165 @@
+"""The WebSocket endpoint, ``/party/{roomId}`` and ``/parties/main/{roomId}``, as raw ASGI.
+
+Order of events: accept the upgrade (so the client can see a close code), check the room id
+(4400), verify the token (4001, or 1011 when the auth API is unavailable), check it is this room's
+user (4003), open the room, send ``ready``, then read frames until the client leaves. A 4xxx close
+is preceded by an ``error`` frame. Every frame the server cannot use gets an error reply and the
+connection stays open; an unexpected failure while handling one frame is logged and answered with
+``internal``, and the connection still stays open.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
+
+import trio
+
+from .auth import AuthUnavailable, Unauthorized, token_from_scope
+from .connection import Connection
+from .protocol import (
+    CLOSE_BAD_ROOM, CLOSE_FORBIDDEN, CLOSE_GOING_AWAY, CLOSE_INTERNAL, CLOSE_UNAUTHORIZED,
+    AgentCancel, AgentStream, Broadcast, BroadcastMessage, Ping, Pong, PrefsGet, PrefsMessage,
+    PrefsSet, ProtocolError, Ready, decode_client_message, encode, error_frame,
+)
+from .store import StoreError, is_valid_user_id
+
+if TYPE_CHECKING:
+    from .app import Services
+    from .rooms import Room
+
+log = logging.getLogger("atlas.ws")
+
+PONG = encode(Pong())
+CLOSE_WAIT_SECONDS = 2.0
+
+
+def connection_id_from_scope(scope: dict[str, Any]) -> str:
+    """The client's ``_pk`` if it sent a sensible one, else a fresh id. Only a label: connections
+    are told apart by their socket, never by this."""
+    for key, value in parse_qsl(scope.get("query_string", b"").decode("latin-1")):
+        if key == "_pk" and 0 < len(value) <= 128 and value.isprintable():
+            return value
+    return secrets.token_hex(8)
+
+
+async def websocket_endpoint(
+    services: Services, room_id: str, scope: dict[str, Any], receive: Any, send: Any
+) -> None:
+    event = await receive()
+    if event["type"] != "websocket.connect":
+        return
+    await send({"type": "websocket.accept"})
+
+    async def reject(close_code: int, error_code: str, message: str) -> None:
+        await send({"type": "websocket.send", "text": error_frame(error_code, message)})
+        await send({"type": "websocket.close", "code": close_code, "reason": message[:120]})
+
+    if services.shutting_down:
+        await reject(CLOSE_GOING_AWAY, "shutting_down", "the server is shutting down")
+        return
+    if not is_valid_user_id(room_id):
+        await reject(CLOSE_BAD_ROOM, "bad_room_id", "room ids are 1-128 of A-Z a-z 0-9 . _ @ -")
+        return
+    try:
+        identity = await services.verifier.verify(token_from_scope(scope))
+    except Unauthorized as exc:
+        await reject(CLOSE_UNAUTHORIZED, exc.code, str(exc))
+        return
+    except AuthUnavailable as exc:
+        await reject(CLOSE_INTERNAL, exc.code, str(exc))
+        return
+    if identity.id != room_id:
+        await reject(CLOSE_FORBIDDEN, "forbidden", "this token belongs to another user's room")
+        return
+
+    connection = Connection(connection_id_from_scope(scope))
+    try:
+        async with services.rooms.open_room(room_id) as room:
+            room.set_identity(identity)
+            await serve_connection(services, room, connection, receive, send)
+    except StoreError:
+        await reject(
+            CLOSE_INTERNAL, "internal",
+            "this room's stored state is unreadable; the server log names the file",
+        )
+        return
+    if connection.close_code is not None:
+        with trio.move_on_after(CLOSE_WAIT_SECONDS) as scope_:
+            scope_.shield = True
+            await send({
+                "type": "websocket.close", "code": connection.close_code,
+                "reason": connection.close_reason[:120],
+            })
+
+
+async def serve_connection(
+    services: Services, room: Room, connection: Connection, receive: Any, send: Any
+) -> None:
+    async def write(frame: str) -> None:
+        await send({"type": "websocket.send", "text": frame})
+
+    room.attach(connection)
+    try:
+        async with trio.open_nursery() as nursery:
+            connection.bind(nursery.cancel_scope)
+            nursery.start_soon(connection.serve_writer, write)
+            await connection.send(encode(Ready(
+                room.id, room.id, connection.id, room.has_credentials, room.prefs
+            )))
+            await read_frames(services, room, connection, receive)
+            nursery.cancel_scope.cancel()
+    finally:
+        room.detach(connection)
+        connection.finish()
+
+
+async def read_frames(services: Services, room: Room, connection: Connection, receive: Any) -> None:
+    while True:
+        event = await receive()
+        kind = event["type"]
+        if kind == "websocket.disconnect":
+            return
+        if kind != "websocket.receive":
+            continue
+        frame = event.get("text")
+        if frame is None:
+            await connection.send(error_frame(
+                "bad_message", "binary frames are not supported: send JSON text frames"
+            ))
+            continue
+        try:
+            await handle_frame(services, room, connection, frame)
+        except Exception as exc:
+            log.exception("unexpected failure handling a frame in room %s", room.id)
+            request_id = getattr(exc, "request_id", None)
+            await connection.send(error_frame("internal", "internal error; see the server log", request_id))
+
+
+async def handle_frame(services: Services, room: Room, connection: Connection, frame: str) -> None:
+    try:
+        message = decode_client_message(frame)
+    except ProtocolError as exc:
+        await connection.send(error_frame(exc.code, exc.message, exc.request_id))
+        return
+    match message:
+        case Ping():
+            await connection.send(PONG)
+        case AgentStream():  # agent:text is a subclass
+            await services.relay.start(room, connection, message)
+        case AgentCancel(id=request_id):
+            await services.relay.cancel(connection, request_id)
+        case PrefsGet():
+            await connection.send(encode(PrefsMessage(room.prefs)))
+        case PrefsSet(prefs=patch):
+            try:
+                prefs = await room.merge_prefs(patch)
+            except OSError as exc:
+                log.error("room %s: prefs not saved: %s", room.id, exc)
+                await connection.send(error_frame("internal", "the preferences could not be saved"))
+                return
+            await connection.send(encode(PrefsMessage(prefs)))
+        case Broadcast(data=data):
+            room.broadcast(encode(BroadcastMessage(connection.id, data)), sender=connection)
