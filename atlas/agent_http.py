@@ -1,0 +1,324 @@
+"""The agent HTTP API (VoltAgent-compatible subset) as a small raw ASGI app.
+
+Raw ASGI rather than a framework because the transport calls this app in-process, passing its
+own scope/receive/send through: no lifespan needed, nothing buffered, no response timeout.
+
+    GET  /healthz                 {"ok": true}
+    GET  /agents                  {"success": true, "data": [agent...]}
+    GET  /agents/{id}             {"success": true, "data": agent}
+    POST /agents/{id}/text        {"success": true, "data": {"text", "usage", "finishReason"}}
+    POST /agents/{id}/stream      SSE, VoltAgent full stream (atlas.agent_sse.FullStream)
+    POST /agents/{id}/chat        SSE, AI SDK UI message stream v1 (atlas.agent_sse.UIMessageStream)
+
+Errors: ``{"success": false, "error": message, "code": code}`` with the AgentError's status.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import math
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import msgspec
+import trio
+
+from .agent import AgentService
+from .agent_sse import FullStream, UIMessageStream
+from .agent_types import AgentError, ChatMessage, Credentials, Finish, TextDelta, bad_request
+from .config import Settings
+
+log = logging.getLogger("atlas.agent.http")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+JSON_HEADERS = [(b"content-type", b"application/json")]
+GENERATE_ROUTES = ("text", "stream", "chat")
+BODY_FIELDS = {"input", "options", "messages", "id", "trigger", "messageId", "metadata"}
+ROLES = ("system", "user", "assistant")
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder().decode
+
+
+class Response:
+    """The ``send`` side of one request, remembering whether the response has started."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False
+        self.finished = False
+
+    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.started = True
+        await self._send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def body(self, data: bytes, *, more: bool = True) -> None:
+        self.finished = not more
+        await self._send({"type": "http.response.body", "body": data, "more_body": more})
+
+    async def json(self, status: int, payload: Any, headers: list[tuple[bytes, bytes]] = ()) -> None:
+        data = _encode(payload)
+        await self.start(status, [*JSON_HEADERS, (b"content-length", str(len(data)).encode()), *headers])
+        await self.body(data, more=False)
+
+    async def error(self, error: AgentError) -> None:
+        headers = []
+        if error.retry_after is not None:
+            headers.append((b"retry-after", str(math.ceil(error.retry_after)).encode()))
+        if error.status == 405:
+            headers.append((b"allow", error.message.rpartition(" ")[2].encode()))
+        payload = {"success": False, "error": error.message, "code": error.code}
+        await self.json(error.status, payload, headers)
+
+
+class AgentApp:
+    def __init__(self, service: AgentService, settings: Settings) -> None:
+        self.service = service
+        self.secret = settings.agent_secret.encode() if settings.agent_secret else None
+        self.max_body = settings.max_message_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1000})
+            return
+        response = Response(send)
+        try:
+            await self._handle(scope, receive, response)
+        except AgentError as error:
+            if not response.started:
+                await response.error(error)
+        except Exception:
+            log.exception("agent request %s %s failed", scope.get("method"), scope.get("path"))
+            if not response.started:
+                await response.error(AgentError("internal", "internal error", 500))
+
+    async def _handle(self, scope: Scope, receive: Receive, response: Response) -> None:
+        method, path = scope["method"], scope["path"]
+        headers = _headers(scope)
+        if path == "/healthz":
+            _allow(method, "GET")
+            await response.json(200, {"ok": True})
+            return
+        self._check_secret(headers)
+        parts = path.rstrip("/").split("/")[1:] if path != "/" else []
+        if not parts or parts[0] != "agents" or len(parts) > 3 or "" in parts:
+            raise AgentError("not_found", f"no route for {path}", 404)
+        if len(parts) == 1:
+            _allow(method, "GET")
+            data = [agent.describe() for agent in self.service.agents.values()]
+            await response.json(200, {"success": True, "data": data})
+            return
+        agent = self.service.get(parts[1])
+        if len(parts) == 2:
+            _allow(method, "GET")
+            await response.json(200, {"success": True, "data": agent.describe()})
+            return
+        if parts[2] not in GENERATE_ROUTES:
+            raise AgentError("not_found", f"no route for {path}", 404)
+        _allow(method, "POST")
+        body = await _read_json(receive, self.max_body)
+        input, options = parse_body(body)
+        credentials = Credentials(
+            api_key=headers.get("x-provider-api-key", ""),
+            api_url=headers.get("x-provider-api-url", ""),
+            user_id=headers.get("x-user-id", ""),
+        )
+        await self._generate(parts[2], agent.id, input, options, credentials, receive, response)
+
+    def _check_secret(self, headers: Mapping[str, str]) -> None:
+        if self.secret is None:
+            return
+        given = headers.get("x-atlas-agent-secret", "").encode("latin-1")
+        if not hmac.compare_digest(given, self.secret):
+            raise AgentError("unauthorized", "missing or wrong X-Atlas-Agent-Secret", 401)
+
+    async def _generate(
+        self,
+        route: str,
+        agent_id: str,
+        input: str | list[ChatMessage],
+        options: dict[str, Any] | None,
+        credentials: Credentials,
+        receive: Receive,
+        response: Response,
+    ) -> None:
+        """Run one generation; a client disconnect cancels it, closing the provider request."""
+        error: AgentError | None = None
+        gone = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope, gone)
+            try:
+                stream = self.service.open_stream(agent_id, input, options, credentials)
+                if route == "text":
+                    await _text(stream, response)
+                else:
+                    await _sse(stream, response, FullStream() if route == "stream" else UIMessageStream())
+            except AgentError as exc:  # raised after the nursery, not wrapped in a group
+                error = exc
+            finally:
+                nursery.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        if gone.is_set() and not response.finished:
+            log.info("agent %s: the client went away, provider request closed", agent_id)
+
+
+async def _text(stream: Any, response: Response) -> None:
+    parts: list[str] = []
+    async with stream as events:
+        async for event in events:
+            if isinstance(event, TextDelta):
+                parts.append(event.text)
+            else:
+                finish: Finish = event
+    await response.json(200, {"success": True, "data": {
+        "text": "".join(parts),
+        "usage": {
+            "promptTokens": finish.usage.prompt_tokens,
+            "completionTokens": finish.usage.completion_tokens,
+            "totalTokens": finish.usage.total_tokens,
+        },
+        "finishReason": finish.finish_reason,
+        "toolCalls": [],
+        "toolResults": [],
+    }})
+
+
+async def _sse(stream: Any, response: Response, dialect: FullStream | UIMessageStream) -> None:
+    """Errors before the provider's first byte are plain JSON errors with their status; after
+    that the stream is committed (200) and an error becomes the dialect's error event."""
+    try:
+        async with stream as events:
+            await response.start(200, dialect.headers)
+            await response.body(dialect.start())
+            async for event in events:
+                if isinstance(event, TextDelta):
+                    await response.body(dialect.delta(event.text))
+                else:
+                    await response.body(dialect.finish(event))
+    except AgentError as error:
+        if not response.started:
+            raise
+        log.info("agent stream failed mid-reply: %s", error.code)
+        await response.body(dialect.error(error))
+    await response.body(b"", more=False)
+
+
+async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope, gone: trio.Event) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            gone.set()
+            scope.cancel()
+            return
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    return {name.decode("latin-1").lower(): value.decode("latin-1").strip()
+            for name, value in scope.get("headers", ())}
+
+
+def _allow(method: str, allowed: str) -> None:
+    if method != allowed:
+        raise AgentError("method_not_allowed", f"method {method} not allowed, use {allowed}", 405)
+
+
+async def _read_json(receive: Receive, limit: int) -> Any:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise bad_request("body: the client went away before sending it")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise AgentError("too_large", f"request body over {limit} bytes", 413)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    try:
+        return _decode(b"".join(chunks))
+    except msgspec.DecodeError as exc:
+        raise bad_request(f"body: not valid JSON ({exc})") from None
+
+
+def parse_body(body: Any) -> tuple[str | list[ChatMessage], dict[str, Any] | None]:
+    """VoltAgent's ``{input, options}`` or AI SDK useChat's ``{messages: [UIMessage]}``."""
+    if not isinstance(body, dict):
+        raise bad_request("body: expected a JSON object")
+    for field in body:
+        if field not in BODY_FIELDS:
+            raise bad_request(f"{field}: unknown field")
+    options = body.get("options")
+    if options is not None and not isinstance(options, dict):
+        raise bad_request("options: expected an object")
+    if "input" in body:
+        return parse_input(body["input"], "input"), options
+    if "messages" in body:
+        return parse_input(body["messages"], "messages"), options
+    raise bad_request("input: required")
+
+
+def parse_input(value: Any, where: str) -> str | list[ChatMessage]:
+    """A string, or messages as ModelMessage (``role``, ``content``: string or parts) or
+    UIMessage (``role``, ``parts``). Only text parts count; other parts are skipped."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise bad_request(f"{where}: must not be empty")
+        return value
+    if not isinstance(value, list) or not value:
+        raise bad_request(f"{where}: expected a string or a non-empty list of messages")
+    messages: list[ChatMessage] = []
+    for index, item in enumerate(value):
+        at = f"{where}[{index}]"
+        if not isinstance(item, dict):
+            raise bad_request(f"{at}: expected an object")
+        role = item.get("role")
+        if role not in ROLES:
+            raise bad_request(f"{at}.role: expected one of {', '.join(ROLES)}")
+        if "parts" in item:
+            text = _text_parts(item["parts"], f"{at}.parts")
+        elif "content" in item:
+            content = item["content"]
+            text = content if isinstance(content, str) else _text_parts(content, f"{at}.content")
+        else:
+            raise bad_request(f"{at}.content: required")
+        if text:
+            messages.append(ChatMessage(role, text))
+    if not messages:
+        raise bad_request(f"{where}: no text in any message")
+    return messages
+
+
+def _text_parts(parts: Any, where: str) -> str:
+    if not isinstance(parts, list):
+        raise bad_request(f"{where}: expected a list of parts")
+    texts = []
+    for index, part in enumerate(parts):
+        if not isinstance(part, dict):
+            raise bad_request(f"{where}[{index}]: expected an object")
+        if part.get("type") == "text":
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise bad_request(f"{where}[{index}].text: expected a string")
+            texts.append(text)
+    return "".join(texts)

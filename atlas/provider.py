@@ -1,0 +1,300 @@
+"""Calling an OpenAI-compatible provider: one streaming ``POST {url}/chat/completions``.
+
+Every failure leaves this module as an ``AgentError`` (``atlas.agent_types``), mapped in one
+place for status codes (``status_error``) and one for httpx exceptions (``transport_error``):
+
+    AgentError
+    ├── provider_auth          401  provider said 401/403
+    ├── provider_rate_limited  429  provider said 429 (retry_after from its Retry-After)
+    ├── provider_error         502  provider 5xx, other unexpected status, malformed or cut stream
+    ├── provider_unreachable   502  connection failed
+    └── provider_timeout       504  no byte for ``settings.provider_timeout`` seconds
+
+Before the first byte of a 200 response, 429/5xx/connect failures are retried with exponential
+backoff and jitter, honouring Retry-After up to a cap. Once the provider has said 200, nothing is
+retried. Error messages are our own words: a provider's error body is never echoed, so a key it
+might quote back never reaches a client or a log line.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import random
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import httpx
+import msgspec
+import trio
+
+from .agent_types import AgentError, Finish, StreamEvent, TextDelta, Usage
+from .config import Settings
+
+log = logging.getLogger("atlas.provider")
+
+MAX_SSE_LINE = 1024 * 1024
+DRAIN_SECONDS = 1.0  # how long to wait for the body's end after [DONE] before dropping the connection
+
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+
+
+class _Choice(msgspec.Struct):
+    delta: _Delta | None = None
+    finish_reason: str | None = None
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int | None = None
+
+
+class _Chunk(msgspec.Struct):
+    choices: list[_Choice] | None = None
+    usage: _Usage | None = None
+    error: msgspec.Raw | None = None
+
+
+_chunk_decoder = msgspec.json.Decoder(_Chunk)
+
+FINISH_REASONS = {
+    "stop": "stop",
+    "length": "length",
+    "content_filter": "content-filter",
+    "tool_calls": "tool-calls",
+    "function_call": "tool-calls",
+}
+
+
+def provider_error(message: str) -> AgentError:
+    return AgentError("provider_error", message, 502)
+
+
+def status_error(status: int, retry_after: float | None) -> AgentError:
+    if status in (401, 403):
+        return AgentError("provider_auth", f"the provider rejected the API key (HTTP {status})", 401)
+    if status == 429:
+        return AgentError(
+            "provider_rate_limited", "the provider is rate limiting this key", 429,
+            retry_after=retry_after,
+        )
+    if 300 <= status < 400:
+        return provider_error(f"the provider answered with a redirect (HTTP {status}), not followed")
+    return provider_error(f"the provider failed (HTTP {status})")
+
+
+def transport_error(exc: httpx.TransportError, *, streaming: bool) -> AgentError:
+    if isinstance(exc, httpx.TimeoutException):
+        return AgentError("provider_timeout", "the provider did not answer in time", 504)
+    if streaming:
+        return provider_error("the connection to the provider broke mid-reply")
+    return AgentError("provider_unreachable", "the provider could not be reached", 502)
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds from a Retry-After header: a number of seconds or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    retries: int = 2
+    base_seconds: float = 0.25
+    max_seconds: float = 8.0  # the backoff never grows past this
+    max_retry_after: float = 10.0  # a longer Retry-After is passed to the client instead
+
+    def delay(self, attempt: int, retry_after: float | None) -> float | None:
+        """Seconds to wait before retry ``attempt`` (0-based), or None to give up now."""
+        if attempt >= self.retries:
+            return None
+        if retry_after is not None:
+            if retry_after > self.max_retry_after:
+                return None
+            return retry_after + random.uniform(0, self.base_seconds)
+        backoff = min(self.max_seconds, self.base_seconds * 2**attempt)
+        return random.uniform(backoff / 2, backoff)
+
+
+def open_http_client(settings: Settings) -> httpx.AsyncClient:
+    """The process's one client for provider calls. ``trust_env=False``: no proxy variables and
+    no ``.netrc`` credentials find their way into a provider call."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(settings.provider_timeout),
+        limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
+        follow_redirects=False,
+        trust_env=False,
+    )
+
+
+class SseDataParser:
+    """Incremental ``text/event-stream`` parser keeping only what OpenAI streams use: the ``data``
+    of each event. Comments, other fields and keep-alive blank lines are skipped."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._data: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        self._buffer += chunk
+        if b"\n" not in chunk:
+            if len(self._buffer) > MAX_SSE_LINE:
+                raise provider_error("the provider sent an over-long stream line")
+            return []
+        *lines, self._buffer = self._buffer.split(b"\n")
+        events: list[bytes] = []
+        for line in lines:
+            self._line(line.rstrip(b"\r"), events)
+        return events
+
+    def close(self) -> list[bytes]:
+        events: list[bytes] = []
+        if self._buffer:
+            self._line(self._buffer.rstrip(b"\r"), events)
+            self._buffer = b""
+        self._line(b"", events)
+        return events
+
+    def _line(self, line: bytes, events: list[bytes]) -> None:
+        if not line:
+            if self._data:
+                events.append(b"\n".join(self._data))
+                self._data = []
+            return
+        field, _, value = line.partition(b":")
+        if field == b"data":
+            self._data.append(value[1:] if value.startswith(b" ") else value)
+
+
+class ProviderClient:
+    def __init__(self, client: httpx.AsyncClient, policy: RetryPolicy) -> None:
+        self._client = client
+        self._policy = policy
+
+    @asynccontextmanager
+    async def open_completion(
+        self, url: str, api_key: str, body: bytes
+    ) -> AsyncIterator[AsyncIterator[StreamEvent]]:
+        """Send the request (retrying as the policy allows) and yield the reply's events. Leaving
+        the block closes the provider response, and with it the connection if unfinished."""
+        request = self._client.build_request(
+            "POST",
+            f"{url}/chat/completions",
+            content=body,
+            headers={
+                "Authorization": f"Bearer {api_key}",
+                "Content-Type": "application/json",
+                "Accept": "text/event-stream",
+            },
+        )
+        response = await self._send(request)
+        events = _events(response)
+        try:
+            yield events
+        finally:
+            await events.aclose()
+            await response.aclose()
+
+    async def _send(self, request: httpx.Request) -> httpx.Response:
+        for attempt in range(self._policy.retries + 1):
+            try:
+                response = await self._client.send(request, stream=True)
+            except httpx.ConnectError as exc:
+                error = transport_error(exc, streaming=False)
+            except httpx.TransportError as exc:
+                raise transport_error(exc, streaming=False) from exc
+            else:
+                if response.status_code == 200:
+                    return response
+                await response.aclose()
+                retry_after = parse_retry_after(response.headers.get("retry-after"))
+                error = status_error(response.status_code, retry_after)
+                if response.status_code != 429 and response.status_code < 500:
+                    raise error
+            delay = self._policy.delay(attempt, error.retry_after)
+            if delay is None:
+                break
+            log.info("provider %s: %s, retry %d in %.2fs", request.url.host, error.code,
+                     attempt + 1, delay)
+            await trio.sleep(delay)
+        log.info("provider %s: %s, giving up", request.url.host, error.code)
+        raise error
+
+
+class _Reply:
+    """What the stream has said so far besides text: the finish reason and the usage."""
+
+    def __init__(self) -> None:
+        self.finish_reason: str | None = None
+        self.usage: Usage | None = None
+
+    def apply(self, data: bytes) -> list[TextDelta]:
+        try:
+            chunk = _chunk_decoder.decode(data)
+        except msgspec.DecodeError:
+            raise provider_error("the provider sent a malformed stream chunk") from None
+        if chunk.error is not None:
+            raise provider_error("the provider reported an error mid-reply")
+        deltas: list[TextDelta] = []
+        for choice in chunk.choices or ():
+            if choice.delta is not None and choice.delta.content:
+                deltas.append(TextDelta(choice.delta.content))
+            if choice.finish_reason:
+                self.finish_reason = choice.finish_reason
+        if (u := chunk.usage) is not None:
+            total = u.prompt_tokens + u.completion_tokens if u.total_tokens is None else u.total_tokens
+            self.usage = Usage(u.prompt_tokens, u.completion_tokens, total)
+        return deltas
+
+    def finish(self) -> Finish:
+        reason = self.finish_reason
+        return Finish(FINISH_REASONS.get(reason, "other") if reason else "unknown",
+                      self.usage or Usage())
+
+
+async def _events(response: httpx.Response) -> AsyncIterator[StreamEvent]:
+    parser = SseDataParser()
+    reply = _Reply()
+    chunks = response.aiter_bytes()
+    done = False
+    try:
+        async for raw in chunks:
+            for data in parser.feed(raw):
+                if data == b"[DONE]":
+                    done = True
+                    break
+                for delta in reply.apply(data):
+                    yield delta
+            if done:
+                break
+        else:  # EOF without [DONE]: fine if the provider said how the reply finished
+            for data in parser.close():
+                if data != b"[DONE]":
+                    for delta in reply.apply(data):
+                        yield delta
+            if reply.finish_reason is None and reply.usage is None:
+                raise provider_error("the provider's stream ended before the reply was complete")
+    except httpx.TransportError as exc:
+        raise transport_error(exc, streaming=True) from exc
+    yield reply.finish()
+    if done:  # read to the end of the body so the connection can go back to the pool
+        with trio.move_on_after(DRAIN_SECONDS):
+            try:
+                async for _ in chunks:
+                    pass
+            except httpx.TransportError:
+                pass
