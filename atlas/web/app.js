@@ -1,0 +1,421 @@
+// Atlas web chat: one WebSocket to the user's room, replies streamed as they arrive.
+// No build step and no dependencies. Reply text is only ever set with textContent, so a
+// reply that contains HTML or a script is shown as text.
+"use strict";
+
+(() => {
+  const KEY = {
+    token: "atlas.token",
+    user: "atlas.user",
+    conversation: "atlas.conversationId",
+    messages: (user, conversation) => `atlas.messages.${user}.${conversation}`,
+  };
+  const KEPT_MESSAGES = 200;
+  const FATAL_CLOSES = { 4001: "The token was not accepted.", 4003: "This token belongs to another user.", 4400: "Invalid user id." };
+
+  const $ = (id) => document.getElementById(id);
+  const ui = {
+    status: $("status"), statusText: $("status-text"), messages: $("messages"), empty: $("empty"),
+    scroller: $("scroller"), composer: $("composer"), input: $("input"), send: $("send"), stop: $("stop"),
+    settings: $("settings"), settingsForm: $("settings-form"), userField: $("user-field"),
+    tokenField: $("token-field"), settingsError: $("settings-error"), signOut: $("sign-out"),
+    newChat: $("new-chat"), openSettings: $("open-settings"), who: $("who"), conversationLabel: $("conversation-label"),
+  };
+
+  const state = {
+    token: localStorage.getItem(KEY.token) || "",
+    user: localStorage.getItem(KEY.user) || "",
+    conversation: localStorage.getItem(KEY.conversation) || "",
+    ws: null,
+    ready: false,
+    attempt: 0,
+    retryTimer: null,
+    countdownTimer: null,
+    queue: [],           // frames sent while disconnected, flushed on the next ready
+    history: [],         // [{role, text, status, id, meta}] mirrored in localStorage
+    current: null,       // the reply streaming now: {id, entry, node}
+  };
+
+  // -- storage -------------------------------------------------------------------------------
+
+  function newId(prefix) {
+    const bytes = new Uint8Array(8);
+    crypto.getRandomValues(bytes);
+    return prefix + Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+  }
+
+  function ensureConversation() {
+    if (!state.conversation) {
+      state.conversation = newId("web-");
+      localStorage.setItem(KEY.conversation, state.conversation);
+    }
+  }
+
+  function saveHistory() {
+    if (!state.user) return;
+    const kept = state.history.slice(-KEPT_MESSAGES);
+    try {
+      localStorage.setItem(KEY.messages(state.user, state.conversation), JSON.stringify(kept));
+    } catch (err) { /* storage full: the conversation still lives on the server */ }
+  }
+
+  function loadHistory() {
+    state.history = [];
+    if (!state.user) return;
+    try {
+      const stored = JSON.parse(localStorage.getItem(KEY.messages(state.user, state.conversation)) || "[]");
+      if (Array.isArray(stored)) state.history = stored;
+    } catch (err) { state.history = []; }
+    for (const entry of state.history) {
+      if (entry.status === "streaming") { entry.status = "interrupted"; }
+    }
+  }
+
+  // -- rendering -----------------------------------------------------------------------------
+
+  function render() {
+    ui.messages.querySelectorAll(".msg").forEach((node) => node.remove());
+    for (const entry of state.history) ui.messages.appendChild(messageNode(entry));
+    ui.empty.hidden = state.history.length > 0;
+    ui.who.textContent = state.user ? `Signed in as ${state.user}` : "";
+    ui.conversationLabel.textContent = state.conversation ? ` · conversation ${state.conversation.slice(-6)}` : "";
+    scrollToEnd(true);
+  }
+
+  function messageNode(entry) {
+    const node = document.createElement("article");
+    node.className = `msg ${entry.role}`;
+    const bubble = document.createElement("div");
+    bubble.className = "bubble";
+    const body = document.createElement("div");
+    body.className = "text";
+    bubble.appendChild(body);
+    const meta = document.createElement("div");
+    meta.className = "meta";
+    bubble.appendChild(meta);
+    node.appendChild(bubble);
+    node._parts = { body, meta };
+    updateNode(node, entry);
+    return node;
+  }
+
+  function updateNode(node, entry) {
+    node.dataset.status = entry.status || "done";
+    if (entry.id) node.dataset.id = entry.id;
+    node._parts.body.textContent = entry.text;   // never innerHTML: replies are untrusted text
+    node._parts.meta.textContent = entry.meta || "";
+    node._parts.meta.hidden = !entry.meta;
+  }
+
+  function addEntry(entry) {
+    state.history.push(entry);
+    const node = messageNode(entry);
+    ui.messages.appendChild(node);
+    ui.empty.hidden = true;
+    saveHistory();
+    scrollToEnd(true);
+    return node;
+  }
+
+  function nearBottom() {
+    const s = ui.scroller;
+    return s.scrollHeight - s.scrollTop - s.clientHeight < 120;
+  }
+
+  function scrollToEnd(force) {
+    if (force || nearBottom()) ui.scroller.scrollTop = ui.scroller.scrollHeight;
+  }
+
+  function setStatus(kind, text) {
+    ui.status.dataset.state = kind;
+    ui.statusText.textContent = text;
+  }
+
+  function setBusy(busy) {
+    ui.stop.hidden = !busy;
+    ui.send.hidden = busy;
+  }
+
+  // -- the connection ------------------------------------------------------------------------
+
+  function socketUrl() {
+    const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+    const query = new URLSearchParams({ token: state.token, _pk: newId("") });
+    return `${scheme}//${location.host}/parties/main/${encodeURIComponent(state.user)}?${query}`;
+  }
+
+  async function learnUser() {
+    // Built-in auth says whose a token is; with external auth the user id must be typed in.
+    const response = await fetch("/api/me", { headers: { Authorization: `Bearer ${state.token}` } });
+    if (response.status === 401) throw new Error("The token was not accepted.");
+    if (!response.ok) throw new Error("Please enter your user id.");
+    const me = await response.json();
+    const id = me && (me.id || (me.data && me.data.id));
+    if (!id) throw new Error("Please enter your user id.");
+    return String(id);
+  }
+
+  async function connect() {
+    clearTimeout(state.retryTimer);
+    clearInterval(state.countdownTimer);
+    if (!state.token) { showSettings(); setStatus("offline", "Signed out"); return; }
+    if (!state.user) {
+      try {
+        state.user = await learnUser();
+        localStorage.setItem(KEY.user, state.user);
+        loadHistory();
+        render();
+      } catch (err) {
+        showSettings(err.message);
+        setStatus("offline", "Signed out");
+        return;
+      }
+    }
+    setStatus("connecting", state.attempt ? "Reconnecting…" : "Connecting…");
+    let ws;
+    try {
+      ws = new WebSocket(socketUrl());
+    } catch (err) {
+      scheduleReconnect();
+      return;
+    }
+    state.ws = ws;
+    let refusal = null;
+    ws.onmessage = (event) => {
+      let frame;
+      try { frame = JSON.parse(event.data); } catch (err) { return; }
+      if (frame.type === "error" && !state.ready) refusal = frame.error;
+      onFrame(frame);
+    };
+    ws.onclose = (event) => {
+      if (state.ws !== ws) return;
+      state.ws = null;
+      state.ready = false;
+      interruptCurrent();
+      if (FATAL_CLOSES[event.code]) {
+        setStatus("error", "Signed out");
+        showSettings((refusal && refusal.message) || FATAL_CLOSES[event.code]);
+        return;
+      }
+      scheduleReconnect();
+    };
+  }
+
+  function scheduleReconnect() {
+    const delay = Math.min(10000, 500 * 2 ** state.attempt) * (0.8 + Math.random() * 0.4);
+    state.attempt += 1;
+    const due = Date.now() + delay;
+    const tick = () => {
+      const left = Math.max(0, Math.ceil((due - Date.now()) / 1000));
+      setStatus("reconnecting", navigator.onLine === false ? "Offline — waiting for the network" : `Reconnecting in ${left}s…`);
+    };
+    tick();
+    state.countdownTimer = setInterval(tick, 250);
+    state.retryTimer = setTimeout(connect, delay);
+  }
+
+  function reconnectNow() {
+    if (state.ws || !state.token) return;
+    state.attempt = Math.min(state.attempt, 1);
+    connect();
+  }
+
+  function send(frame) {
+    if (state.ws && state.ready) state.ws.send(JSON.stringify(frame));
+    else state.queue.push(frame);
+  }
+
+  function onFrame(frame) {
+    switch (frame.type) {
+      case "ready":
+        state.ready = true;
+        state.attempt = 0;
+        clearInterval(state.countdownTimer);
+        setStatus("online", "Connected");
+        for (const queued of state.queue.splice(0)) state.ws.send(JSON.stringify(queued));
+        break;
+      case "agent:delta":
+        if (state.current && frame.id === state.current.id) {
+          state.current.entry.text += frame.text || "";
+          state.current.entry.status = "streaming";
+          updateNode(state.current.node, state.current.entry);
+          scrollToEnd(false);
+        }
+        break;
+      case "agent:done":
+        if (state.current && frame.id === state.current.id) {
+          const entry = state.current.entry;
+          if (typeof frame.text === "string") entry.text = frame.text;
+          entry.status = "done";
+          const usage = frame.usage || {};
+          entry.meta = usage.totalTokens != null ? `${usage.totalTokens} tokens` : "";
+          finishCurrent();
+        }
+        break;
+      case "agent:error":
+        if (state.current && frame.id === state.current.id) {
+          const error = frame.error || {};
+          const entry = state.current.entry;
+          if (error.code === "cancelled") {
+            entry.status = "cancelled";
+            entry.meta = "Stopped";
+          } else {
+            entry.status = "error";
+            entry.meta = `${error.code || "error"}: ${error.message || "the request failed"}`;
+          }
+          finishCurrent();
+        }
+        break;
+      case "error":
+        if (state.ready) toast(frame.error);
+        break;
+      default:
+        break;
+    }
+  }
+
+  function finishCurrent() {
+    const current = state.current;
+    state.current = null;
+    updateNode(current.node, current.entry);
+    saveHistory();
+    setBusy(false);
+    scrollToEnd(false);
+  }
+
+  function interruptCurrent() {
+    // A reply in flight on a connection that dropped is lost; a queued one is still to be sent.
+    if (!state.current || state.queue.some((frame) => frame.id === state.current.id)) return;
+    state.current.entry.status = "interrupted";
+    state.current.entry.meta = "Connection lost — the reply was interrupted";
+    finishCurrent();
+  }
+
+  function toast(error) {
+    const entry = { role: "system", text: `${(error && error.code) || "error"}: ${(error && error.message) || ""}`, status: "error" };
+    addEntry(entry);
+  }
+
+  // -- the user ------------------------------------------------------------------------------
+
+  function submit() {
+    const text = ui.input.value.trim();
+    if (!text || state.current) return;
+    if (!state.token) { showSettings(); return; }
+    ui.input.value = "";
+    autoGrow();
+    addEntry({ role: "user", text, status: "done" });
+    const id = newId("web-");
+    const entry = { role: "assistant", text: "", status: "pending", id };
+    const node = addEntry(entry);
+    state.current = { id, entry, node };
+    setBusy(true);
+    send({ type: "agent:stream", id, message: text, conversationId: state.conversation });
+  }
+
+  function stop() {
+    const current = state.current;
+    if (!current) return;
+    const queued = state.queue.findIndex((frame) => frame.id === current.id);
+    if (queued >= 0) {
+      state.queue.splice(queued, 1);
+      current.entry.status = "cancelled";
+      current.entry.meta = "Not sent";
+      finishCurrent();
+      return;
+    }
+    ui.stop.disabled = true;
+    send({ type: "agent:cancel", id: current.id });
+    setTimeout(() => { ui.stop.disabled = false; }, 300);
+  }
+
+  function newConversation() {
+    if (state.current) stop();
+    state.conversation = "";
+    ensureConversation();
+    state.history = [];
+    saveHistory();
+    render();
+    ui.input.focus();
+  }
+
+  function autoGrow() {
+    ui.input.style.height = "auto";
+    ui.input.style.height = `${Math.min(ui.input.scrollHeight, 200)}px`;
+  }
+
+  function showSettings(error) {
+    ui.userField.value = state.user;
+    ui.tokenField.value = state.token;
+    ui.settingsError.textContent = error || "";
+    ui.settingsError.hidden = !error;
+    if (!ui.settings.open) ui.settings.showModal();
+  }
+
+  function signIn(user, token) {
+    const changed = user !== state.user || token !== state.token;
+    state.user = user;
+    state.token = token;
+    localStorage.setItem(KEY.user, user);
+    localStorage.setItem(KEY.token, token);
+    if (!changed && state.ws) return;
+    if (state.ws) { const ws = state.ws; state.ws = null; state.ready = false; ws.close(1000); }
+    interruptCurrent();
+    state.attempt = 0;
+    loadHistory();
+    render();
+    connect();
+  }
+
+  function signOut() {
+    localStorage.removeItem(KEY.token);
+    localStorage.removeItem(KEY.user);
+    state.token = "";
+    state.user = "";
+    if (state.ws) { const ws = state.ws; state.ws = null; ws.close(1000); }
+    clearTimeout(state.retryTimer);
+    clearInterval(state.countdownTimer);
+    state.history = [];
+    render();
+    setStatus("offline", "Signed out");
+    showSettings();
+  }
+
+  // A first-run link may carry the credentials in the fragment (never sent to the server):
+  // #token=...&user=... . They are stored and removed from the address bar at once.
+  function readFragment() {
+    if (!location.hash.includes("token=")) return;
+    const params = new URLSearchParams(location.hash.slice(1));
+    if (params.get("token")) {
+      state.token = params.get("token");
+      localStorage.setItem(KEY.token, state.token);
+      state.user = params.get("user") || "";
+      localStorage.setItem(KEY.user, state.user);
+    }
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+
+  ui.composer.addEventListener("submit", (event) => { event.preventDefault(); submit(); });
+  ui.input.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) { event.preventDefault(); submit(); }
+  });
+  ui.input.addEventListener("input", autoGrow);
+  ui.stop.addEventListener("click", stop);
+  ui.newChat.addEventListener("click", newConversation);
+  ui.openSettings.addEventListener("click", () => showSettings());
+  ui.signOut.addEventListener("click", () => { ui.settings.close(); signOut(); });
+  ui.settingsForm.addEventListener("submit", (event) => {
+    const token = ui.tokenField.value.trim();
+    if (!token) { event.preventDefault(); return; }
+    signIn(ui.userField.value.trim(), token);
+  });
+  window.addEventListener("online", reconnectNow);
+  document.addEventListener("visibilitychange", () => { if (!document.hidden) reconnectNow(); });
+
+  readFragment();
+  ensureConversation();
+  loadHistory();
+  render();
+  connect();
+  if (state.token) ui.input.focus();
+})();
