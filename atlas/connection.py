@@ -53,6 +53,7 @@ class Connection:
         self.close_reason = ""
         self._outbox_send, self._outbox_receive = trio.open_memory_channel[Any](OUTBOX_SIZE)
         self._cancel_scope: trio.CancelScope | None = None
+        self._on_close: Callable[[], None] | None = None
 
     # Sending
 
@@ -67,7 +68,8 @@ class Connection:
             self._outbox_send.send_nowait(frame)
             return True
         except trio.WouldBlock:
-            log.warning("connection %s fell too far behind; dropping it", self.id)
+            if self.close_code is None:
+                log.warning("connection %s fell too far behind; dropping it", self.id)
             self.close(CLOSE_TOO_SLOW, "too slow: the outgoing queue is full")
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass
@@ -92,16 +94,25 @@ class Connection:
 
     # Closing
 
-    def bind(self, cancel_scope: trio.CancelScope) -> None:
+    def bind(self, cancel_scope: trio.CancelScope, on_close: Callable[[], None]) -> None:
         self._cancel_scope = cancel_scope
+        self._on_close = on_close
 
     def close(self, code: int, reason: str = "") -> None:
-        """End the connection with ``code``; the endpoint sends the close frame."""
+        """End the connection with ``code``; the endpoint sends the close frame.
+
+        The connection leaves its room at once (``on_close``), not when its task ends: Hypercorn
+        shields its socket writes from cancellation, so a writer blocked on a client that stopped
+        reading stays blocked until that client reads or its TCP connection dies. Meanwhile it
+        is no longer anyone's peer and nothing more is queued for it."""
         if self.close_code is None:
             self.close_code = code
             self.close_reason = reason
+        self._outbox_send.close()
         if self._cancel_scope is not None:
             self._cancel_scope.cancel()
+        if self._on_close is not None:
+            self._on_close()
 
     def finish(self) -> None:
         self._outbox_send.close()

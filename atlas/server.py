@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from contextlib import AsyncExitStack
@@ -138,7 +139,9 @@ async def run_until_signal(settings: Settings) -> None:
                         log.warning("second %s: stopping now", name)
                         nursery.cancel_scope.cancel()
                     log.info("%s received", name)
-                    shutdown.set()
+                    if not shutdown.is_set():
+                        shutdown.set()
+                        nursery.start_soon(exit_if_stuck, settings.shutdown_seconds + 5)
 
             async def serve(task_status: trio.TaskStatus[str]) -> None:
                 await serve_atlas(settings, shutdown=shutdown, task_status=task_status)
@@ -147,6 +150,16 @@ async def run_until_signal(settings: Settings) -> None:
             nursery.start_soon(watch_signals)
             url = await nursery.start(serve)
             print(f"Atlas listening on {url}", file=sys.stderr, flush=True)
+
+
+async def exit_if_stuck(seconds: float) -> None:
+    """Last resort: Hypercorn shields socket writes from cancellation, so a client that stopped
+    reading can hold a connection past the grace period. Every acknowledged write is already on
+    disk, so leaving hard is safe."""
+    await trio.sleep(seconds)
+    log.error("shutdown did not finish within %.0f s; exiting now", seconds)
+    logging.shutdown()
+    os._exit(1)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -104,7 +104,7 @@ async def serve_connection(
     room.attach(connection)
     try:
         async with trio.open_nursery() as nursery:
-            connection.bind(nursery.cancel_scope)
+            connection.bind(nursery.cancel_scope, lambda: room.detach(connection))
             nursery.start_soon(connection.serve_writer, write)
             await connection.send(encode(Ready(
                 room.id, room.id, connection.id, room.has_credentials, room.prefs

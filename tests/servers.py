@@ -1,0 +1,168 @@
+"""Real Atlas servers for the tests: in-process on port 0, or as an ``atlas serve`` subprocess.
+
+Every token and virtual key a test creates is remembered in ``SECRETS``; at the end of the session
+``conftest.py`` checks that none of them appears in any log line of the whole suite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+from trio_websocket import WebSocketConnection, open_websocket_url
+
+from atlas.config import Settings, parse_bind
+from atlas.server import serve_atlas
+from atlas.store import Store
+from atlas.users_cli import create_user
+
+SECRETS: set[str] = set()
+PROCESS_LOGS: list[Path] = []
+WAIT = 10.0  # seconds any single wait in a test may take before it fails
+
+
+def new_key(label: str = "user") -> str:
+    key = f"sk-test-{label}-{secrets.token_hex(8)}"
+    SECRETS.add(key)
+    return key
+
+
+def add_user(data_dir: Path, user_id: str, key: str | None = None, provider_url: str | None = None) -> str:
+    store = Store(data_dir)
+    store.ensure_dirs()
+    token = create_user(store, user_id, key if key is not None else new_key(user_id), provider_url)
+    SECRETS.add(token)
+    return token
+
+
+@dataclass
+class AtlasServer:
+    url: str
+    settings: Settings
+    shutdown: trio.Event
+    tokens: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.settings.data_dir
+
+    def ws_url(self, room: str, token: str | None = None, *, path: str = "/parties/main/") -> str:
+        base = self.url.replace("http://", "ws://") + path + room
+        return base + (f"?token={token}" if token is not None else "")
+
+    def add_user(self, user_id: str, key: str | None = None, provider_url: str | None = None) -> str:
+        token = add_user(self.data_dir, user_id, key, provider_url)
+        self.tokens[user_id] = token
+        return token
+
+
+@asynccontextmanager
+async def open_atlas(
+    tmp_path: Path, *, users: dict[str, str | None] | None = None, **overrides: Any
+) -> AsyncIterator[AtlasServer]:
+    """A real ``serve_atlas`` on 127.0.0.1:0, shut down gracefully at the end of the block.
+    ``users`` maps user ids to virtual keys (None: a fresh test key) created before start-up."""
+    data_dir = overrides.pop("data_dir", tmp_path / "data")
+    tokens = {user_id: add_user(data_dir, user_id, key) for user_id, key in (users or {}).items()}
+    settings = Settings(data_dir=data_dir, bind=parse_bind("127.0.0.1:0"), **overrides)
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(partial(serve_atlas, settings, shutdown=shutdown))
+        server = AtlasServer(url, settings, shutdown, tokens)
+        try:
+            yield server
+        finally:
+            shutdown.set()
+
+
+@asynccontextmanager
+async def connect(url: str, **kwargs: Any) -> AsyncIterator[WebSocketConnection]:
+    async with open_websocket_url(url, **kwargs) as ws:
+        yield ws
+
+
+async def receive_json(ws: WebSocketConnection, timeout: float = WAIT) -> dict[str, Any]:
+    with trio.fail_after(timeout):
+        return json.loads(await ws.get_message())
+
+
+async def receive_until(ws: WebSocketConnection, kind: str, timeout: float = WAIT) -> list[dict[str, Any]]:
+    """Frames up to and including the first of type ``kind``."""
+    frames = []
+    with trio.fail_after(timeout):
+        while True:
+            frame = json.loads(await ws.get_message())
+            frames.append(frame)
+            if frame["type"] == kind:
+                return frames
+
+
+async def send_json(ws: WebSocketConnection, message: dict[str, Any]) -> None:
+    await ws.send_message(json.dumps(message))
+
+
+async def ready(ws: WebSocketConnection) -> dict[str, Any]:
+    frame = await receive_json(ws)
+    assert frame["type"] == "ready", frame
+    return frame
+
+
+@dataclass
+class AtlasProcess:
+    process: subprocess.Popen
+    url: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def terminate(self, timeout: float = WAIT) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(WAIT)
+
+
+def atlas_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "atlas", *args]
+
+
+async def start_atlas_process(
+    data_dir: Path, *args: str, env: dict[str, str] | None = None, bind: str = "127.0.0.1:0",
+    command: str = "serve",
+) -> AtlasProcess:
+    """``atlas serve`` (or ``atlas agent``) as a subprocess; returns once it says it is listening."""
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    log_path = data_dir.parent / f"atlas-{command}-{secrets.token_hex(4)}.log"
+    PROCESS_LOGS.append(log_path)
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            atlas_command(command, "--data-dir", str(data_dir), "--bind", bind, *args),
+            stdout=log_file, stderr=subprocess.STDOUT, env=full_env, stdin=subprocess.DEVNULL,
+        )
+    marker = "listening on "
+    with trio.move_on_after(WAIT * 2):
+        while True:
+            text = log_path.read_text(errors="replace")
+            for line in text.splitlines():
+                if line.startswith("Atlas") and marker in line:
+                    return AtlasProcess(process, line.split(marker, 1)[1].split()[0], log_path)
+            if process.poll() is not None:
+                raise RuntimeError(f"atlas {command} exited with {process.returncode}:\n{text}")
+            await trio.sleep(0.02)  # polling the log for the start-up line, not a timing guess
+    process.kill()
+    raise RuntimeError(f"atlas {command} did not start:\n{log_path.read_text(errors='replace')}")
