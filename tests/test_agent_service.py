@@ -1,0 +1,152 @@
+"""The in-process Python API (``AgentService.open_stream``) and the provider stream parser."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from agent_fixtures import TEST_KEY, agent_settings
+from atlas.agent import (
+    AgentError,
+    ChatMessage,
+    Credentials,
+    Finish,
+    TextDelta,
+    Usage,
+    open_agent_service,
+)
+from atlas.provider import RetryPolicy, SseDataParser, parse_retry_after
+from fake_provider import Reply, open_fake_provider
+
+
+@pytest.fixture
+async def provider():
+    async with open_fake_provider() as provider:
+        yield provider
+
+
+@pytest.fixture
+async def service(provider, tmp_path):
+    settings = agent_settings(provider.url, tmp_path)
+    async with open_agent_service(settings, default_provider_url=provider.url) as service:
+        yield service
+
+
+def creds(provider, **changes):
+    values = {"api_key": TEST_KEY, "api_url": provider.url, "user_id": "alice", **changes}
+    return Credentials(**values)
+
+
+async def collect(service, provider, input="hi", options=None, **changes):
+    async with service.open_stream("atlas-assistant", input, options or {}, creds(provider, **changes)) as events:
+        return [event async for event in events]
+
+
+async def test_open_stream_yields_deltas_then_one_finish(service, provider):
+    provider.behaviour = Reply(deltas=["a", "b", "c"], usage={"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12})
+    events = await collect(service, provider)
+    assert events == [TextDelta("a"), TextDelta("b"), TextDelta("c"), Finish("stop", Usage(9, 3, 12))]
+
+
+async def test_open_stream_with_messages(service, provider):
+    messages = [ChatMessage("user", "one"), ChatMessage("assistant", "two"), ChatMessage("user", "three")]
+    await collect(service, provider, input=messages, options={"temperature": 1.5})
+    sent = provider.requests[0].body
+    assert [m["content"] for m in sent["messages"][1:]] == ["one", "two", "three"]
+    assert sent["temperature"] == 1.5
+
+
+@pytest.mark.parametrize(("kwargs", "code"), [
+    ({"agent_id": "nobody"}, "unknown_agent"),
+    ({"input": ""}, "bad_request"),
+    ({"input": [ChatMessage("wizard", "x")]}, "bad_request"),
+    ({"options": {"topP": 3}}, "bad_request"),
+    ({"options": {"bogus": 1}}, "bad_request"),
+    ({"api_key": ""}, "no_credentials"),
+    ({"api_url": "https://not-allowed.example/v1"}, "provider_not_allowed"),
+])
+async def test_validation_before_any_io(service, provider, kwargs, code):
+    agent_id = kwargs.pop("agent_id", "atlas-assistant")
+    input = kwargs.pop("input", "hi")
+    options = kwargs.pop("options", {})
+    with pytest.raises(AgentError) as caught:
+        async with service.open_stream(agent_id, input, options, creds(provider, **kwargs)):
+            pytest.fail("entered")
+    assert caught.value.code == code
+    assert provider.requests == []
+
+
+async def test_leaving_early_closes_the_provider_response(service, provider):
+    provider.behaviour = Reply(deltas=["a", "b"], gate=trio.Event())
+    async with service.open_stream("atlas-assistant", "hi", {}, creds(provider)) as events:
+        async for event in events:
+            assert event == TextDelta("a")
+            break
+    with trio.fail_after(5):
+        record = await provider.wait_disconnect()
+    assert not record.completed
+
+
+async def test_cancelling_closes_the_provider_response(service, provider):
+    provider.behaviour = Reply(deltas=["a", "b"], gate=trio.Event())
+    with trio.move_on_after(5) as scope:
+        async with trio.open_nursery() as nursery:
+            async def consume():
+                await collect(service, provider)
+            nursery.start_soon(consume)
+            await provider.wait_requests(1)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+        await provider.wait_disconnect()
+    assert not scope.cancelled_caught
+
+
+@pytest.mark.parametrize(("reply", "finish"), [
+    (Reply(finish_reason=None), Finish("unknown", Usage(11, 3, 14))),  # missing finish_reason
+    (Reply(done=False), Finish("stop", Usage(11, 3, 14))),  # no [DONE] at EOF
+    (Reply(usage=None), Finish("stop", Usage())),  # no usage chunk
+    (Reply(usage_with_choices=True), Finish("stop", Usage(11, 3, 14))),
+    (Reply(keepalives=True), Finish("stop", Usage(11, 3, 14))),  # comments, blank lines
+    (Reply(finish_reason="length"), Finish("length", Usage(11, 3, 14))),
+    (Reply(finish_reason="content_filter"), Finish("content-filter", Usage(11, 3, 14))),
+])
+async def test_tolerated_stream_shapes(service, provider, reply, finish):
+    provider.behaviour = reply
+    events = await collect(service, provider)
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "Hello, world"
+    assert events[-1] == finish
+    assert sum(isinstance(e, Finish) for e in events) == 1
+
+
+def test_sse_parser_incremental():
+    parser = SseDataParser()
+    stream = b': comment\r\n\r\ndata: {"a":1}\r\n\r\n\n\ndata: x\ndata: y\n\nevent: ping\nid: 3\n\ndata:[DONE]\n\n'
+    events = []
+    for i in range(len(stream)):  # byte by byte: nothing depends on chunk boundaries
+        events += parser.feed(stream[i:i + 1])
+    events += parser.close()
+    assert events == [b'{"a":1}', b"x\ny", b"[DONE]"]
+    parser = SseDataParser()
+    assert parser.feed(b"data: tail-without-newline") == []
+    assert parser.close() == [b"tail-without-newline"]
+
+
+def test_sse_parser_rejects_endless_line():
+    parser = SseDataParser()
+    with pytest.raises(AgentError) as caught:
+        parser.feed(b"data: " + b"x" * (2 * 1024 * 1024))
+    assert caught.value.code == "provider_error"
+
+
+def test_retry_after_parsing_and_policy():
+    assert parse_retry_after("2") == 2.0
+    assert parse_retry_after("junk") is None
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:10 GMT", now=1445412480.0) == 10.0
+    policy = RetryPolicy(retries=2, base_seconds=1.0, max_retry_after=10)
+    assert policy.delay(2, None) is None  # out of retries
+    assert policy.delay(0, 60) is None  # the provider asks for longer than we wait
+    assert 3 <= policy.delay(0, 3) <= 4
+    for attempt in range(2):
+        assert 2**attempt / 2 <= policy.delay(attempt, None) <= 2**attempt
