@@ -76,6 +76,7 @@ class RecordedRequest:
     api_key: str | None  # the bearer token, None without one
     body: Any
     headers: dict[str, str]
+    client_port: int | None = None  # tells connections apart: equal ports, same connection
     disconnected: bool = False  # the client went away before the reply ended
     completed: bool = False  # the reply was sent in full
 
@@ -133,6 +134,7 @@ class FakeProvider:
             method=scope["method"], path=scope["path"],
             api_key=auth[len("Bearer "):] if auth.startswith("Bearer ") else None,
             body=msgspec.json.decode(body) if body else None, headers=headers,
+            client_port=(scope.get("client") or (None, None))[1],
         )
         self.requests.append(record)
         self._notify()

@@ -197,3 +197,12 @@ async def test_validation_names_the_field(agent, provider, body, field):
     assert payload["success"] is False and payload["code"] == "bad_request"
     assert payload["error"].startswith(field), payload["error"]
     assert provider.requests == []
+
+
+async def test_provider_connection_is_reused(agent, provider):
+    for route in ("stream", "text", "chat", "stream"):
+        response = await agent.client.post(
+            f"/agents/atlas-assistant/{route}", json={"input": "hi"}, headers=credentials(provider.url))
+        assert response.status_code == 200
+    ports = {r.client_port for r in provider.requests}
+    assert len(provider.requests) == 4 and len(ports) == 1 and None not in ports
