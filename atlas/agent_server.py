@@ -15,7 +15,7 @@ from .agent import build_agent_app, open_agent_service
 from .agents_config import load_agents
 from .config import Settings
 from .devprovider import serve_dev_provider
-from .agent_serving import serve_asgi  # TODO: .http_server once fixed
+from .http_server import serve_asgi
 
 log = logging.getLogger("atlas.agent")
 

@@ -19,7 +19,7 @@ import msgspec
 import trio
 
 from .config import Bind
-from .agent_serving import serve_asgi  # TODO: .http_server once fixed
+from .http_server import serve_asgi
 
 log = logging.getLogger("atlas.devprovider")
 

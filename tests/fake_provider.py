@@ -24,7 +24,7 @@ from typing import Any
 import msgspec
 import trio
 
-from atlas.agent_serving import serve_asgi
+from atlas.http_server import serve_asgi
 from atlas.config import Bind
 
 DEFAULT_USAGE = {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}
