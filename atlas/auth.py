@@ -50,7 +50,7 @@ class AuthUnavailable(AuthError):
     status = 503
 
 
-class Identity(msgspec.Struct, rename="camel", frozen=True):
+class Identity(msgspec.Struct, rename="camel", frozen=True, omit_defaults=True):
     """What ``/api/me`` says about a token's user (extra fields are ignored)."""
 
     id: str

@@ -36,6 +36,24 @@ def hypercorn_config(
     return config
 
 
+def with_lifespan(app: ASGIApp) -> ASGIApp:
+    """Answer the ASGI lifespan protocol for an app that has nothing to start or stop."""
+
+    async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            await app(scope, receive, send)
+            return
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    return wrapped
+
+
 def local_url(bound: str) -> str:
     """The URL a process on this machine uses to reach a listener bound to ``bound``."""
     return bound.replace("://0.0.0.0:", "://127.0.0.1:").replace("://[::]:", "://[::1]:")
@@ -48,10 +66,14 @@ async def serve_asgi(
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     max_message_bytes: int = 1024 * 1024,
     graceful_seconds: float = 5.0,
+    app_handles_lifespan: bool = False,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` until ``shutdown_trigger`` returns or the caller is cancelled. Reports the
-    local base URL (``http://host:port``, the real port when ``bind.port`` is 0) once listening."""
+    local base URL (``http://host:port``, the real port when ``bind.port`` is 0) once listening.
+    Unless ``app_handles_lifespan``, the lifespan protocol is answered for the app."""
+    if not app_handles_lifespan:
+        app = with_lifespan(app)
     config = hypercorn_config(
         bind, max_message_bytes=max_message_bytes, graceful_seconds=graceful_seconds
     )

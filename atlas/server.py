@@ -94,7 +94,7 @@ async def serve_atlas(
                 serve_asgi, build_app(services), settings.bind,
                 shutdown_trigger=stop_listening.wait,
                 max_message_bytes=settings.max_message_bytes,
-                graceful_seconds=settings.shutdown_seconds,
+                graceful_seconds=settings.shutdown_seconds, app_handles_lifespan=True,
             ))
             log.info("Atlas listening on %s (data directory %s)", url, store.data_dir)
             if settings.provider_url is None and settings.auth_url is None and not store.has_users():
@@ -137,11 +137,11 @@ async def run_until_signal(settings: Settings) -> None:
                     name = signal.Signals(signum).name
                     if shutdown.is_set():
                         log.warning("second %s: stopping now", name)
-                        nursery.cancel_scope.cancel()
-                    log.info("%s received", name)
-                    if not shutdown.is_set():
-                        shutdown.set()
-                        nursery.start_soon(exit_if_stuck, settings.shutdown_seconds + 5)
+                        logging.shutdown()
+                        os._exit(1)
+                    log.info("%s received: shutting down gracefully", name)
+                    shutdown.set()
+                    nursery.start_soon(exit_if_stuck, settings.shutdown_seconds + 5)
 
             async def serve(task_status: trio.TaskStatus[str]) -> None:
                 await serve_atlas(settings, shutdown=shutdown, task_status=task_status)
@@ -164,6 +164,7 @@ async def exit_if_stuck(seconds: float) -> None:
 
 def main(args: argparse.Namespace) -> int:
     settings: Settings = args.settings
+    prepare_data_dir(settings.data_dir)  # a bad data directory stops here, as one line (exit 2)
     setup_logging(settings.log_level)
     trio.run(run_until_signal, settings)
     return 0

@@ -122,10 +122,14 @@ async def ready(ws: WebSocketConnection) -> dict[str, Any]:
 class AtlasProcess:
     process: subprocess.Popen
     url: str
-    log_path: Path
+    log_path: Path  # standard error: the log, checked for secrets at the end of the session
+    out_path: Path  # standard output: what the command prints for its user (the first-run token)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def stdout(self) -> str:
+        return self.out_path.read_text(errors="replace")
 
     def terminate(self, timeout: float = WAIT) -> int:
         self.process.send_signal(signal.SIGTERM)
@@ -146,13 +150,14 @@ async def start_atlas_process(
 ) -> AtlasProcess:
     """``atlas serve`` (or ``atlas agent``) as a subprocess; returns once it says it is listening."""
     data_dir.parent.mkdir(parents=True, exist_ok=True)
-    log_path = data_dir.parent / f"atlas-{command}-{secrets.token_hex(4)}.log"
+    name = f"atlas-{command}-{secrets.token_hex(4)}"
+    log_path, out_path = data_dir.parent / f"{name}.log", data_dir.parent / f"{name}.out"
     PROCESS_LOGS.append(log_path)
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    with open(log_path, "wb") as log_file:
+    with open(log_path, "wb") as log_file, open(out_path, "wb") as out_file:
         process = subprocess.Popen(
             atlas_command(command, "--data-dir", str(data_dir), "--bind", bind, *args),
-            stdout=log_file, stderr=subprocess.STDOUT, env=full_env, stdin=subprocess.DEVNULL,
+            stdout=out_file, stderr=log_file, env=full_env, stdin=subprocess.DEVNULL,
         )
     marker = "listening on "
     with trio.move_on_after(WAIT * 2):
@@ -160,7 +165,8 @@ async def start_atlas_process(
             text = log_path.read_text(errors="replace")
             for line in text.splitlines():
                 if line.startswith("Atlas") and marker in line:
-                    return AtlasProcess(process, line.split(marker, 1)[1].split()[0], log_path)
+                    url = line.split(marker, 1)[1].split()[0]
+                    return AtlasProcess(process, url, log_path, out_path)
             if process.poll() is not None:
                 raise RuntimeError(f"atlas {command} exited with {process.returncode}:\n{text}")
             await trio.sleep(0.02)  # polling the log for the start-up line, not a timing guess
