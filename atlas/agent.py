@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Any
 
 import msgspec
 
@@ -63,7 +63,7 @@ class AgentOptions(msgspec.Struct, forbid_unknown_fields=True, rename="camel"):
     frequency_penalty: Penalty | None = None
     presence_penalty: Penalty | None = None
     seed: int | None = None
-    stop_sequences: Annotated[list[str], msgspec.Meta(max_length=4)] | None = None
+    stop_sequences: list[str] | None = None
     user_id: str | None = None
     conversation_id: str | None = None
     memory: MemoryOptions | None = None

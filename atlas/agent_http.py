@@ -69,8 +69,8 @@ class Response:
         headers = []
         if error.retry_after is not None:
             headers.append((b"retry-after", str(math.ceil(error.retry_after)).encode()))
-        if error.status == 405:
-            headers.append((b"allow", error.message.rpartition(" ")[2].encode()))
+        if isinstance(error, MethodNotAllowed):
+            headers.append((b"allow", error.allow.encode()))
         payload = {"success": False, "error": error.message, "code": error.code}
         await self.json(error.status, payload, headers)
 
@@ -152,7 +152,9 @@ class AgentApp:
     ) -> None:
         """Run one generation; a client disconnect cancels it, closing the provider request."""
         error: AgentError | None = None
+        midstream: AgentError | None = None
         gone = trio.Event()
+        started = trio.current_time()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope, gone)
             try:
@@ -160,15 +162,19 @@ class AgentApp:
                 if route == "text":
                     await _text(stream, response)
                 else:
-                    await _sse(stream, response, FullStream() if route == "stream" else UIMessageStream())
+                    dialect = FullStream() if route == "stream" else UIMessageStream()
+                    midstream = await _sse(stream, response, dialect)
             except AgentError as exc:  # raised after the nursery, not wrapped in a group
                 error = exc
             finally:
                 nursery.cancel_scope.cancel()
+        failure = error or midstream
+        outcome = (failure.code if failure is not None
+                   else "client_gone" if gone.is_set() and not response.finished else "ok")
+        log.info("agent %s /%s user=%r: %s in %.0f ms", agent_id, route, credentials.user_id,
+                 outcome, (trio.current_time() - started) * 1000)
         if error is not None:
             raise error
-        if gone.is_set() and not response.finished:
-            log.info("agent %s: the client went away, provider request closed", agent_id)
 
 
 async def _text(stream: Any, response: Response) -> None:
@@ -192,7 +198,9 @@ async def _text(stream: Any, response: Response) -> None:
     }})
 
 
-async def _sse(stream: Any, response: Response, dialect: FullStream | UIMessageStream) -> None:
+async def _sse(
+    stream: Any, response: Response, dialect: FullStream | UIMessageStream
+) -> AgentError | None:
     """Errors before the provider's first byte are plain JSON errors with their status; after
     that the stream is committed (200) and an error becomes the dialect's error event."""
     try:
@@ -207,9 +215,11 @@ async def _sse(stream: Any, response: Response, dialect: FullStream | UIMessageS
     except AgentError as error:
         if not response.started:
             raise
-        log.info("agent stream failed mid-reply: %s", error.code)
         await response.body(dialect.error(error))
+        await response.body(b"", more=False)
+        return error  # reported in the stream; returned for the log line
     await response.body(b"", more=False)
+    return None
 
 
 async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope, gone: trio.Event) -> None:
@@ -236,9 +246,15 @@ def _headers(scope: Scope) -> dict[str, str]:
             for name, value in scope.get("headers", ())}
 
 
+class MethodNotAllowed(AgentError):
+    def __init__(self, method: str, allow: str) -> None:
+        super().__init__("method_not_allowed", f"method {method} not allowed here, use {allow}", 405)
+        self.allow = allow
+
+
 def _allow(method: str, allowed: str) -> None:
     if method != allowed:
-        raise AgentError("method_not_allowed", f"method {method} not allowed, use {allowed}", 405)
+        raise MethodNotAllowed(method, allowed)
 
 
 async def _read_json(receive: Receive, limit: int) -> Any:
