@@ -1,0 +1,1 @@
+"""Atlas benchmarks: ``python -m bench [--quick]``. See docs/benchmarks.md."""

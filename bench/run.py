@@ -1,0 +1,523 @@
+"""Atlas benchmark: ``python -m bench [--quick]`` or ``python bench/run.py [--quick]``.
+
+Starts the bench's provider (``bench.provider``), a fresh ``atlas serve`` per scenario, and load
+clients (``bench.worker``), each in its own process; measures every scenario against Atlas and the
+same clients talking straight to the same provider (the baseline); prints one table and writes
+``bench/results/bench-*.json`` (and ``latest.json``), plus a PNG of the latency distributions when
+matplotlib is installed. Server cost is the Atlas process's own CPU time from ``/proc``. See
+``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a file: python bench/run.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    __package__ = "bench"
+
+from bench.procs import (  # noqa: E402
+    REPO, BenchError, Proc, atlas_command, cpu_seconds, python_module, raise_fd_limit, rss_bytes,
+)
+
+RESULTS = REPO / "bench" / "results"
+T0 = time.monotonic()
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    sequential: int  # first token, proxy: measured requests
+    warmup: int
+    stream_levels: tuple[int, ...]
+    stream_deltas: int
+    stream_rate: float
+    stream_clients: int
+    idle_connections: int
+    idle_users: int
+    idle_clients: int
+    pings: int
+    store_users: int
+    cold_samples: int
+
+
+QUICK = Plan("quick", sequential=100, warmup=10, stream_levels=(100, 300, 500), stream_deltas=45,
+             stream_rate=30, stream_clients=2, idle_connections=1000, idle_users=200, idle_clients=2,
+             pings=300, store_users=10_000, cold_samples=100)
+FULL = Plan("full", sequential=200, warmup=20, stream_levels=(250, 500, 750, 1000), stream_deltas=200,
+            stream_rate=30, stream_clients=2, idle_connections=10_000, idle_users=2000, idle_clients=4,
+            pings=1000, store_users=100_000, cold_samples=200)
+
+# Targets (issue 5), all on this 2-core machine with one Atlas process.
+FIRST_TOKEN_P50_MS = 1.0
+FIRST_TOKEN_P99_MS = 3.0
+PROXY_P50_MS = 1.5
+STREAM_DELAY_P99_MS = 50.0
+STREAM_TARGET = 500
+CPU_PER_DELTA_US = 40.0
+IDLE_KIB_PER_CONN = 40.0
+IDLE_PING_P99_MS = 20.0
+READY_SECONDS = 1.5
+COLD_P99_MS = 10.0
+
+
+def progress(text: str) -> None:
+    print(f"[{time.monotonic() - T0:6.1f}s] {text}", file=sys.stderr, flush=True)
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, int(round(p / 100 * len(ordered) + 0.5)) - 1))
+    return ordered[index]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"n": len(values), "p50": pct(values, 50), "p90": pct(values, 90), "p99": pct(values, 99),
+            "max": max(values) if values else float("nan"),
+            "mean": sum(values) / len(values) if values else float("nan")}
+
+
+@dataclass
+class Row:
+    scenario: str
+    measure: str
+    atlas: str
+    baseline: str
+    overhead: str
+    target: str
+    ok: bool | None
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+class Bench:
+    def __init__(self, plan: Plan, work: Path, log_dir: Path) -> None:
+        self.plan = plan
+        self.work = work
+        self.log_dir = log_dir
+        self.rows: list[Row] = []
+        self.data: dict[str, Any] = {}
+        self.samples: dict[str, dict[str, list[float]]] = {}
+        self.provider: Proc | None = None
+        self.provider_url = ""
+        self.store_dir = RESULTS / "cache" / f"store-{plan.store_users}"
+        self.pairs: list[tuple[str, str]] = []
+        self._serial = 0
+
+    # Processes
+
+    def start_provider(self) -> None:
+        self.provider = Proc("provider", python_module("bench.provider"), self.log_dir)
+        self.provider_url = self.provider.wait_line("PROVIDER ", 15).split()[1]
+        progress(f"provider at {self.provider_url}")
+
+    def start_atlas(self, data_dir: Path, label: str) -> tuple[Proc, str, float]:
+        """A fresh ``atlas serve``; returns it, its URL and the seconds until it answered."""
+        self._serial += 1
+        argv = atlas_command() + [
+            "serve", "--bind", "127.0.0.1:0", "--data-dir", str(data_dir),
+            "--provider-url", self.provider_url, "--provider-urls", self.provider_url,
+            "--log-level", "warning",
+        ]
+        proc = Proc(f"atlas-{self._serial}-{label}", argv, self.log_dir, stderr_lines=True)
+        line = proc.wait_line("Atlas listening on ", 30, stderr=True)
+        url = line.rsplit(" ", 1)[1]
+        with urllib.request.urlopen(f"{url}/healthz", timeout=10) as response:
+            response.read()
+        ready = time.monotonic() - proc.started
+        return proc, url, ready
+
+    def worker(self, name: str, job: dict[str, Any]) -> Proc:
+        proc = Proc(name, python_module("bench.worker"), self.log_dir, stdin=True)
+        proc.send(job)
+        return proc
+
+    def run_worker(self, name: str, job: dict[str, Any], timeout: float) -> dict[str, Any]:
+        proc = self.worker(name, job)
+        try:
+            return proc.event(timeout, lambda m: progress(f"{name}: {m['done']}/{m['total']}"))
+        finally:
+            proc.stop()
+
+    def data_dir(self) -> Path:
+        from bench.users import reset_rooms
+
+        reset_rooms(self.store_dir)
+        return self.store_dir
+
+    # Scenarios
+
+    def prepare_users(self) -> None:
+        from bench.users import build_store
+
+        progress(f"user store: {self.plan.store_users:,} users in {self.store_dir} (built once, then cached)")
+        t = time.monotonic()
+        self.pairs = build_store(self.store_dir, self.plan.store_users)
+        progress(f"user store ready in {time.monotonic() - t:.1f}s")
+
+    def first_token(self) -> None:
+        progress("first token: starting Atlas")
+        atlas, url, _ = self.start_atlas(self.data_dir(), "first-token")
+        try:
+            user, token = self.pairs[0]
+            cpu0 = cpu_seconds(atlas.pid)
+            result = self.run_worker("client-first-token", {
+                "kind": "first_token", "url": url, "provider": self.provider_url, "user": user,
+                "token": token, "spec": "bench deltas=8 rate=0", "count": self.plan.sequential,
+                "warmup": self.plan.warmup,
+            }, timeout=120)
+            cpu = cpu_seconds(atlas.pid) - cpu0
+        finally:
+            atlas.stop()
+        a, d = result["atlas_ms"], result["direct_ms"]
+        self.samples["first token"] = {"Atlas": a, "direct": d}
+        sa, sd = summary(a), summary(d)
+        requests = self.plan.sequential + self.plan.warmup
+        self.data["first_token"] = {"atlas_ms": sa, "direct_ms": sd, "atlas_cpu_us_per_request": cpu / requests * 1e6}
+        for p, target in (("p50", FIRST_TOKEN_P50_MS), ("p99", FIRST_TOKEN_P99_MS)):
+            added = sa[p] - sd[p]
+            self.rows.append(Row("first token", f"time to first delta {p}", f"{sa[p]:.2f} ms", f"{sd[p]:.2f} ms",
+                                 f"+{added:.2f} ms", f"added <= {target:g} ms", added <= target))
+        progress(f"first token: added p50 {sa['p50'] - sd['p50']:.2f} ms, p99 {sa['p99'] - sd['p99']:.2f} ms")
+
+    def proxy(self) -> None:
+        progress("proxy: starting Atlas")
+        atlas, url, _ = self.start_atlas(self.data_dir(), "proxy")
+        try:
+            user, token = self.pairs[1]
+            cpu0 = cpu_seconds(atlas.pid)
+            result = self.run_worker("client-proxy", {
+                "kind": "proxy", "url": url, "provider": self.provider_url, "user": user, "token": token,
+                "spec": "bench deltas=8 rate=0", "count": self.plan.sequential, "warmup": self.plan.warmup,
+            }, timeout=120)
+            cpu = cpu_seconds(atlas.pid) - cpu0
+        finally:
+            atlas.stop()
+        a, d = result["atlas_ms"], result["direct_ms"]
+        self.samples["proxy"] = {"Atlas": a, "direct": d}
+        sa, sd = summary(a), summary(d)
+        requests = self.plan.sequential + self.plan.warmup
+        self.data["proxy"] = {"atlas_ms": sa, "direct_ms": sd, "atlas_cpu_us_per_request": cpu / requests * 1e6}
+        added = sa["p50"] - sd["p50"]
+        self.rows.append(Row("proxy", "POST ?proxy=.../text p50", f"{sa['p50']:.2f} ms", f"{sd['p50']:.2f} ms",
+                             f"+{added:.2f} ms", f"added <= {PROXY_P50_MS:g} ms", added <= PROXY_P50_MS))
+        self.rows.append(Row("proxy", "POST ?proxy=.../text p99", f"{sa['p99']:.2f} ms", f"{sd['p99']:.2f} ms",
+                             f"+{sa['p99'] - sd['p99']:.2f} ms", "-", None))
+        progress(f"proxy: added p50 {added:.2f} ms")
+
+    def stream_level(self, mode: str, url: str, streams: int, atlas_pid: int | None) -> dict[str, Any]:
+        plan = self.plan
+        period = 1.0 / plan.stream_rate
+        spec = f"bench deltas={plan.stream_deltas} rate={plan.stream_rate:g}"
+        per_client: list[list[Any]] = [[] for _ in range(plan.stream_clients)]
+        for i in range(streams):
+            user, token = self.pairs[i]
+            # Phases spread over one period: the streams do not all tick at the same instant.
+            per_client[i % plan.stream_clients].append([user, token, i / streams * period])
+        timeout = plan.stream_deltas / plan.stream_rate + 30
+        procs = [self.worker(f"client-streams-{mode}-{streams}-{k}", {
+            "kind": "streams", "mode": mode, "url": url, "provider": self.provider_url, "spec": spec,
+            "streams": chunk, "timeout": timeout, "deadline": timeout + 150,
+        }) for k, chunk in enumerate(per_client) if chunk]
+        try:
+            for proc in procs:
+                proc.event(120)
+            start = time.monotonic() + 0.3
+            cpu0 = cpu_seconds(atlas_pid) if atlas_pid else 0.0
+            provider0 = cpu_seconds(self.provider.pid)  # type: ignore[union-attr]
+            for proc in procs:
+                proc.send({"start": start})
+            results = [proc.event(timeout + 30) for proc in procs]
+            cpu = cpu_seconds(atlas_pid) - cpu0 if atlas_pid else 0.0
+            provider_cpu = cpu_seconds(self.provider.pid) - provider0  # type: ignore[union-attr]
+        finally:
+            for proc in procs:
+                proc.stop()
+        delays = sorted(d / 1000 for r in results for d in r["delays_us"])
+        deltas = sum(r["deltas"] for r in results)
+        expected = streams * plan.stream_deltas
+        out = {
+            "streams": streams, "deltas": deltas, "expected_deltas": expected,
+            "done": sum(r["done"] for r in results), "errors": sum(r["errors"] for r in results),
+            "error_samples": [e for r in results for e in r["error_samples"]][:3],
+            "delay_ms": summary(delays), "atlas_cpu_s": cpu, "provider_cpu_s": provider_cpu,
+            "client_cpu_s": sum(r["cpu_s"] for r in results),
+            "cpu_us_per_delta": cpu / deltas * 1e6 if deltas and atlas_pid else None,
+        }
+        out["ok"] = (out["errors"] == 0 and deltas == expected and out["delay_ms"]["p99"] <= STREAM_DELAY_P99_MS)
+        self.samples.setdefault("stream delay per delta", {})[f"{mode} {streams}"] = delays[:: max(1, len(delays) // 5000)]
+        return out
+
+    def streaming(self) -> None:
+        plan = self.plan
+        progress("streaming: baseline, clients straight to the provider")
+        base_n = max(min(plan.stream_levels), STREAM_TARGET)
+        direct = self.stream_level("direct", "", base_n, None)
+        progress(f"streaming: direct {base_n} streams: p99 delay {direct['delay_ms']['p99']:.1f} ms")
+        atlas, url, _ = self.start_atlas(self.data_dir(), "streams")
+        levels = []
+        try:
+            for n in plan.stream_levels:
+                progress(f"streaming: {n} streams through Atlas, {plan.stream_deltas} deltas each at {plan.stream_rate:g}/s")
+                level = self.stream_level("atlas", url, n, atlas.pid)
+                levels.append(level)
+                progress(
+                    f"streaming: {n} streams: p99 delay {level['delay_ms']['p99']:.1f} ms, "
+                    f"{level['cpu_us_per_delta'] or 0:.1f} us CPU/delta, errors {level['errors']}, "
+                    f"deltas {level['deltas']}/{level['expected_deltas']}"
+                    + (f" {level['error_samples'][:1]}" if level["error_samples"] else "")
+                )
+                if not level["ok"]:
+                    break
+        finally:
+            atlas.stop()
+        passing = [lv for lv in levels if lv["ok"]]
+        capacity = max((lv["streams"] for lv in passing), default=0)
+        all_passed = len(passing) == len(plan.stream_levels)
+        self.data["streaming"] = {"direct": direct, "levels": levels, "capacity": capacity,
+                                  "capacity_is_lower_bound": all_passed}
+        at_target = next((lv for lv in levels if lv["streams"] == base_n), None)
+        shown = f">= {capacity}" if all_passed else f"{capacity}"
+        self.rows.append(Row(
+            "streaming", f"streams with p99 delay <= {STREAM_DELAY_P99_MS:g} ms", shown,
+            f"{direct['delay_ms']['p99']:.1f} ms p99 @{base_n}", "-", f">= {STREAM_TARGET}",
+            capacity >= STREAM_TARGET,
+        ))
+        if at_target is not None:
+            added = at_target["delay_ms"]["p99"] - direct["delay_ms"]["p99"]
+            self.rows.append(Row(
+                "streaming", f"p99 delay per delta @{base_n} streams", f"{at_target['delay_ms']['p99']:.1f} ms",
+                f"{direct['delay_ms']['p99']:.1f} ms", f"+{added:.1f} ms", f"<= {STREAM_DELAY_P99_MS:g} ms",
+                at_target["delay_ms"]["p99"] <= STREAM_DELAY_P99_MS,
+            ))
+        cpu_level = at_target if at_target is not None else (levels[-1] if levels else None)
+        if cpu_level is not None and cpu_level["cpu_us_per_delta"] is not None:
+            provider_us = cpu_level["provider_cpu_s"] / max(1, cpu_level["deltas"]) * 1e6
+            value = cpu_level["cpu_us_per_delta"]
+            self.rows.append(Row(
+                "streaming", f"server CPU per delta @{cpu_level['streams']}", f"{value:.1f} us",
+                f"provider {provider_us:.1f} us", "-", f"<= {CPU_PER_DELTA_US:g} us", value <= CPU_PER_DELTA_US,
+            ))
+
+    def idle_run(self, label: str, url: str, pid: int, with_users: bool) -> dict[str, Any]:
+        plan = self.plan
+        targets: list[list[Any]] = []
+        per_user = plan.idle_connections // plan.idle_users
+        for c in range(plan.idle_connections):
+            if with_users:
+                user, token = self.pairs[(c // per_user) % plan.idle_users]
+                targets.append([user, token])
+            else:
+                targets.append([None, url])
+        chunks = [targets[k::plan.idle_clients] for k in range(plan.idle_clients)]
+        time.sleep(0.5)
+        rss0 = rss_bytes(pid)
+        cpu0 = cpu_seconds(pid)
+        t = time.monotonic()
+        procs = [self.worker(f"client-idle-{label}-{k}", {
+            "kind": "idle", "url": url, "targets": chunk, "concurrency": 32, "deadline": 900,
+        }) for k, chunk in enumerate(chunks)]
+        try:
+            connected = [proc.event(600) for proc in procs]
+            connect_seconds = time.monotonic() - t
+            connect_cpu = cpu_seconds(pid) - cpu0
+            ok = sum(c["ok"] for c in connected)
+            failed = sum(c["failed"] for c in connected)
+            progress(f"idle {label}: {ok} connections open ({failed} failed) in {connect_seconds:.1f}s; settling")
+            time.sleep(2.0)
+            rss1 = rss_bytes(pid)
+            per_client = plan.pings // plan.idle_clients
+            for i, proc in enumerate(procs):
+                proc.send({"cmd": "ping", "count": per_client, "seed": i, "max_seconds": 60})
+            pinged = [proc.event(120) for proc in procs]
+            for proc in procs:
+                proc.send({"cmd": "close"})
+            for proc in procs:
+                proc.event(60)
+        finally:
+            for proc in procs:
+                proc.stop()
+        rtts = [r for p in pinged for r in p["rtt_ms"]]
+        return {
+            "connections": ok, "failed": failed, "errors": [e for c in connected for e in c["errors"]][:3],
+            "alive_after_pings": sum(p["alive"] for p in pinged),
+            "rss_before": rss0, "rss_after": rss1,
+            "kib_per_connection": (rss1 - rss0) / 1024 / max(1, ok),
+            "connect_seconds": connect_seconds, "connect_cpu_ms_per_connection": connect_cpu / max(1, ok) * 1000,
+            "ping_ms": summary(rtts), "_rtts": rtts,
+        }
+
+    def idle(self) -> None:
+        plan = self.plan
+        progress(f"idle: baseline, {plan.idle_connections:,} connections to a bare Hypercorn WebSocket app")
+        echo = Proc("echo", python_module("bench.echo"), self.log_dir)
+        try:
+            echo_url = echo.wait_line("ECHO ", 30).split()[1].replace("http://", "ws://") + "/"
+            base = self.idle_run("echo", echo_url, echo.pid, with_users=False)
+        finally:
+            echo.stop()
+        progress(f"idle: {plan.idle_connections:,} connections over {plan.idle_users:,} users through Atlas")
+        atlas, url, _ = self.start_atlas(self.data_dir(), "idle")
+        try:
+            result = self.idle_run("atlas", url, atlas.pid, with_users=True)
+        finally:
+            atlas.stop()
+        self.samples["idle ping round trip"] = {"Atlas": result.pop("_rtts"), "bare Hypercorn": base.pop("_rtts")}
+        self.data["idle"] = {"atlas": result, "baseline_bare_hypercorn": base}
+        complete = result["connections"] == plan.idle_connections
+        kib, kib0 = result["kib_per_connection"], base["kib_per_connection"]
+        self.rows.append(Row(
+            "idle users", f"server memory per connection ({result['connections']:,} conns)", f"{kib:.1f} KiB",
+            f"{kib0:.1f} KiB bare", f"+{kib - kib0:.1f} KiB", f"<= {IDLE_KIB_PER_CONN:g} KiB",
+            kib <= IDLE_KIB_PER_CONN and complete,
+        ))
+        p99, p99b = result["ping_ms"]["p99"], base["ping_ms"]["p99"]
+        self.rows.append(Row(
+            "idle users", "ping round trip p99 under that load", f"{p99:.2f} ms", f"{p99b:.2f} ms bare",
+            f"+{p99 - p99b:.2f} ms", f"<= {IDLE_PING_P99_MS:g} ms",
+            p99 <= IDLE_PING_P99_MS and complete and result["alive_after_pings"] == result["connections"],
+        ))
+        progress(f"idle: {kib:.1f} KiB/connection (bare {kib0:.1f}), ping p99 {p99:.2f} ms (bare {p99b:.2f})")
+
+    def cold(self) -> None:
+        plan = self.plan
+        progress("cold users: baseline start-up on an empty data directory")
+        empty = self.work / "empty-data"
+        shutil.rmtree(empty, ignore_errors=True)
+        empty.mkdir()
+        atlas, _, ready_empty = self.start_atlas(empty, "empty")
+        atlas.stop()
+        progress(f"cold users: start-up with {plan.store_users:,} users")
+        atlas, url, ready = self.start_atlas(self.data_dir(), "cold")
+        try:
+            # Users no other scenario touched, spread over the whole store.
+            step = max(1, (len(self.pairs) - 3000) // plan.cold_samples)
+            users = [list(p) for p in self.pairs[3000::step][: plan.cold_samples]]
+            result = self.run_worker("client-cold", {"kind": "cold", "url": url, "users": users}, timeout=180)
+        finally:
+            atlas.stop()
+        c, w = result["cold_ms"], result["warm_ms"]
+        self.samples["first connection"] = {"cold user": c, "warm user": w}
+        sc, sw = summary(c), summary(w)
+        self.data["cold"] = {"ready_seconds": ready, "ready_seconds_empty": ready_empty, "users": plan.store_users,
+                             "cold_ms": sc, "warm_ms": sw}
+        self.rows.append(Row(
+            "cold users", f"ready to serve, {plan.store_users:,} users", f"{ready:.2f} s", f"{ready_empty:.2f} s empty",
+            f"+{ready - ready_empty:.2f} s", f"<= {READY_SECONDS:g} s", ready <= READY_SECONDS,
+        ))
+        self.rows.append(Row(
+            "cold users", "first connection of a cold user p99", f"{sc['p99']:.2f} ms", f"{sw['p99']:.2f} ms warm",
+            f"+{sc['p99'] - sw['p99']:.2f} ms", f"<= {COLD_P99_MS:g} ms", sc["p99"] <= COLD_P99_MS,
+        ))
+        progress(f"cold users: ready in {ready:.2f}s; cold connect p99 {sc['p99']:.2f} ms (warm {sw['p99']:.2f})")
+
+
+SCENARIOS = ("first_token", "proxy", "streaming", "idle", "cold")
+
+
+def render_table(rows: list[Row]) -> str:
+    header = ("scenario", "measure", "Atlas", "baseline", "added", "target", "result")
+    body = [(r.scenario, r.measure, r.atlas, r.baseline, r.overhead, r.target,
+             "-" if r.ok is None else ("PASS" if r.ok else "FAIL")) for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
+
+    def line(cells: tuple[str, ...]) -> str:
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
+
+
+def plot(samples: dict[str, dict[str, list[float]]], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        progress("plot skipped: matplotlib is not installed (pip install matplotlib)")
+        return False
+    panels = [(name, series) for name, series in samples.items() if any(series.values())]
+    if not panels:
+        return False
+    cols = min(3, len(panels))
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4 * rows), squeeze=False)
+    for ax, (name, series) in zip(axes.flat, panels):
+        for label, values in series.items():
+            if values:
+                ordered = sorted(values)
+                ys = [(i + 1) / len(ordered) for i in range(len(ordered))]
+                ax.plot(ordered, ys, label=f"{label} (n={len(ordered)})")
+        ax.set_title(name)
+        ax.set_xlabel("ms")
+        ax.set_ylabel("fraction <= x")
+        ax.set_xscale("log")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description="Benchmark Atlas against its baseline.")
+    parser.add_argument("--quick", action="store_true", help="smaller counts; finishes in under a minute")
+    parser.add_argument("--only", action="append", choices=SCENARIOS, help="run only this scenario (repeatable)")
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    raise_fd_limit()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    work = RESULTS / "runs" / stamp
+    work.mkdir(parents=True, exist_ok=True)
+    progress(f"Atlas bench ({plan.name}); logs in {work}; load average {os.getloadavg()[0]:.2f}")
+    bench = Bench(plan, work, work)
+    failed: list[str] = []
+    try:
+        bench.start_provider()
+        bench.prepare_users()
+        for name in args.only or SCENARIOS:
+            try:
+                getattr(bench, name)()
+            except BenchError as exc:
+                failed.append(f"{name}: {exc}")
+                progress(f"{name} did not complete: {exc}")
+                bench.rows.append(Row(name, "did not complete", "-", "-", "-", "-", False))
+    finally:
+        if bench.provider is not None:
+            bench.provider.stop()
+    table = render_table(bench.rows)
+    print(f"\nAtlas bench ({plan.name}), {time.strftime('%Y-%m-%d %H:%M')}, "
+          f"{os.cpu_count()} CPUs, {time.monotonic() - T0:.0f} s\n")
+    print(table)
+    report = {
+        "plan": asdict(plan), "when": stamp, "seconds": time.monotonic() - T0, "cpus": os.cpu_count(),
+        "load_average_at_end": os.getloadavg(), "rows": [asdict(r) for r in bench.rows],
+        "scenarios": bench.data, "failed": failed, "table": table,
+    }
+    out = RESULTS / f"bench-{stamp}-{plan.name}.json"
+    out.write_text(json.dumps(report, indent=1, default=str))
+    shutil.copyfile(out, RESULTS / f"latest-{plan.name}.json")
+    png = RESULTS / f"bench-{stamp}-{plan.name}.png"
+    if plot(bench.samples, png):
+        shutil.copyfile(png, RESULTS / f"latest-{plan.name}.png")
+        print(f"\nlatency distributions: {png}")
+    print(f"figures: {out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
