@@ -187,7 +187,7 @@ class Bench:
         for p, target in (("p50", FIRST_TOKEN_P50_MS), ("p99", FIRST_TOKEN_P99_MS)):
             added = sa[p] - sd[p]
             self.rows.append(Row("first token", f"time to first delta {p}", f"{sa[p]:.2f} ms", f"{sd[p]:.2f} ms",
-                                 f"+{added:.2f} ms", f"added <= {target:g} ms", added <= target))
+                                 f"{added:+.2f} ms", f"added <= {target:g} ms", added <= target))
         progress(f"first token: added p50 {sa['p50'] - sd['p50']:.2f} ms, p99 {sa['p99'] - sd['p99']:.2f} ms")
 
     def proxy(self) -> None:
@@ -210,9 +210,9 @@ class Bench:
         self.data["proxy"] = {"atlas_ms": sa, "direct_ms": sd, "atlas_cpu_us_per_request": cpu / requests * 1e6}
         added = sa["p50"] - sd["p50"]
         self.rows.append(Row("proxy", "POST ?proxy=.../text p50", f"{sa['p50']:.2f} ms", f"{sd['p50']:.2f} ms",
-                             f"+{added:.2f} ms", f"added <= {PROXY_P50_MS:g} ms", added <= PROXY_P50_MS))
+                             f"{added:+.2f} ms", f"added <= {PROXY_P50_MS:g} ms", added <= PROXY_P50_MS))
         self.rows.append(Row("proxy", "POST ?proxy=.../text p99", f"{sa['p99']:.2f} ms", f"{sd['p99']:.2f} ms",
-                             f"+{sa['p99'] - sd['p99']:.2f} ms", "-", None))
+                             f"{sa['p99'] - sd['p99']:+.2f} ms", "-", None))
         progress(f"proxy: added p50 {added:.2f} ms")
 
     def stream_level(self, mode: str, url: str, streams: int, atlas_pid: int | None) -> dict[str, Any]:
@@ -297,7 +297,7 @@ class Bench:
             added = at_target["delay_ms"]["p99"] - direct["delay_ms"]["p99"]
             self.rows.append(Row(
                 "streaming", f"p99 delay per delta @{base_n} streams", f"{at_target['delay_ms']['p99']:.1f} ms",
-                f"{direct['delay_ms']['p99']:.1f} ms", f"+{added:.1f} ms", f"<= {STREAM_DELAY_P99_MS:g} ms",
+                f"{direct['delay_ms']['p99']:.1f} ms", f"{added:+.1f} ms", f"<= {STREAM_DELAY_P99_MS:g} ms",
                 at_target["delay_ms"]["p99"] <= STREAM_DELAY_P99_MS,
             ))
         cpu_level = at_target if at_target is not None else (levels[-1] if levels else None)
@@ -378,13 +378,13 @@ class Bench:
         kib, kib0 = result["kib_per_connection"], base["kib_per_connection"]
         self.rows.append(Row(
             "idle users", f"server memory per connection ({result['connections']:,} conns)", f"{kib:.1f} KiB",
-            f"{kib0:.1f} KiB bare", f"+{kib - kib0:.1f} KiB", f"<= {IDLE_KIB_PER_CONN:g} KiB",
+            f"{kib0:.1f} KiB bare", f"{kib - kib0:+.1f} KiB", f"<= {IDLE_KIB_PER_CONN:g} KiB",
             kib <= IDLE_KIB_PER_CONN and complete,
         ))
         p99, p99b = result["ping_ms"]["p99"], base["ping_ms"]["p99"]
         self.rows.append(Row(
             "idle users", "ping round trip p99 under that load", f"{p99:.2f} ms", f"{p99b:.2f} ms bare",
-            f"+{p99 - p99b:.2f} ms", f"<= {IDLE_PING_P99_MS:g} ms",
+            f"{p99 - p99b:+.2f} ms", f"<= {IDLE_PING_P99_MS:g} ms",
             p99 <= IDLE_PING_P99_MS and complete and result["alive_after_pings"] == result["connections"],
         ))
         progress(f"idle: {kib:.1f} KiB/connection (bare {kib0:.1f}), ping p99 {p99:.2f} ms (bare {p99b:.2f})")
@@ -413,11 +413,11 @@ class Bench:
                              "cold_ms": sc, "warm_ms": sw}
         self.rows.append(Row(
             "cold users", f"ready to serve, {plan.store_users:,} users", f"{ready:.2f} s", f"{ready_empty:.2f} s empty",
-            f"+{ready - ready_empty:.2f} s", f"<= {READY_SECONDS:g} s", ready <= READY_SECONDS,
+            f"{ready - ready_empty:+.2f} s", f"<= {READY_SECONDS:g} s", ready <= READY_SECONDS,
         ))
         self.rows.append(Row(
             "cold users", "first connection of a cold user p99", f"{sc['p99']:.2f} ms", f"{sw['p99']:.2f} ms warm",
-            f"+{sc['p99'] - sw['p99']:.2f} ms", f"<= {COLD_P99_MS:g} ms", sc["p99"] <= COLD_P99_MS,
+            f"{sc['p99'] - sw['p99']:+.2f} ms", f"<= {COLD_P99_MS:g} ms", sc["p99"] <= COLD_P99_MS,
         ))
         progress(f"cold users: ready in {ready:.2f}s; cold connect p99 {sc['p99']:.2f} ms (warm {sw['p99']:.2f})")
 
