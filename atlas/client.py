@@ -281,10 +281,10 @@ async def open_connection(target: Target, user: str) -> AsyncIterator[Connection
         raise mapped(exc, target) from None
 
 
-def backoff(first: float = 0.5, cap: float = 10.0) -> Iterator[float]:
-    """Reconnect delays: doubling from ``first`` up to ``cap``, with +-20% jitter so that many
-    clients do not come back in lockstep after a restart."""
+def backoff(first: float = 0.5, factor: float = 1.6, cap: float = 10.0) -> Iterator[float]:
+    """Reconnect delays: growing from ``first`` by ``factor`` up to ``cap``, with +-20% jitter
+    so that many clients do not all come back at the same instant after a restart."""
     delay = first
     while True:
         yield delay * random.uniform(0.8, 1.2)
-        delay = min(cap, delay * 2)
+        delay = min(cap, delay * factor)

@@ -202,7 +202,7 @@
   }
 
   function scheduleReconnect() {
-    const delay = Math.min(10000, 500 * 2 ** state.attempt) * (0.8 + Math.random() * 0.4);
+    const delay = Math.min(10000, 500 * 1.6 ** state.attempt) * (0.8 + Math.random() * 0.4);
     state.attempt += 1;
     const due = Date.now() + delay;
     const tick = () => {

@@ -1,0 +1,236 @@
+"""The web chat page in real headless Chromium (Debian's ``chromium``, driven by Playwright).
+
+Playwright's sync API runs in a worker thread; the server and the fake provider run in the
+test's trio loop, and the browser thread reaches back into it with ``trio.from_thread``.
+``scripts/install-test-deps.sh`` installs Chromium and Playwright; without them these tests skip.
+
+With ``ATLAS_SCREENSHOT_DIR`` set, ``test_screenshots`` saves the pictures used in the docs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from fake_provider import Reply, open_fake_provider
+from servers import WAIT, add_user, open_atlas, start_atlas_process
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (scripts/install-test-deps.sh)")
+CHROMIUM = os.environ.get("ATLAS_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(CHROMIUM), reason="Chromium is not installed (scripts/install-test-deps.sh)"
+)
+MS = int(WAIT * 1000)
+ONLINE = '#status[data-state="online"]'
+
+
+def with_page(url: str, steps: Callable[[Any], Any], **context: Any) -> Any:
+    """Open ``url`` in a fresh headless Chromium and run ``steps(page)`` (in a worker thread)."""
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM)
+        try:
+            page = browser.new_context(**context).new_page()
+            page.set_default_timeout(MS)
+            errors: list[str] = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(url)
+            result = steps(page)
+            assert not errors, errors
+            return result
+        finally:
+            browser.close()
+
+
+async def in_browser(url: str, steps: Callable[[Any], Any], **context: Any) -> Any:
+    with trio.fail_after(WAIT * 3):
+        return await trio.to_thread.run_sync(lambda: with_page(url, steps, **context))
+
+
+def send(page: Any, text: str) -> None:
+    page.fill("#input", text)
+    page.press("#input", "Enter")
+
+
+def sign_in_url(base: str, user: str, token: str) -> str:
+    return f"{base}/#token={token}&user={user}"
+
+
+async def test_streamed_reply_html_shown_as_text_and_kept_across_reload(tmp_path: Path) -> None:
+    hostile = ['<b id="injected">bold</b> ', "<script>window.pwned = 1</script>",
+               ' <img src=x onerror="window.pwned = 2">']
+    async with open_fake_provider() as provider, open_atlas(
+        tmp_path, users={"alice": None}, provider_url=provider.url
+    ) as server:
+        gate = trio.Event()
+        provider.behaviour = Reply(deltas=hostile, gate=gate, hold_after=1)
+
+        def steps(page: Any) -> dict[str, Any]:
+            page.wait_for_selector(ONLINE)
+            assert page.evaluate("location.hash") == ""  # the token left the address bar
+            send(page, "show me some html")
+            reply = page.locator(".msg.assistant").last
+            # The first delta is on screen while the provider still holds the rest back.
+            page.wait_for_selector('.msg.assistant[data-status="streaming"]')
+            assert reply.locator(".text").text_content() == hostile[0]
+            assert page.is_visible("#stop")
+            trio.from_thread.run_sync(gate.set)
+            page.wait_for_selector('.msg.assistant[data-status="done"]')
+            shown = reply.locator(".text").text_content()
+            facts = {
+                "shown": shown,
+                "injected": page.locator("#injected").count(),
+                "pwned": page.evaluate("window.pwned === undefined ? null : window.pwned"),
+                "conversation": page.evaluate("localStorage.getItem('atlas.conversationId')"),
+            }
+            page.reload()
+            page.wait_for_selector(ONLINE)
+            facts["after_reload"] = page.locator(".msg").all_text_contents()
+            facts["conversation_after"] = page.evaluate("localStorage.getItem('atlas.conversationId')")
+            provider.behaviour = Reply(deltas=["second answer"])
+            send(page, "and again")
+            page.wait_for_selector('.msg.assistant[data-status="done"] >> nth=1')
+            return facts
+
+        facts = await in_browser(sign_in_url(server.url, "alice", server.tokens["alice"]), steps)
+        assert facts["shown"] == "".join(hostile)
+        assert facts["injected"] == 0 and facts["pwned"] is None
+        assert facts["conversation"] and facts["conversation_after"] == facts["conversation"]
+        assert any("show me some html" in text for text in facts["after_reload"])
+        assert any("<script>window.pwned = 1</script>" in text for text in facts["after_reload"])
+        # The same conversation continued on the server: the earlier turn went to the provider.
+        history = [m.get("content") for m in provider.requests[-1].body["messages"]]
+        assert "show me some html" in history and "and again" in history
+
+
+async def test_stop_button_cancels_the_reply(tmp_path: Path) -> None:
+    async with open_fake_provider() as provider, open_atlas(
+        tmp_path, users={"alice": None}, provider_url=provider.url
+    ) as server:
+        provider.behaviour = Reply(deltas=["Working on it", " forever"], gate=trio.Event())
+
+        def steps(page: Any) -> dict[str, Any]:
+            page.wait_for_selector(ONLINE)
+            send(page, "a long job")
+            page.wait_for_selector('.msg.assistant[data-status="streaming"]')
+            page.click("#stop")
+            page.wait_for_selector('.msg.assistant[data-status="cancelled"]')
+            return {
+                "meta": page.locator(".msg.assistant .meta").last.text_content(),
+                "send_visible": page.is_visible("#send"),
+            }
+
+        facts = await in_browser(sign_in_url(server.url, "alice", server.tokens["alice"]), steps)
+        assert facts == {"meta": "Stopped", "send_visible": True}
+        with trio.fail_after(WAIT):
+            await provider.wait_disconnect()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+async def test_reconnects_after_a_server_restart(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    token = add_user(data_dir, "alice")
+    bind = f"127.0.0.1:{free_port()}"
+    # The browser's idle keep-alive connections would hold a graceful shutdown for its whole
+    # grace period; one second is plenty here.
+    args = ("--shutdown-seconds", "1")
+    servers = [await start_atlas_process(data_dir, *args, bind=bind)]
+
+    async def restart() -> None:
+        assert await trio.to_thread.run_sync(servers[-1].terminate) == 0
+        servers.append(await start_atlas_process(data_dir, *args, bind=bind))
+
+    def steps(page: Any) -> dict[str, Any]:
+        page.wait_for_selector(ONLINE)
+        send(page, "before the restart")
+        page.wait_for_selector('.msg.assistant[data-status="done"]')
+        page.evaluate("""() => {
+            window.seenStates = [];
+            const status = document.getElementById('status');
+            new MutationObserver(() => window.seenStates.push(
+                status.dataset.state + ': ' + status.textContent.trim()
+            )).observe(status, {attributes: true, childList: true, subtree: true, characterData: true});
+        }""")
+        trio.from_thread.run(restart)
+        page.wait_for_selector(ONLINE)
+        send(page, "after the restart")
+        page.wait_for_selector('.msg.assistant[data-status="done"] >> nth=1')
+        return {
+            "replies": page.locator(".msg.assistant .text").all_text_contents(),
+            "states": page.evaluate("window.seenStates"),
+        }
+
+    try:
+        facts = await in_browser(sign_in_url(servers[0].url, "alice", token), steps)
+    finally:
+        for server in servers:
+            if server.process.poll() is None:
+                server.kill()
+    assert "You said: before the restart" in facts["replies"][0]
+    assert "You said: after the restart" in facts["replies"][1]
+    assert any(state.startswith("reconnecting: Reconnecting in") for state in facts["states"]), facts["states"]
+
+
+async def test_sign_in_dialog_and_bad_token(tmp_path: Path) -> None:
+    async with open_atlas(tmp_path, users={"alice": None}) as server:
+
+        def steps(page: Any) -> dict[str, Any]:
+            page.wait_for_selector("#settings[open]")  # no token yet: the dialog asks for one
+            page.fill("#token-field", "not-a-valid-token")
+            page.click("#save-settings")
+            page.wait_for_selector("#settings-error:not([hidden])")
+            error = page.text_content("#settings-error")
+            page.fill("#token-field", server.tokens["alice"])
+            page.click("#save-settings")  # no user id: learned from /api/me
+            page.wait_for_selector(ONLINE)
+            return {"error": error, "who": page.text_content("#who")}
+
+        facts = await in_browser(server.url + "/", steps)
+        assert "not accepted" in facts["error"]
+        assert facts["who"] == "Signed in as alice"
+
+
+CONVERSATION = [
+    ("What can you help me with?",
+     ["I can answer questions, draft and edit text, explain code, and think through problems "
+      "with you. ", "Your messages go through your own Atlas server, billed to your own key."]),
+    ("Give me three tips for naming things in code.",
+     ["1. Name things for what they mean, not how they are stored.\n",
+      "2. Prefer a longer clear name over a short puzzling one.\n",
+      "3. Keep one word per idea across the codebase."]),
+]
+
+
+@pytest.mark.skipif(not os.environ.get("ATLAS_SCREENSHOT_DIR"), reason="set ATLAS_SCREENSHOT_DIR to take screenshots")
+async def test_screenshots(tmp_path: Path) -> None:
+    out = Path(os.environ["ATLAS_SCREENSHOT_DIR"])
+    out.mkdir(parents=True, exist_ok=True)
+    async with open_fake_provider() as provider, open_atlas(
+        tmp_path, users={"alice": None}, provider_url=provider.url
+    ) as server:
+        for name, context in [
+            ("web-desktop.png", {"viewport": {"width": 1280, "height": 800}}),
+            ("web-phone.png", {"viewport": {"width": 390, "height": 844}, "device_scale_factor": 2,
+                               "is_mobile": True, "has_touch": True}),
+        ]:
+            def steps(page: Any, name: str = name) -> None:
+                page.emulate_media(reduced_motion="reduce")
+                page.wait_for_selector(ONLINE)
+                for index, (question, deltas) in enumerate(CONVERSATION):
+                    provider.behaviour = Reply(deltas=deltas)
+                    send(page, question)
+                    page.wait_for_selector(f'.msg.assistant[data-status="done"] >> nth={index}')
+                page.screenshot(path=str(out / name))
+
+            await in_browser(sign_in_url(server.url, "alice", server.tokens["alice"]), steps, **context)
