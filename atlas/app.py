@@ -120,7 +120,7 @@ async def party_http(services: Services, room_id: str, scope: dict[str, Any], re
                 await send_json(send, 200, {
                     "roomId": room.id, "userId": identity.id, "credentials": room.has_credentials,
                     "virtualKey": mask_key(identity.virtual_key or ""),
-                    "providerUrl": identity.provider_url or services.default_provider_url,
+                    "providerUrl": identity.provider_url or services.default_provider_url or None,
                     "prefs": room.prefs, "connections": len(room.connections),
                 })
                 return

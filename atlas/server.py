@@ -21,6 +21,7 @@ from functools import partial
 import httpx
 import trio
 
+from .agents_config import AgentSpec, load_agents
 from .app import Services, build_app
 from .auth import open_token_verifier
 from .config import Settings, prepare_data_dir
@@ -41,17 +42,22 @@ DEMO_KEY = "dev-demo-key"
 async def serve_atlas(
     settings: Settings,
     *,
+    agents: dict[str, AgentSpec] | None = None,
     shutdown: trio.Event | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until ``shutdown`` is set (then shut down gracefully) or until cancelled."""
+    """Serve until ``shutdown`` is set (then shut down gracefully) or until cancelled.
+    ``agents``: already loaded agent definitions (else they are loaded from the settings)."""
     store = Store(prepare_data_dir(settings.data_dir))
     store.ensure_dirs()
     if shutdown is None:
         shutdown = trio.Event()
     async with trio.open_nursery() as background, AsyncExitStack() as stack:
         provider_url = settings.provider_url
-        if provider_url is None:
+        if provider_url is None and settings.agent_url:
+            # A remote agent picks its own default provider when the header is empty.
+            provider_url = ""
+        elif provider_url is None:
             from .devprovider import serve_dev_provider
 
             provider_url = await background.start(serve_dev_provider)
@@ -73,7 +79,7 @@ async def serve_atlas(
             from .agent import build_agent_app, open_agent_service
 
             agent = await stack.enter_async_context(
-                open_agent_service(settings, default_provider_url=provider_url)
+                open_agent_service(settings, default_provider_url=provider_url, agents=agents)
             )
             agent_app = build_agent_app(agent, settings)
         rooms = await background.start(
@@ -126,7 +132,7 @@ def announce_demo_user(store: Store, url: str) -> None:
     )
 
 
-async def run_until_signal(settings: Settings) -> None:
+async def run_until_signal(settings: Settings, agents: dict[str, AgentSpec] | None) -> None:
     """Serve until SIGINT/SIGTERM, then shut down gracefully; a second signal stops at once."""
     shutdown = trio.Event()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -144,7 +150,7 @@ async def run_until_signal(settings: Settings) -> None:
                     nursery.start_soon(exit_if_stuck, settings.shutdown_seconds + 5)
 
             async def serve(task_status: trio.TaskStatus[str]) -> None:
-                await serve_atlas(settings, shutdown=shutdown, task_status=task_status)
+                await serve_atlas(settings, agents=agents, shutdown=shutdown, task_status=task_status)
                 nursery.cancel_scope.cancel()  # served and shut down: stop watching signals
 
             nursery.start_soon(watch_signals)
@@ -164,7 +170,9 @@ async def exit_if_stuck(seconds: float) -> None:
 
 def main(args: argparse.Namespace) -> int:
     settings: Settings = args.settings
-    prepare_data_dir(settings.data_dir)  # a bad data directory stops here, as one line (exit 2)
+    # Bad settings stop here, before trio starts, as one line (exit status 2).
+    prepare_data_dir(settings.data_dir)
+    agents = None if settings.agent_url else load_agents(settings)
     setup_logging(settings.log_level)
-    trio.run(run_until_signal, settings)
+    trio.run(run_until_signal, settings, agents)
     return 0
