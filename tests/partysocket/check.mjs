@@ -45,7 +45,7 @@ function ensureInstalled() {
   if (missing.length === 0) return;
   process.stderr.write(`installing ${missing.join(", ")} with npm ...\n`);
   const result = spawnSync("npm", ["install", "--no-audit", "--no-fund", "--loglevel=error"], {
-    cwd: here, stdio: ["ignore", "inherit", "inherit"], timeout: 180000,
+    cwd: here, stdio: ["ignore", 2, 2], timeout: 180000,  // npm's output to stderr: stdout is for events
   });
   if (result.status !== 0) {
     const why = result.error ? result.error.message : `npm exited with ${result.status}`;

@@ -1,0 +1,104 @@
+"""The published ``partysocket`` npm client against ``atlas serve`` (a subprocess), through
+``tests/partysocket/check.mjs``: ready, a streamed reply, a server restart on the same port that
+partysocket survives by reconnecting, and a message sent while disconnected that it delivers
+after. The script prints one JSON event per line; this test restarts the server on cue."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from servers import WAIT, add_user, start_atlas_process
+
+HERE = Path(__file__).parent / "partysocket"
+NODE = shutil.which("node")
+pytestmark = pytest.mark.skipif(NODE is None, reason="node is not installed")
+NOT_INSTALLED = 3  # check.mjs: partysocket/ws could not be installed (no registry)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Events:
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self.stream = stream
+        self.buffer = b""
+        self.seen: list[dict[str, Any]] = []
+
+    async def next(self, name: str) -> dict[str, Any]:
+        """The next event called ``name`` (others are kept in ``seen``)."""
+        while True:
+            while b"\n" in self.buffer:
+                line, _, self.buffer = self.buffer.partition(b"\n")
+                if not line.startswith(b"{"):
+                    continue  # not an event (npm may print while installing)
+                event = json.loads(line)
+                self.seen.append(event)
+                if event["event"] == "failed":
+                    raise AssertionError(f"check.mjs failed: {event['message']}")
+                if event["event"] == "not-installed":
+                    pytest.skip(f"partysocket could not be installed: {event['message']}")
+                if event["event"] == name:
+                    return event
+            data = await self.stream.receive_some(65536)
+            if not data:
+                raise AssertionError(f"check.mjs ended before {name!r}; events: {self.seen}")
+            self.buffer += data
+
+
+async def test_partysocket_streams_and_survives_a_restart(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    token = add_user(data_dir, "alice")
+    bind = f"127.0.0.1:{free_port()}"
+    servers = [await start_atlas_process(data_dir, bind=bind)]
+    node_env = {k: v for k, v in os.environ.items() if not k.startswith("ATLAS_")}
+    process = await trio.lowlevel.open_process(
+        [NODE, str(HERE / "check.mjs"), "--url", servers[0].url, "--user", "alice",
+         "--token", token, "--restart"],
+        cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=node_env,
+    )
+    assert process.stdout is not None
+    events = Events(process.stdout)
+    try:
+        # The first run may have to `npm install` (check.mjs does it), hence the longer wait.
+        with trio.fail_after(WAIT * 12):
+            ready = await events.next("ready")
+        with trio.fail_after(WAIT * 3):
+            assert ready["url"] == servers[0].url.replace("http://", "ws://") + "/parties/main/alice"
+            first = await events.next("done")
+            assert first["deltas"] >= 1 and "hello from partysocket" in first["text"]
+
+            await events.next("waiting-for-restart")
+            assert await trio.to_thread.run_sync(servers[0].terminate) == 0
+            closed = await events.next("closed")
+            assert closed["code"] == 1001  # the server said it was shutting down
+            await events.next("queued")  # sent while disconnected
+            servers.append(await start_atlas_process(data_dir, bind=bind))
+
+            again = await events.next("reconnected")
+            assert again["pk"] == ready["pk"]  # the same partysocket client, reconnected
+            queued = await events.next("done")
+            assert "queued while offline" in queued["text"]
+            await events.next("passed")
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        if process.returncode not in (0, NOT_INSTALLED, None, -9) and process.stderr is not None:
+            with trio.move_on_after(1):
+                print((await process.stderr.receive_some(65536)).decode(errors="replace"))
+        for server in servers:
+            if server.process.poll() is None:
+                server.kill()
