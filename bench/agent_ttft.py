@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import httpx
-import msgspec
 import trio
 
 KEY = "sk-bench"
