@@ -214,3 +214,9 @@ class Store:
 
     def save_room(self, room_id: str, state: RoomState) -> None:
         self._write(self.room_path(room_id), state)
+
+    def delete_room(self, room_id: str) -> None:
+        path = self.room_path(room_id)
+        if path.exists():
+            path.unlink(missing_ok=True)
+            fsync_directory(self.rooms_dir)

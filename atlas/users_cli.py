@@ -58,10 +58,12 @@ def rotate_token(store: Store, user_id: str) -> str:
 
 
 def remove_user(store: Store, user_id: str) -> None:
+    """Delete the user, its token and its room's stored prefs and conversations."""
     user = existing_user(store, user_id)
     store.delete_user(user_id)
     if user.token_hash:
         store.delete_token(user.token_hash)
+    store.delete_room(user_id)
 
 
 def set_key(store: Store, user_id: str, virtual_key: str, provider_url: str | None) -> UserRecord:
@@ -114,7 +116,7 @@ def main(args: argparse.Namespace) -> int:
                     print(f"{listed_id}\tERROR: {exc}")
         elif action == "remove":
             remove_user(store, user_id)
-            print(f"Removed user {user_id}; its token no longer works.")
+            print(f"Removed user {user_id} and its stored room; its token no longer works.")
         elif action == "set-key":
             user = set_key(store, user_id, virtual_key.strip(), checked_provider_url(args.provider_url))
             print(f"Updated user {user_id}: virtual key {mask_key(user.virtual_key)}.")

@@ -89,6 +89,8 @@ async def test_user_changes_apply_to_a_running_server(tmp_path):
         ws_url = server.url.replace("http://", "ws://") + "/party/dave?token="
         async with connect(ws_url + first) as ws:
             await ready(ws)
+            await ws.send_message('{"type": "prefs:set", "prefs": {"x": 1}}')
+            await ws.get_message()
 
         new_key_value = new_key("dave2")
         assert atlas("user", "set-key", "dave", "--virtual-key", new_key_value, *data).returncode == 0
@@ -105,7 +107,9 @@ async def test_user_changes_apply_to_a_running_server(tmp_path):
         async with connect(ws_url + second) as ws:
             await ready(ws)
 
+        assert (data_dir / "rooms" / "dave.json").exists()
         assert atlas("user", "remove", "dave", *data).returncode == 0
+        assert not (data_dir / "rooms" / "dave.json").exists()
         async with connect(ws_url + second) as ws:
             _, code = await closed_with(ws)
             assert code == 4001
