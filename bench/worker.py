@@ -138,6 +138,7 @@ async def proxy(job: dict[str, Any]) -> None:
 async def streams(job: dict[str, Any]) -> None:
     loop = asyncio.get_running_loop()
     delays = array.array("d")
+    stamps = array.array("d")
     counts = {"deltas": 0, "done": 0, "errors": 0}
     spec = job["spec"]
     finished = asyncio.Event()
@@ -156,7 +157,9 @@ async def streams(job: dict[str, Any]) -> None:
             kind = message.get("type")
             if kind == "agent:delta":
                 for stamp in STAMP.findall(message["text"].encode()):
-                    delays.append(t - float(stamp))
+                    sent = float(stamp)
+                    delays.append(t - sent)
+                    stamps.append(sent)
                     counts["deltas"] += 1
             elif kind == "agent:done":
                 done_one()
@@ -190,7 +193,9 @@ async def streams(job: dict[str, Any]) -> None:
 
         def on_stamps(data: bytes, t: float) -> None:
             for stamp in STAMP.findall(data):
-                delays.append(t - float(stamp))
+                sent = float(stamp)
+                delays.append(t - sent)
+                stamps.append(sent)
                 counts["deltas"] += 1
 
         sockets = []
@@ -216,8 +221,8 @@ async def streams(job: dict[str, Any]) -> None:
             ws.close()
         elif ws.transport is not None:
             ws.transport.close()
-    micros = sorted(int(d * 1e6) for d in delays)
-    emit("result", delays_us=micros, deltas=counts["deltas"], done=counts["done"], errors=counts["errors"],
+    # (when the provider sent it, relative to the start, in ms; its delay in us), in arrival order
+    emit("result", sent_ms=[round((s - start) * 1000, 2) for s in stamps], delays_us=[int(d * 1e6) for d in delays], deltas=counts["deltas"], done=counts["done"], errors=counts["errors"],
          error_samples=error_samples, streams=total)
 
 
