@@ -25,6 +25,16 @@ class BenchError(Exception):
     pass
 
 
+# ``--priority``: nice value for every process the bench starts (root may go below 0), so that other
+# work on a shared machine disturbs the measurement less.
+NICE: int | None = None
+
+
+def _child_setup() -> None:
+    if NICE is not None:
+        os.setpriority(os.PRIO_PROCESS, 0, NICE)
+
+
 def raise_fd_limit() -> int:
     """Soft open-files limit up to the hard one; children inherit it."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -70,7 +80,7 @@ class Proc:
             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE if stderr_lines else self._log,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=_child_setup if NICE is not None else None,
         )
         self.started = time.monotonic()
         threading.Thread(target=self._pump, args=(self.popen.stdout, self.lines), daemon=True).start()

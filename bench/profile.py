@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 class Profiler:
-    def __init__(self, pid: int, out: Path, rate: int = 100) -> None:
+    def __init__(self, pid: int, out: Path, rate: int = 400) -> None:
         self.out = out
         self.proc: subprocess.Popen[bytes] | None = None
         exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
