@@ -79,18 +79,33 @@ class Connection:
         buffer.parts.append(text)
         if not buffer.queued:
             buffer.queued = True
-            await self.send(buffer)  # type: ignore[arg-type]
+            # The hot path of a stream: queue without a schedule point when there is room (the
+            # caller's next provider read yields anyway); wait for room like ``send`` otherwise.
+            try:
+                self._outbox_send.send_nowait(buffer)  # type: ignore[arg-type]
+            except trio.WouldBlock:
+                await self.send(buffer)  # type: ignore[arg-type]
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                pass
 
     async def serve_writer(self, write: Callable[[str], Awaitable[None]]) -> None:
-        """Write the outbox to the socket until the connection ends."""
+        """Write the outbox to the socket until the connection ends.
+
+        Each wake-up writes everything queued by then. A send to a socket that is already gone
+        returns without a checkpoint, but the writer cannot spin: draining stops once the outbox
+        is empty (at most ``OUTBOX_SIZE`` frames, and nothing refills it without a schedule
+        point), and every ``receive`` of the ``async for`` is a schedule point."""
+        receive_nowait = self._outbox_receive.receive_nowait
         async with self._outbox_receive:
             async for item in self._outbox_receive:
-                frame = item.take_frame() if isinstance(item, DeltaBuffer) else item
-                if frame is not None:
-                    await write(frame)
-                # A send to a socket that is already gone returns without a checkpoint; without
-                # this one a busy writer would starve the whole server.
-                await trio.lowlevel.checkpoint()
+                while True:
+                    frame = item.take_frame() if isinstance(item, DeltaBuffer) else item
+                    if frame is not None:
+                        await write(frame)
+                    try:
+                        item = receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
 
     # Closing
 
