@@ -1,6 +1,6 @@
 """``--profile``: py-spy records the Atlas process during a measured phase (if py-spy is installed).
 
-Writes collapsed stacks (``profile-*.txt``, for flamegraph.pl or speedscope) and a summary of the
+Samples only the thread holding the GIL (so waiting threads and epoll do not count as work). Writes collapsed stacks (``profile-*.txt``, for flamegraph.pl or speedscope) and a summary of the
 hottest functions by own time and by inclusive time.
 """
 
@@ -23,7 +23,7 @@ class Profiler:
             print("profile skipped: py-spy is not installed (pip install py-spy)", file=sys.stderr)
             return
         self.proc = subprocess.Popen(
-            [exe, "record", "-p", str(pid), "-o", str(out), "-f", "raw", "-r", str(rate)],
+            [exe, "record", "-p", str(pid), "-o", str(out), "-f", "raw", "-r", str(rate), "--gil"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
 

@@ -43,6 +43,9 @@ class Plan:
     stream_deltas: int
     stream_rate: float
     stream_clients: int
+    stream_ramp: float  # seconds over which the streams' starts are spread
+    stream_bisect: int  # bisection steps below the first failing level
+    stream_step: int  # granularity of the bisection
     idle_connections: int
     idle_users: int
     idle_clients: int
@@ -52,10 +55,10 @@ class Plan:
 
 
 QUICK = Plan("quick", sequential=100, warmup=10, stream_levels=(100, 300, 500), stream_deltas=45,
-             stream_rate=30, stream_clients=2, idle_connections=1000, idle_users=200, idle_clients=2,
+             stream_rate=30, stream_clients=2, stream_ramp=0.5, stream_bisect=1, stream_step=50, idle_connections=1000, idle_users=200, idle_clients=2,
              pings=300, store_users=10_000, cold_samples=100)
 FULL = Plan("full", sequential=200, warmup=20, stream_levels=(250, 500, 750, 1000), stream_deltas=200,
-            stream_rate=30, stream_clients=2, idle_connections=10_000, idle_users=2000, idle_clients=4,
+            stream_rate=30, stream_clients=2, stream_ramp=1.0, stream_bisect=3, stream_step=25, idle_connections=10_000, idle_users=2000, idle_clients=4,
             pings=1000, store_users=100_000, cold_samples=200)
 
 # Targets (issue 5), all on this 2-core machine with one Atlas process.
@@ -239,9 +242,10 @@ class Bench:
         per_client: list[list[Any]] = [[] for _ in range(plan.stream_clients)]
         for i in range(streams):
             user, token = self.pairs[i]
-            # Phases spread over one period: the streams do not all tick at the same instant.
-            per_client[i % plan.stream_clients].append([user, token, i / streams * period])
-        timeout = plan.stream_deltas / plan.stream_rate + 30
+            # Starts spread over the ramp (and so over every phase of the delta period): N streams
+            # arriving within a few milliseconds is a thundering herd, not N concurrent streams.
+            per_client[i % plan.stream_clients].append([user, token, i / streams * max(period, plan.stream_ramp)])
+        timeout = plan.stream_deltas / plan.stream_rate + plan.stream_ramp + 30
         procs = [self.worker(f"client-streams-{mode}-{streams}-{k}", {
             "kind": "streams", "mode": mode, "url": url, "provider": self.provider_url, "spec": spec,
             "streams": chunk, "timeout": timeout, "deadline": timeout + 150,
@@ -291,7 +295,7 @@ class Bench:
         atlas, url, _ = self.start_atlas(self.data_dir(), "streams")
         levels = []
         try:
-            for n in plan.stream_levels:
+            def measure(n: int) -> bool:
                 progress(f"streaming: {n} streams through Atlas, {plan.stream_deltas} deltas each at {plan.stream_rate:g}/s")
                 level = self.stream_level("atlas", url, n, atlas.pid)
                 levels.append(level)
@@ -302,13 +306,30 @@ class Bench:
                     f"other processes used {level['others_cpu_share']:.0%} of the machine"
                     + (f" {level['error_samples'][:1]}" if level["error_samples"] else "")
                 )
-                if not level["ok"]:
+                return level["ok"]
+
+            low, high = 0, None
+            for n in plan.stream_levels:
+                if not measure(n):
+                    high = n
                     break
+                low = n
+            # Below the first failing level: a few bisection steps, so a miss still says how far.
+            for _ in range(plan.stream_bisect):
+                if high is None or high - low <= plan.stream_step:
+                    break
+                n = max(plan.stream_step, (low + high) // 2 // plan.stream_step * plan.stream_step)
+                if n <= low or n >= high:
+                    break
+                if measure(n):
+                    low = n
+                else:
+                    high = n
         finally:
             atlas.stop()
         passing = [lv for lv in levels if lv["ok"]]
         capacity = max((lv["streams"] for lv in passing), default=0)
-        all_passed = len(passing) == len(plan.stream_levels)
+        all_passed = all(lv["ok"] for lv in levels) and capacity == max(plan.stream_levels)
         self.data["streaming"] = {"direct": direct, "levels": levels, "capacity": capacity,
                                   "capacity_is_lower_bound": all_passed}
         at_target = next((lv for lv in levels if lv["streams"] == base_n), None)
@@ -325,7 +346,7 @@ class Bench:
                 f"{direct['delay_ms']['p99']:.1f} ms", f"{added:+.1f} ms", f"<= {STREAM_DELAY_P99_MS:g} ms",
                 at_target["delay_ms"]["p99"] <= STREAM_DELAY_P99_MS,
             ))
-        cpu_level = at_target if at_target is not None else (levels[-1] if levels else None)
+        cpu_level = at_target if at_target is not None else max(levels, key=lambda lv: lv["streams"], default=None)
         if cpu_level is not None and cpu_level["cpu_us_per_delta"] is not None:
             provider_us = cpu_level["provider_cpu_s"] / max(1, cpu_level["deltas"]) * 1e6
             value = cpu_level["cpu_us_per_delta"]
