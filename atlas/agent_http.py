@@ -82,10 +82,7 @@ class AgentApp:
         self.max_body = settings.max_message_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
-            return
-        if scope["type"] != "http":
+        if scope["type"] != "http":  # lifespan is answered by serve_asgi
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1000})
             return
@@ -228,16 +225,6 @@ async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope, gone:
         if message["type"] == "http.disconnect":
             gone.set()
             scope.cancel()
-            return
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
             return
 
 

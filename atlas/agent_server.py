@@ -16,6 +16,7 @@ from .agents_config import load_agents
 from .config import Settings
 from .devprovider import serve_dev_provider
 from .http_server import serve_asgi
+from .logs import setup_logging
 
 log = logging.getLogger("atlas.agent")
 
@@ -55,15 +56,6 @@ async def serve_agent(
         nursery.cancel_scope.cancel()  # the server has stopped: stop the dev provider too
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level, stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if level != "DEBUG":  # one line per provider call is noise at INFO
-        logging.getLogger("httpx").setLevel(logging.WARNING)
-
-
 async def run(settings: Settings) -> None:
     stop = trio.Event()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -83,18 +75,5 @@ def main(args: Any) -> int:
     settings: Settings = args.settings
     setup_logging(settings.log_level)
     load_agents(settings)  # a bad agents file stops here, as one line from the CLI
-    try:
-        trio.run(run, settings)
-    except BaseExceptionGroup as group:
-        os_errors, rest = group.split(OSError)
-        if os_errors is None or rest is not None:
-            raise
-        exc = _first_leaf(os_errors)
-        print(f"atlas: cannot serve on {settings.bind}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+    trio.run(run, settings)
     return 0
-
-
-def _first_leaf(group: BaseExceptionGroup) -> Any:
-    first = group.exceptions[0]
-    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first

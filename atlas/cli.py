@@ -107,6 +107,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BaseExceptionGroup as group:
+        # A server that cannot listen (port in use, address not available) fails inside trio.
+        os_errors, rest = group.split(OSError)
+        if os_errors is None or rest is not None:
+            raise
+        error = first_leaf(os_errors)
+        bind = getattr(getattr(args, "settings", None), "bind", "the bind address")
+        print(f"atlas: cannot listen on {bind}: {error.strerror or error}", file=sys.stderr)
+        return 1
+
+
+def first_leaf(group: BaseExceptionGroup) -> BaseException:
+    first = group.exceptions[0]
+    return first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 if __name__ == "__main__":

@@ -154,3 +154,18 @@ async def test_first_run_creates_demo_user_once_and_prints_three_ways_in(tmp_pat
         assert "--token" not in again.stdout()
     finally:
         again.terminate()
+
+
+@pytest.mark.parametrize("command", ["serve", "agent"])
+def test_port_in_use_is_one_line_not_a_traceback(tmp_path, command):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        bind = "127.0.0.1:%d" % taken.getsockname()[1]
+        result = atlas(command, "--bind", bind, "--data-dir", str(tmp_path / "data"),
+                       "--provider-url", "http://127.0.0.1:9/v1")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == f"atlas: cannot listen on {bind}: Address already in use"
+    assert "Traceback" not in result.stderr

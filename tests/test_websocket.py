@@ -9,7 +9,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
-from servers import connect, open_atlas, ready, receive_json, receive_until, send_json
+from servers import connect, open_atlas, ready, receive_json, send_json
 
 
 async def closed_with(ws, timeout: float = 10.0) -> tuple[list[dict], int]:
