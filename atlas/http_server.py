@@ -21,6 +21,17 @@ ASGIApp = Callable[[dict[str, Any], Callable[..., Awaitable[Any]], Callable[...,
 log = logging.getLogger("atlas.http")
 
 
+class _NoRunningOnLines(logging.Filter):
+    """Hypercorn announces every listener ("Running on ... CTRL + C to quit"), internal ones
+    included; Atlas says itself what it listens on, in its own words."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Running on ")
+
+
+log.addFilter(_NoRunningOnLines())
+
+
 def hypercorn_config(
     bind: Bind, *, max_message_bytes: int = 1024 * 1024, graceful_seconds: float = 5.0
 ) -> Config:
