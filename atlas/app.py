@@ -99,6 +99,9 @@ def query_param(scope: dict[str, Any], name: str) -> str | None:
 
 
 async def party_http(services: Services, room_id: str, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if services.shutting_down:
+        await send_error(send, 503, "shutting_down", "the server is shutting down")
+        return
     requested = query_param(scope, "proxy")
     if requested is None and scope["method"] not in ("GET", "HEAD"):
         await send_error(send, 405, "method_not_allowed", "use GET for the room status, or ?proxy=/agents/...")

@@ -224,6 +224,9 @@ class RoomRegistry:
     def connections(self) -> list[Connection]:
         return [connection for room in self.rooms.values() for connection in room.connections]
 
+    def busy(self) -> bool:
+        return any(room.busy for room in self.rooms.values())
+
     def close_all(self, code: int, reason: str) -> None:
         for connection in self.connections():
             connection.close(code, reason)

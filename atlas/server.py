@@ -37,6 +37,7 @@ log = logging.getLogger("atlas.server")
 
 DEMO_USER = "demo"
 DEMO_KEY = "dev-demo-key"
+LEFTOVER_GRACE_SECONDS = 0.5
 
 
 async def serve_atlas(
@@ -100,7 +101,9 @@ async def serve_atlas(
                 serve_asgi, build_app(services), settings.bind,
                 shutdown_trigger=stop_listening.wait,
                 max_message_bytes=settings.max_message_bytes,
-                graceful_seconds=settings.shutdown_seconds, app_handles_lifespan=True,
+                # Atlas drains its own work (below) before Hypercorn stops; what is left then is
+                # idle keep-alive connections, which need no long grace.
+                graceful_seconds=LEFTOVER_GRACE_SECONDS, app_handles_lifespan=True,
             ))
             log.info("Atlas listening on %s (data directory %s)", url, store.data_dir)
             if settings.provider_url is None and settings.auth_url is None and not store.has_users():
@@ -111,7 +114,8 @@ async def serve_atlas(
             services.shutting_down = True
             rooms.close_all(CLOSE_GOING_AWAY, "server shutting down")
             with trio.move_on_after(settings.shutdown_seconds):
-                while rooms.connections():
+                # WebSockets leave at once; proxied HTTP requests hold their room until done.
+                while rooms.connections() or rooms.busy():
                     await trio.sleep(0.01)
             stop_listening.set()
         background.cancel_scope.cancel()

@@ -12,6 +12,7 @@ from functools import partial
 import httpx
 import pytest
 import trio
+import trio.testing
 
 from atlas.agent_server import serve_agent
 from atlas.config import Settings, parse_bind
@@ -284,3 +285,29 @@ async def test_conversation_history_is_durable_and_sent_to_the_agent(tmp_path, l
         messages = gw.provider.requests[-1].body["messages"]
         contents = [m["content"] for m in messages if m["role"] != "system"]
         assert contents == ["My name is Ann.", "Hello, world", "What is my name?"]
+
+
+async def test_shutdown_lets_a_proxied_stream_finish_and_refuses_new_requests(tmp_path):
+    async with open_gateway(tmp_path, "in-process") as gw:
+        gate = trio.Event()
+        gw.provider.behaviour = Reply(deltas=["before", " after"], gate=gate, hold_after=1)
+        events = []
+        async with httpx.AsyncClient(timeout=10) as client:
+            async with client.stream(
+                "POST", gw.proxy_url("alice", "/agents/atlas-assistant/stream"),
+                headers=gw.auth_header("alice"), json={"input": "go"},
+            ) as response:
+                with trio.fail_after(10):
+                    async for line in response.aiter_lines():
+                        if line.startswith("data: "):
+                            events.append(json.loads(line[6:]))
+                            if events[-1].get("text") == "before":
+                                gw.atlas.shutdown.set()
+                                await trio.testing.wait_all_tasks_blocked()
+                                refused = await client.get(
+                                    gw.proxy_url("alice", "/agents"), headers=gw.auth_header("alice"))
+                                assert refused.status_code == 503
+                                assert refused.json()["error"]["code"] == "shutting_down"
+                                gate.set()
+    assert events[-1]["type"] == "finish"
+    assert "".join(e["text"] for e in events if e["type"] == "text-delta") == "before after"
