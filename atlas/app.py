@@ -24,14 +24,14 @@ import msgspec
 from quart import Response
 from quart_trio import QuartTrio
 
-from .auth import AuthError, Identity, TokenVerifier, builtin_me_app, token_from_scope
+from .auth import STORE_UNREADABLE, AccessDenied, TokenVerifier, admit, builtin_me_app
 from .config import Settings
 from .proxy import (
     ProxyRefused, agent_path, forwarded_headers, proxy_in_process, proxy_remote,
 )
 from .relay import Relay
 from .rooms import RoomRegistry
-from .store import Store, StoreError, is_valid_user_id, mask_key
+from .store import Store, StoreError, mask_key
 from .ws import websocket_endpoint
 
 log = logging.getLogger("atlas.app")
@@ -74,21 +74,9 @@ def room_id_of(path: str) -> str | None:
     return None
 
 
-async def authorize(services: Services, room_id: str, scope: dict[str, Any], send: Any) -> Identity | None:
-    """The room's user, or None after an error response (400/401/403/503) has been sent."""
-    if not is_valid_user_id(room_id):
-        await send_error(send, 400, "bad_room_id", "room ids are 1-128 of A-Z a-z 0-9 . _ @ -")
-        return None
-    try:
-        identity = await services.verifier.verify(token_from_scope(scope))
-    except AuthError as exc:
-        headers = [(b"www-authenticate", b"Bearer")] if exc.status == 401 else []
-        await send_json(send, exc.status, {"error": {"code": exc.code, "message": str(exc)}}, headers)
-        return None
-    if identity.id != room_id:
-        await send_error(send, 403, "forbidden", "this token belongs to another user's room")
-        return None
-    return identity
+async def send_denied(send: Any, denied: AccessDenied) -> None:
+    headers = [(b"www-authenticate", b"Bearer")] if denied.status == 401 else []
+    await send_json(send, denied.status, {"error": {"code": denied.code, "message": denied.message}}, headers)
 
 
 def query_param(scope: dict[str, Any], name: str) -> str | None:
@@ -99,15 +87,14 @@ def query_param(scope: dict[str, Any], name: str) -> str | None:
 
 
 async def party_http(services: Services, room_id: str, scope: dict[str, Any], receive: Any, send: Any) -> None:
-    if services.shutting_down:
-        await send_error(send, 503, "shutting_down", "the server is shutting down")
-        return
     requested = query_param(scope, "proxy")
     if requested is None and scope["method"] not in ("GET", "HEAD"):
         await send_error(send, 405, "method_not_allowed", "use GET for the room status, or ?proxy=/agents/...")
         return
-    identity = await authorize(services, room_id, scope, send)
-    if identity is None:
+    try:
+        identity = await admit(services.verifier, room_id, scope, shutting_down=services.shutting_down)
+    except AccessDenied as denied:
+        await send_denied(send, denied)
         return
     path = None
     if requested is not None:
@@ -140,7 +127,7 @@ async def party_http(services: Services, room_id: str, scope: dict[str, Any], re
                 if not sent:
                     await send_error(send, 502, "agent_unavailable", "the agent cannot be reached")
     except StoreError:
-        await send_error(send, 500, "internal", "this room's stored state is unreadable; the server log names the file")
+        await send_denied(send, STORE_UNREADABLE)
 
 
 def build_pages_app(services: Services) -> QuartTrio:

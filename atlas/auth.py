@@ -9,6 +9,9 @@ Errors:
     AuthError
     ├── Unauthorized      401 / WebSocket 4001: missing, unknown or revoked token
     └── AuthUnavailable   503 / WebSocket 1011: the auth API is down, slow or answers nonsense
+
+``admit`` is the one door to a room, for WebSocket and HTTP alike: it raises ``AccessDenied``
+carrying both the HTTP status and the WebSocket close code of the refusal.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import msgspec
 import trio
 
 from .config import Settings
-from .store import Store, StoreError, hash_token
+from .store import Store, StoreError, hash_token, is_valid_user_id
 
 log = logging.getLogger("atlas.auth")
 
@@ -48,6 +51,23 @@ class Unauthorized(AuthError):
 class AuthUnavailable(AuthError):
     code = "auth_unavailable"
     status = 503
+
+
+class AccessDenied(Exception):
+    """A request may not use a room. ``code``/``message`` go to the client in the error body."""
+
+    def __init__(self, code: str, message: str, *, status: int, close_code: int) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+        self.close_code = close_code
+
+
+STORE_UNREADABLE = AccessDenied(
+    "internal", "this room's stored state is unreadable; the server log names the file",
+    status=500, close_code=1011,
+)
 
 
 class Identity(msgspec.Struct, rename="camel", frozen=True, omit_defaults=True):
@@ -75,6 +95,29 @@ def token_from_scope(scope: dict[str, Any]) -> str | None:
             if key == "token" and value:
                 return value
     return None
+
+
+async def admit(
+    verifier: TokenVerifier, room_id: str, scope: dict[str, Any], *, shutting_down: bool
+) -> Identity:
+    """The identity of the room's user, if this request's token belongs to it."""
+    if shutting_down:
+        raise AccessDenied("shutting_down", "the server is shutting down", status=503, close_code=1001)
+    if not is_valid_user_id(room_id):
+        raise AccessDenied(
+            "bad_room_id", "room ids are 1-128 of A-Z a-z 0-9 . _ @ -", status=400, close_code=4400
+        )
+    try:
+        identity = await verifier.verify(token_from_scope(scope))
+    except Unauthorized as exc:
+        raise AccessDenied(exc.code, str(exc), status=401, close_code=4001) from None
+    except AuthUnavailable as exc:
+        raise AccessDenied(exc.code, str(exc), status=503, close_code=1011) from None
+    if identity.id != room_id:
+        raise AccessDenied(
+            "forbidden", "this token belongs to another user's room", status=403, close_code=4003
+        )
+    return identity
 
 
 def lookup_builtin_user(store: Store, token: str) -> Identity | None:

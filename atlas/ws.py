@@ -17,14 +17,13 @@ from urllib.parse import parse_qsl
 
 import trio
 
-from .auth import AuthUnavailable, Unauthorized, token_from_scope
+from .auth import STORE_UNREADABLE, AccessDenied, admit
 from .connection import Connection
 from .protocol import (
-    CLOSE_BAD_ROOM, CLOSE_FORBIDDEN, CLOSE_GOING_AWAY, CLOSE_INTERNAL, CLOSE_UNAUTHORIZED,
     AgentCancel, AgentStream, Broadcast, BroadcastMessage, Ping, Pong, PrefsGet, PrefsMessage,
     PrefsSet, ProtocolError, Ready, decode_client_message, encode, error_frame,
 )
-from .store import StoreError, is_valid_user_id
+from .store import StoreError
 
 if TYPE_CHECKING:
     from .app import Services
@@ -53,38 +52,24 @@ async def websocket_endpoint(
         return
     await send({"type": "websocket.accept"})
 
-    async def reject(close_code: int, error_code: str, message: str) -> None:
-        await send({"type": "websocket.send", "text": error_frame(error_code, message)})
-        await send({"type": "websocket.close", "code": close_code, "reason": message[:120]})
+    async def reject(denied: AccessDenied) -> None:
+        await send({"type": "websocket.send", "text": error_frame(denied.code, denied.message)})
+        await send({"type": "websocket.close", "code": denied.close_code, "reason": denied.message[:120]})
 
-    if services.shutting_down:
-        await reject(CLOSE_GOING_AWAY, "shutting_down", "the server is shutting down")
-        return
-    if not is_valid_user_id(room_id):
-        await reject(CLOSE_BAD_ROOM, "bad_room_id", "room ids are 1-128 of A-Z a-z 0-9 . _ @ -")
-        return
     try:
-        identity = await services.verifier.verify(token_from_scope(scope))
-    except Unauthorized as exc:
-        await reject(CLOSE_UNAUTHORIZED, exc.code, str(exc))
+        identity = await admit(
+            services.verifier, room_id, scope, shutting_down=services.shutting_down
+        )
+    except AccessDenied as denied:
+        await reject(denied)
         return
-    except AuthUnavailable as exc:
-        await reject(CLOSE_INTERNAL, exc.code, str(exc))
-        return
-    if identity.id != room_id:
-        await reject(CLOSE_FORBIDDEN, "forbidden", "this token belongs to another user's room")
-        return
-
     connection = Connection(connection_id_from_scope(scope))
     try:
         async with services.rooms.open_room(room_id) as room:
             room.set_identity(identity)
             await serve_connection(services, room, connection, receive, send)
     except StoreError:
-        await reject(
-            CLOSE_INTERNAL, "internal",
-            "this room's stored state is unreadable; the server log names the file",
-        )
+        await reject(STORE_UNREADABLE)
         return
     if connection.close_code is not None:
         with trio.move_on_after(CLOSE_WAIT_SECONDS) as scope_:

@@ -32,6 +32,7 @@ async def test_room_status_needs_the_rooms_token_and_masks_the_key(tmp_path):
             no_token = await client.get("/party/alice")
             other = await client.get("/party/alice", headers={"Authorization": f"Bearer {bob}"})
             bad_room = await client.get("/party/bad room", headers={"Authorization": f"Bearer {alice}"})
+            post = await client.post("/party/alice", headers={"Authorization": f"Bearer {alice}"})
     assert ok.status_code == 200 and by_query.status_code == 200
     body = ok.json()
     assert body["roomId"] == "alice" and body["userId"] == "alice" and body["credentials"] is True
@@ -41,6 +42,7 @@ async def test_room_status_needs_the_rooms_token_and_masks_the_key(tmp_path):
     assert no_token.status_code == 401 and no_token.json()["error"]["code"] == "unauthorized"
     assert other.status_code == 403 and other.json()["error"]["code"] == "forbidden"
     assert bad_room.status_code == 400 and bad_room.json()["error"]["code"] == "bad_room_id"
+    assert post.status_code == 405 and post.json()["error"]["code"] == "method_not_allowed"
 
 
 async def test_external_auth_api(tmp_path):
