@@ -139,6 +139,10 @@ class Relay:
                 await connection.send(error_frame("cancelled", "the request was cancelled", request_id))
         except AgentError as exc:
             await connection.send(encode_agent_error(request_id, exc))
+        except Exception:
+            # A bug or a failed write (disk full): the request fails, its room and connection live.
+            log.exception("agent request %s in room %s failed", request_id, room.id)
+            await connection.send(error_frame("internal", "internal error; see the server log", request_id))
         finally:
             connection.requests.pop(request_id, None)
 

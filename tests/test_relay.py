@@ -311,3 +311,21 @@ async def test_shutdown_lets_a_proxied_stream_finish_and_refuses_new_requests(tm
                                 gate.set()
     assert events[-1]["type"] == "finish"
     assert "".join(e["text"] for e in events if e["type"] == "text-delta") == "before after"
+
+
+async def test_a_failed_history_write_is_an_internal_error_and_the_room_lives_on(tmp_path):
+    async with open_gateway(tmp_path, "in-process") as gw:
+        async with connect(gw.ws_url("alice")) as ws:
+            await ready(ws)
+            blocker = gw.atlas.data_dir / "rooms" / "alice.json"
+            blocker.mkdir()  # renaming the new file over a directory fails, as a full disk would
+            try:
+                await send_json(ws, {"type": "agent:text", "message": "x", "conversationId": "c", "id": "w"})
+                error = await receive_json(ws)
+                assert error["type"] == "agent:error" and error["id"] == "w"
+                assert error["error"]["code"] == "internal"
+            finally:
+                blocker.rmdir()
+            await send_json(ws, {"type": "agent:text", "message": "x", "conversationId": "c", "id": "ok"})
+            done = await receive_json(ws)
+            assert done["type"] == "agent:done" and done["id"] == "ok"
