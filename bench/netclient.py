@@ -13,6 +13,7 @@ import asyncio
 import base64
 import os
 import time
+import zlib
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -43,10 +44,14 @@ class WebSocket(asyncio.Protocol):
     (decoded JSON, receive time from ``time.monotonic()``), or to ``self.queue`` when no callback
     is set."""
 
-    def __init__(self, path: str, host: str, on_message: Callable[[Any, float], None] | None = None) -> None:
+    def __init__(self, path: str, host: str, on_message: Callable[[Any, float], None] | None = None,
+                 deflate: bool = False) -> None:
         self.path = path
         self.host = host
         self.on_message = on_message
+        # Offer permessage-deflate the way browsers do; server frames with RSV1 are inflated.
+        self.deflate = deflate
+        self.inflater: Any = None
         self.queue: asyncio.Queue[tuple[Any, float]] = asyncio.Queue()
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
@@ -57,10 +62,12 @@ class WebSocket(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         key = base64.b64encode(os.urandom(16)).decode()
-        transport.write(  # type: ignore[attr-defined]
+        extensions = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n" if self.deflate else ""
+        transport.write((  # type: ignore[attr-defined]
             f"GET {self.path} HTTP/1.1\r\nHost: {self.host}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-        )
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            f"{extensions}\r\n"
+        ).encode())
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.handshaken.done():
@@ -77,6 +84,8 @@ class WebSocket(asyncio.Protocol):
             if end < 0:
                 return
             status = bytes(buffer[:12])
+            if b"permessage-deflate" in bytes(buffer[:end]).lower():
+                self.inflater = zlib.decompressobj(-15)
             del buffer[:end + 4]
             if not status.startswith(b"HTTP/1.1 101"):
                 self.handshaken.set_exception(HandshakeError(status.decode("latin-1")))
@@ -103,6 +112,8 @@ class WebSocket(asyncio.Protocol):
                 break
             opcode = b0 & 0x0F
             payload = bytes(buffer[start:end])
+            if b0 & 0x40 and self.inflater is not None:
+                payload = self.inflater.decompress(payload + b"\x00\x00\xff\xff")
             pos = end
             if opcode == 1:
                 message = _decode(payload)
@@ -131,14 +142,15 @@ class WebSocket(asyncio.Protocol):
 
 
 async def open_websocket(
-    url: str, on_message: Callable[[Any, float], None] | None = None, timeout: float = 10.0
+    url: str, on_message: Callable[[Any, float], None] | None = None, timeout: float = 10.0,
+    deflate: bool = False,
 ) -> WebSocket:
     """Connect to ``ws://host:port/path?query`` and finish the handshake."""
     parts = urlsplit(url)
     path = parts.path + (f"?{parts.query}" if parts.query else "")
     loop = asyncio.get_running_loop()
     _, ws = await asyncio.wait_for(
-        loop.create_connection(lambda: WebSocket(path, parts.netloc, on_message), parts.hostname, parts.port),
+        loop.create_connection(lambda: WebSocket(path, parts.netloc, on_message, deflate), parts.hostname, parts.port),
         timeout,
     )
     await asyncio.wait_for(ws.handshaken, timeout)

@@ -355,7 +355,7 @@ class Bench:
                 f"provider {provider_us:.1f} us", "-", f"<= {CPU_PER_DELTA_US:g} us", value <= CPU_PER_DELTA_US,
             ))
 
-    def idle_run(self, label: str, url: str, pid: int, with_users: bool) -> dict[str, Any]:
+    def idle_run(self, label: str, url: str, pid: int, with_users: bool, deflate: bool = False) -> dict[str, Any]:
         plan = self.plan
         targets: list[list[Any]] = []
         per_user = plan.idle_connections // plan.idle_users
@@ -371,7 +371,7 @@ class Bench:
         cpu0 = cpu_seconds(pid)
         t = time.monotonic()
         procs = [self.worker(f"client-idle-{label}-{k}", {
-            "kind": "idle", "url": url, "targets": chunk, "concurrency": 32, "deadline": 900,
+            "kind": "idle", "url": url, "targets": chunk, "concurrency": 32, "deadline": 900, "deflate": deflate,
         }) for k, chunk in enumerate(chunks)]
         try:
             connected = [proc.event(600) for proc in procs]
@@ -405,35 +405,43 @@ class Bench:
 
     def idle(self) -> None:
         plan = self.plan
-        progress(f"idle: baseline, {plan.idle_connections:,} connections to a bare Hypercorn WebSocket app")
-        echo = Proc("echo", python_module("bench.echo"), self.log_dir)
-        try:
-            echo_url = echo.wait_line("ECHO ", 30).split()[1].replace("http://", "ws://") + "/"
-            base = self.idle_run("echo", echo_url, echo.pid, with_users=False)
-        finally:
-            echo.stop()
-        progress(f"idle: {plan.idle_connections:,} connections over {plan.idle_users:,} users through Atlas")
-        atlas, url, _ = self.start_atlas(self.data_dir(), "idle")
-        try:
-            result = self.idle_run("atlas", url, atlas.pid, with_users=True)
-        finally:
-            atlas.stop()
-        self.samples["idle ping round trip"] = {"Atlas": result.pop("_rtts"), "bare Hypercorn": base.pop("_rtts")}
-        self.data["idle"] = {"atlas": result, "baseline_bare_hypercorn": base}
-        complete = result["connections"] == plan.idle_connections
-        kib, kib0 = result["kib_per_connection"], base["kib_per_connection"]
-        self.rows.append(Row(
-            "idle users", f"server memory per connection ({result['connections']:,} conns)", f"{kib:.1f} KiB",
-            f"{kib0:.1f} KiB bare", f"{kib - kib0:+.1f} KiB", f"<= {IDLE_KIB_PER_CONN:g} KiB",
-            kib <= IDLE_KIB_PER_CONN and complete,
-        ))
-        p99, p99b = result["ping_ms"]["p99"], base["ping_ms"]["p99"]
-        self.rows.append(Row(
-            "idle users", "ping round trip p99 under that load", f"{p99:.2f} ms", f"{p99b:.2f} ms bare",
-            f"{p99 - p99b:+.2f} ms", f"<= {IDLE_PING_P99_MS:g} ms",
-            p99 <= IDLE_PING_P99_MS and complete and result["alive_after_pings"] == result["connections"],
-        ))
-        progress(f"idle: {kib:.1f} KiB/connection (bare {kib0:.1f}), ping p99 {p99:.2f} ms (bare {p99b:.2f})")
+        results: dict[str, dict[str, Any]] = {}
+        # Plain clients (like the bench's and atlas chat's), then browser-like ones that offer
+        # permessage-deflate, as every browser does: Hypercorn then keeps zlib state per connection.
+        for deflate in (False, True):
+            kind = "browser-like" if deflate else "plain"
+            progress(f"idle ({kind} clients): baseline, {plan.idle_connections:,} connections to a bare Hypercorn WebSocket app")
+            echo = Proc(f"echo-{kind}", python_module("bench.echo"), self.log_dir)
+            try:
+                echo_url = echo.wait_line("ECHO ", 30).split()[1].replace("http://", "ws://") + "/"
+                results[f"bare_{kind}"] = self.idle_run(f"echo-{kind}", echo_url, echo.pid, False, deflate)
+            finally:
+                echo.stop()
+            progress(f"idle ({kind} clients): {plan.idle_connections:,} connections over {plan.idle_users:,} users through Atlas")
+            atlas, url, _ = self.start_atlas(self.data_dir(), f"idle-{kind}")
+            try:
+                results[f"atlas_{kind}"] = self.idle_run(f"atlas-{kind}", url, atlas.pid, True, deflate)
+            finally:
+                atlas.stop()
+            result, base = results[f"atlas_{kind}"], results[f"bare_{kind}"]
+            self.samples.setdefault("idle ping round trip", {}).update(
+                {f"Atlas, {kind}": result.pop("_rtts"), f"bare Hypercorn, {kind}": base.pop("_rtts")})
+            complete = result["connections"] == plan.idle_connections
+            kib, kib0 = result["kib_per_connection"], base["kib_per_connection"]
+            suffix = "" if not deflate else ", browser-like clients (permessage-deflate)"
+            self.rows.append(Row(
+                "idle users", f"server memory per connection ({result['connections']:,} conns){suffix}",
+                f"{kib:.1f} KiB", f"{kib0:.1f} KiB bare", f"{kib - kib0:+.1f} KiB", f"<= {IDLE_KIB_PER_CONN:g} KiB",
+                kib <= IDLE_KIB_PER_CONN and complete,
+            ))
+            p99, p99b = result["ping_ms"]["p99"], base["ping_ms"]["p99"]
+            self.rows.append(Row(
+                "idle users", f"ping round trip p99 under that load{suffix}", f"{p99:.2f} ms", f"{p99b:.2f} ms bare",
+                f"{p99 - p99b:+.2f} ms", f"<= {IDLE_PING_P99_MS:g} ms",
+                p99 <= IDLE_PING_P99_MS and complete and result["alive_after_pings"] == result["connections"],
+            ))
+            progress(f"idle ({kind}): {kib:.1f} KiB/connection (bare {kib0:.1f}), ping p99 {p99:.2f} ms (bare {p99b:.2f})")
+        self.data["idle"] = results
 
     def cold(self) -> None:
         plan = self.plan

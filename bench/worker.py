@@ -237,7 +237,7 @@ async def idle(job: dict[str, Any]) -> None:
     async def connect(url: str) -> Any:
         async with semaphore:
             try:
-                ws = await open_websocket(url, timeout=30)
+                ws = await open_websocket(url, timeout=30, deflate=job.get("deflate", False))
                 await wait_type(ws, "ready", 30)
                 return ws
             except Exception as exc:  # counted and reported, the run goes on
