@@ -1,20 +1,25 @@
-"""PROPOSAL (not used by Atlas): a lean HTTP/1.1 client for provider calls, a drop-in for the
-subset of ``httpx.AsyncClient`` that ``atlas.provider.ProviderClient`` uses.
+"""PROPOSAL (not used by Atlas): a lean HTTP/1.1 transport for provider calls, as an httpx transport.
 
-Why: reading a provider's SSE stream through httpx/httpcore costs ~115 µs of CPU per delta on the
-bench machine (6 async-generator layers, h11 events and a ``fail_after`` per read); this reader
-costs ~50 µs (a bare trio ``receive_some`` loop alone costs ~38 µs). Measured with
-``bench/proposals/read_path.py`` and end to end with ``python -m bench`` (see docs/benchmarks.md).
+Why: reading a provider's SSE stream through httpcore costs ~105-120 µs of CPU per delta on the
+bench machine (async-generator layers, h11 events, a ``fail_after`` per read); this transport's
+reader costs ~45-55 µs, and a bare trio ``receive_some`` loop alone ~37-40 µs (the floor).
+Measured with ``python -m bench.proposals.read_path`` and end to end with ``python -m bench``
+(see docs/benchmarks.md, "Proposals").
 
-What it keeps: keep-alive connections per (scheme, host, port), a bounded idle pool, TLS for
-https (the system trust store, hostname checked), ``content-length``, ``chunked`` and
-close-delimited bodies, and httpx's exception types, so ``atlas.provider``'s error mapping
-(``transport_error``) works unchanged: connect failures are ``httpx.ConnectError``, no byte for
-``read_timeout`` seconds is ``httpx.ReadTimeout``, a broken connection is ``httpx.ReadError``.
-No proxies, redirects, cookies or environment (``open_http_client`` turns them off anyway).
+Drop-in: it is an ``httpx.AsyncBaseTransport``. ``atlas.provider.open_provider_transport()``
+returns ``LeanTransport()`` (or, before that refactor, ``httpx.AsyncClient(transport=
+LeanTransport(), ...)``), and nothing else changes: requests are ``httpx.Request`` (timeouts from
+the request's ``timeout`` extension, as httpcore reads them), responses are ``httpx.Response``
+with a streamed body, and failures are httpx's exception types, so ``transport_error`` maps them
+unchanged: connect failures ``httpx.ConnectError``/``ConnectTimeout``, no byte for the read timeout
+``httpx.ReadTimeout``, a broken connection ``httpx.ReadError``, a malformed response
+``httpx.RemoteProtocolError``.
 
-Use: in ``atlas/provider.py``, ``open_http_client`` returns
-``LeanClient(connect_timeout=5.0, read_timeout=settings.provider_timeout)``.
+What it does: HTTP/1.1 only, keep-alive connections per (scheme, host, port) with a bounded idle
+pool (a pooled connection the server closed meanwhile is retried once on a new one), TLS for
+https with the default trust store and hostname checks, ``content-length``, ``chunked`` and
+close-delimited bodies. No proxies, redirects, cookies or environment, none of which provider
+calls use (``trust_env=False`` today).
 """
 
 from __future__ import annotations
@@ -22,56 +27,33 @@ from __future__ import annotations
 import ssl
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import trio
 
 MAX_HEAD = 64 * 1024
 READ_SIZE = 65536
-
-
-class _Url:
-    def __init__(self, url: str) -> None:
-        parts = urlsplit(url)
-        self.scheme = parts.scheme
-        self.host = parts.hostname or ""
-        self.port = parts.port or (443 if parts.scheme == "https" else 80)
-        self.target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        default = (self.scheme == "https" and self.port == 443) or (self.scheme == "http" and self.port == 80)
-        self.authority = self.host if default else f"{self.host}:{self.port}"
-
-
-class LeanRequest:
-    def __init__(self, method: str, url: str, content: bytes, headers: dict[str, str]) -> None:
-        self.method = method
-        self.url = _Url(url)
-        self.content = content
-        self.headers = headers
-
-
-class _Headers(dict):  # lower-case names
-    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
-        return super().get(name.lower(), default)
+Key = tuple[str, str, int]
 
 
 class _Connection:
-    def __init__(self, stream: trio.abc.Stream, key: tuple[str, str, int]) -> None:
+    __slots__ = ("stream", "key", "buffer")
+
+    def __init__(self, stream: trio.abc.Stream, key: Key) -> None:
         self.stream = stream
         self.key = key
         self.buffer = bytearray()
 
-    async def receive(self, timeout: float) -> bytes:
-        with trio.move_on_after(timeout) as scope:
+    async def receive(self, timeout: float | None) -> bytes:
+        with trio.move_on_after(float("inf") if timeout is None else timeout) as scope:
             try:
-                data = await self.stream.receive_some(READ_SIZE)
+                return await self.stream.receive_some(READ_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
-        if scope.cancelled_caught:
-            raise httpx.ReadTimeout("no byte from the provider in time")
-        return data
+        assert scope.cancelled_caught
+        raise httpx.ReadTimeout("no byte from the server in time")
 
-    async def read_head(self, timeout: float) -> bytes:
+    async def read_head(self, timeout: float | None) -> bytes:
         while True:
             end = self.buffer.find(b"\r\n\r\n")
             if end >= 0:
@@ -86,54 +68,48 @@ class _Connection:
             self.buffer += data
 
 
-class LeanResponse:
-    def __init__(self, client: LeanClient, connection: _Connection, status: int, headers: _Headers,
-                 method: str) -> None:
-        self._client = client
+class _Body(httpx.AsyncByteStream):
+    """The response body, read straight from the connection; back to the pool once complete."""
+
+    def __init__(self, transport: LeanTransport, connection: _Connection, headers: dict[str, str],
+                 read_timeout: float | None, empty: bool) -> None:
+        self._transport = transport
         self._connection: _Connection | None = connection
-        self.status_code = status
-        self.headers = headers
-        self._complete = False
+        self._timeout = read_timeout
         self._keep_alive = headers.get("connection", "").lower() != "close"
         self._chunked = "chunked" in headers.get("transfer-encoding", "").lower()
         length = headers.get("content-length")
-        self._length = int(length) if length is not None and not self._chunked else None
-        if method == "HEAD" or status in (204, 304) or self._length == 0:
-            self._complete = True
-            self._length = 0
+        self._length = None if self._chunked or length is None else int(length)
+        self._complete = empty or self._length == 0
 
-    async def aiter_bytes(self) -> AsyncIterator[bytes]:
+    async def __aiter__(self) -> AsyncIterator[bytes]:
         connection = self._connection
         if connection is None or self._complete:
             return
-        timeout = self._client.read_timeout
-        buffer = connection.buffer
+        buffer, timeout = connection.buffer, self._timeout
         if self._chunked:
             while True:
                 line_end = buffer.find(b"\r\n")
                 if line_end < 0:
-                    data = await connection.receive(timeout)
-                    if not data:
-                        raise httpx.RemoteProtocolError("connection closed inside a chunked body")
-                    buffer += data
+                    await self._fill(connection)
                     continue
-                size = int(bytes(buffer[:line_end]).split(b";", 1)[0], 16)
+                try:
+                    size = int(bytes(buffer[:line_end]).split(b";", 1)[0], 16)
+                except ValueError:
+                    raise httpx.RemoteProtocolError("malformed chunk size") from None
                 if size == 0:
-                    # Trailers (none expected) end with an empty line.
-                    while buffer.find(b"\r\n", line_end + 2) < 0 and not buffer.endswith(b"\r\n\r\n"):
-                        data = await connection.receive(timeout)
-                        if not data:
+                    # The last chunk; trailers, if any, end with an empty line.
+                    while True:
+                        rest = buffer[line_end + 2:]
+                        if rest.startswith(b"\r\n") or rest.find(b"\r\n\r\n") >= 0:
                             break
-                        buffer += data
+                        await self._fill(connection)
                     del buffer[:]
                     self._complete = True
                     return
                 need = line_end + 2 + size + 2
                 while len(buffer) < need:
-                    data = await connection.receive(timeout)
-                    if not data:
-                        raise httpx.RemoteProtocolError("connection closed inside a chunk")
-                    buffer += data
+                    await self._fill(connection)
                 chunk = bytes(buffer[line_end + 2:line_end + 2 + size])
                 del buffer[:need]
                 yield chunk
@@ -157,89 +133,97 @@ class LeanResponse:
                 chunk = bytes(buffer)
                 del buffer[:]
                 yield chunk
-            while True:
-                data = await connection.receive(timeout)
-                if not data:
-                    break
+            while data := await connection.receive(timeout):
                 yield data
             self._complete = True
 
-    async def aread(self) -> bytes:
-        return b"".join([chunk async for chunk in self.aiter_bytes()])
+    async def _fill(self, connection: _Connection) -> None:
+        data = await connection.receive(self._timeout)
+        if not data:
+            raise httpx.RemoteProtocolError("connection closed inside a chunked body")
+        connection.buffer += data
 
     async def aclose(self) -> None:
         connection, self._connection = self._connection, None
         if connection is None:
             return
         reusable = self._complete and self._keep_alive and not connection.buffer
-        if not (reusable and self._client._release(connection)):
-            await self._client._discard(connection)
+        if not (reusable and self._transport._release(connection)):
+            await _close(connection)
 
 
-class LeanClient:
-    def __init__(self, *, connect_timeout: float = 5.0, read_timeout: float = 60.0,
-                 max_idle_per_host: int = 100) -> None:
-        self.connect_timeout = connect_timeout
-        self.read_timeout = read_timeout
+async def _close(connection: _Connection) -> None:
+    with trio.CancelScope(shield=True):
+        await trio.aclose_forcefully(connection.stream)
+
+
+class LeanTransport(httpx.AsyncBaseTransport):
+    def __init__(self, *, max_idle_per_host: int = 100, ssl_context: ssl.SSLContext | None = None) -> None:
         self.max_idle_per_host = max_idle_per_host
-        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
-        self._ssl = ssl.create_default_context()
-
-    async def __aenter__(self) -> LeanClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
+        self._idle: dict[Key, list[_Connection]] = {}
+        self._ssl = ssl_context or ssl.create_default_context()
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, {}
-        with trio.CancelScope(shield=True):
-            for connections in idle.values():
-                for connection in connections:
-                    await trio.aclose_forcefully(connection.stream)
+        for connections in idle.values():
+            for connection in connections:
+                await _close(connection)
 
-    def build_request(self, method: str, url: str, *, content: bytes = b"",
-                      headers: dict[str, str] | None = None) -> LeanRequest:
-        return LeanRequest(method, url, content, dict(headers or {}))
-
-    async def send(self, request: LeanRequest, *, stream: bool = True) -> LeanResponse:
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        timeouts: dict[str, Any] = request.extensions.get("timeout", {})
         url = request.url
-        head = [f"{request.method} {url.target} HTTP/1.1", f"Host: {url.authority}"]
-        head += [f"{name}: {value}" for name, value in request.headers.items()]
-        head.append(f"Content-Length: {len(request.content)}")
-        data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + request.content
-        key = (url.scheme, url.host, url.port)
+        scheme = url.scheme
+        port = url.port or (443 if scheme == "https" else 80)
+        key = (scheme, url.host, port)
+        try:
+            body = request.content
+        except httpx.RequestNotRead:
+            body = b"".join([part async for part in request.stream])  # type: ignore[union-attr]
+        head = [b"%s %s HTTP/1.1" % (request.method.encode(), url.raw_path)]
+        head += [b"%s: %s" % (name, value) for name, value in request.headers.raw]
+        data = b"\r\n".join(head) + b"\r\n\r\n" + body
         # A pooled connection may have been closed by the server meanwhile: one retry on a new one.
         for reused in (True, False):
-            connection = self._take(key) if reused else await self._connect(key)
+            connection = self._take(key) if reused else await self._connect(key, timeouts.get("connect"))
             if connection is None:
                 continue
             try:
-                await connection.stream.send_all(data)
-                raw_head = await connection.read_head(self.read_timeout)
+                with trio.move_on_after(_seconds(timeouts.get("write"))) as scope:
+                    await connection.stream.send_all(data)
+                if scope.cancelled_caught:
+                    raise httpx.WriteTimeout("sending the request timed out")
+                raw_head = await connection.read_head(timeouts.get("read"))
             except (httpx.ReadError, httpx.RemoteProtocolError, trio.BrokenResourceError,
                     trio.ClosedResourceError, OSError) as exc:
-                await self._discard(connection)
+                await _close(connection)
                 if reused:
                     continue
-                raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
+                if isinstance(exc, httpx.TransportError):
+                    raise
+                raise httpx.WriteError(str(exc) or type(exc).__name__) from exc
             except BaseException:
-                await self._discard(connection)
+                await _close(connection)
                 raise
-            lines = raw_head.decode("latin-1").split("\r\n")
+            lines = raw_head.split(b"\r\n")
             try:
-                status = int(lines[0].split(" ", 2)[1])
+                status = int(lines[0].split(b" ", 2)[1])
             except (IndexError, ValueError):
-                await self._discard(connection)
+                await _close(connection)
                 raise httpx.RemoteProtocolError("malformed status line") from None
-            headers = _Headers()
+            raw_headers = []
             for line in lines[1:]:
-                name, _, value = line.partition(":")
-                headers[name.strip().lower()] = value.strip()
-            return LeanResponse(self, connection, status, headers, request.method)
-        raise httpx.ConnectError("no connection")  # not reached
+                name, _, value = line.partition(b":")
+                raw_headers.append((name.strip(), value.strip()))
+            lookup = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw_headers}
+            empty = request.method == "HEAD" or status in (204, 304) or 100 <= status < 200
+            return httpx.Response(
+                status, headers=raw_headers,
+                stream=_Body(self, connection, lookup, timeouts.get("read"), empty),
+                extensions={"http_version": b"HTTP/1.1"},
+            )
+        raise httpx.ConnectError("no connection")  # not reached: the second try connects
 
-    def _take(self, key: tuple[str, str, int]) -> _Connection | None:
+    def _take(self, key: Key) -> _Connection | None:
         idle = self._idle.get(key)
         return idle.pop() if idle else None
 
@@ -251,23 +235,24 @@ class LeanClient:
         idle.append(connection)
         return True
 
-    async def _discard(self, connection: _Connection) -> None:
-        with trio.CancelScope(shield=True):
-            await trio.aclose_forcefully(connection.stream)
-
-    async def _connect(self, key: tuple[str, str, int]) -> _Connection:
+    async def _connect(self, key: Key, timeout: float | None) -> _Connection:
         scheme, host, port = key
         try:
-            with trio.fail_after(self.connect_timeout):
+            with trio.fail_after(_seconds(timeout)):
                 if scheme == "https":
-                    stream: trio.abc.Stream = await trio.open_ssl_over_tcp_stream(
+                    ssl_stream = await trio.open_ssl_over_tcp_stream(
                         host, port, ssl_context=self._ssl, https_compatible=True
                     )
-                    await stream.do_handshake()  # type: ignore[attr-defined]
+                    await ssl_stream.do_handshake()
+                    stream: trio.abc.Stream = ssl_stream
                 else:
                     stream = await trio.open_tcp_stream(host, port)
         except trio.TooSlowError as exc:
-            raise httpx.ConnectTimeout("connecting to the provider timed out") from exc
+            raise httpx.ConnectTimeout("connecting timed out") from exc
         except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
             raise httpx.ConnectError(str(exc) or type(exc).__name__) from exc
         return _Connection(stream, key)
+
+
+def _seconds(timeout: float | None) -> float:
+    return float("inf") if timeout is None else timeout
