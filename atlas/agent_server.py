@@ -12,7 +12,7 @@ from typing import Any
 import trio
 
 from .agent import build_agent_app, open_agent_service
-from .agents_config import load_agents
+from .agents_config import AgentSpec, load_agents
 from .config import Settings
 from .devprovider import serve_dev_provider
 from .http_server import serve_asgi
@@ -24,13 +24,15 @@ log = logging.getLogger("atlas.agent")
 async def serve_agent(
     settings: Settings,
     *,
+    agents: dict[str, AgentSpec] | None = None,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the agent API on ``settings.bind`` (with the dev provider when no provider URL is
     configured) until cancelled or ``shutdown_trigger`` returns. Reports the base URL once
     listening. A bad agents file raises ``ConfigError`` before anything starts."""
-    agents = load_agents(settings)
+    if agents is None:
+        agents = load_agents(settings)
     async with trio.open_nursery() as nursery:
         default_provider_url = settings.provider_url
         if default_provider_url is None:
@@ -56,11 +58,11 @@ async def serve_agent(
         nursery.cancel_scope.cancel()  # the server has stopped: stop the dev provider too
 
 
-async def run(settings: Settings) -> None:
+async def run(settings: Settings, agents: dict[str, AgentSpec] | None = None) -> None:
     stop = trio.Event()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            url = await nursery.start(partial(serve_agent, settings, shutdown_trigger=stop.wait))
+            url = await nursery.start(partial(serve_agent, settings, agents=agents, shutdown_trigger=stop.wait))
             print(f"Atlas agent listening on {url}", file=sys.stderr, flush=True)
             async for signum in signals:
                 log.info("%s: shutting down (up to %.0fs for requests in flight)",
@@ -74,6 +76,6 @@ async def run(settings: Settings) -> None:
 def main(args: Any) -> int:
     settings: Settings = args.settings
     setup_logging(settings.log_level)
-    load_agents(settings)  # a bad agents file stops here, as one line from the CLI
-    trio.run(run, settings)
+    agents = load_agents(settings)  # a bad agents file stops here, as one line from the CLI
+    trio.run(run, settings, agents)
     return 0

@@ -36,7 +36,7 @@ from trio_websocket import (
 DEFAULT_URL = "http://127.0.0.1:1999"
 CONNECT_SECONDS = 10.0
 # Close codes after which reconnecting with the same token cannot succeed.
-FATAL_CLOSE_CODES = {4001: "unauthorized", 4003: "forbidden", 4400: "bad_message"}
+FATAL_CLOSE_CODES = {4001: "unauthorized", 4003: "forbidden", 4400: "bad_room_id"}
 CLOSE_CODE_NAMES = {
     1000: "closed", 1001: "server shutting down", 1006: "connection dropped",
     1009: "message too large", 1011: "server error",
