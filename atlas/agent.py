@@ -34,7 +34,7 @@ from .agent_types import (
 from .agents_config import AgentSpec, Penalty, Temperature, TokenCount, TopP, load_agents
 from .config import Settings, normalize_url
 from .http_server import ASGIApp
-from .provider import ProviderClient, RetryPolicy, open_http_client
+from .provider import ProviderClient, RetryPolicy, open_provider_transport
 
 __all__ = [
     "AgentError", "AgentService", "AgentSpec", "ChatMessage", "Credentials", "Finish",
@@ -205,8 +205,10 @@ async def open_agent_service(
     """Load the agents (``ConfigError`` on a bad file) and own the provider HTTP client.
     ``agents`` skips the loading, for a caller that has already loaded (or built) them."""
     agents = load_agents(settings) if agents is None else agents
-    async with open_http_client(settings) as client:
-        provider = ProviderClient(client, RetryPolicy(retries=settings.provider_retries))
+    async with open_provider_transport() as transport:
+        provider = ProviderClient(
+            transport, RetryPolicy(retries=settings.provider_retries), timeout=settings.provider_timeout
+        )
         yield AgentService(
             agents,
             provider,

@@ -30,12 +30,14 @@ import httpx
 import msgspec
 import trio
 
+from . import __version__
 from .agent_types import AgentError, Finish, StreamEvent, TextDelta, Usage
 from .config import Settings
 
 log = logging.getLogger("atlas.provider")
 
 MAX_SSE_LINE = 1024 * 1024
+USER_AGENT = f"atlas/{__version__}"
 DRAIN_SECONDS = 1.0  # how long to wait for the body's end after [DONE] before dropping the connection
 
 
@@ -130,13 +132,16 @@ class RetryPolicy:
         return random.uniform(backoff / 2, backoff)
 
 
-def open_http_client(settings: Settings) -> httpx.AsyncClient:
-    """The process's one client for provider calls. ``trust_env=False``: no proxy variables and
-    no ``.netrc`` credentials find their way into a provider call."""
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(settings.provider_timeout),
+def open_provider_transport() -> httpx.AsyncHTTPTransport:
+    """The process's one connection pool for provider calls (use it as an async context manager).
+
+    Provider calls go straight to httpx's transport rather than through an ``AsyncClient``: the
+    client's layers (redirects, auth flows, cookies, event hooks, content decoding) are all
+    unused here (no redirect is ever followed, no cookie kept, no compression asked for), and
+    they cost CPU on every request and every chunk.
+    ``trust_env=False``: no proxy variables and no ``.netrc`` credentials reach a provider call."""
+    return httpx.AsyncHTTPTransport(
         limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
-        follow_redirects=False,
         trust_env=False,
     )
 
@@ -181,9 +186,13 @@ class SseDataParser:
 
 
 class ProviderClient:
-    def __init__(self, client: httpx.AsyncClient, policy: RetryPolicy) -> None:
-        self._client = client
+    def __init__(
+        self, transport: httpx.AsyncBaseTransport, policy: RetryPolicy, *, timeout: float
+    ) -> None:
+        self._transport = transport
         self._policy = policy
+        # Passed per request, as httpx.AsyncClient would: pool, connect, read and write timeouts.
+        self._timeout = httpx.Timeout(timeout).as_dict()
 
     @asynccontextmanager
     async def open_completion(
@@ -191,7 +200,7 @@ class ProviderClient:
     ) -> AsyncIterator[AsyncIterator[StreamEvent]]:
         """Send the request (retrying as the policy allows) and yield the reply's events. Leaving
         the block closes the provider response, and with it the connection if unfinished."""
-        request = self._client.build_request(
+        request = httpx.Request(
             "POST",
             f"{url}/chat/completions",
             content=body,
@@ -199,7 +208,9 @@ class ProviderClient:
                 "Authorization": f"Bearer {api_key}",
                 "Content-Type": "application/json",
                 "Accept": "text/event-stream",
+                "User-Agent": USER_AGENT,
             },
+            extensions={"timeout": self._timeout},
         )
         response = await self._send(request)
         events = _events(response)
@@ -212,7 +223,7 @@ class ProviderClient:
     async def _send(self, request: httpx.Request) -> httpx.Response:
         for attempt in range(self._policy.retries + 1):
             try:
-                response = await self._client.send(request, stream=True)
+                response = await self._transport.handle_async_request(request)
             except httpx.ConnectError as exc:
                 error = transport_error(exc, streaming=False)
             except httpx.TransportError as exc:
@@ -269,7 +280,7 @@ class _Reply:
 async def _events(response: httpx.Response) -> AsyncIterator[StreamEvent]:
     parser = SseDataParser()
     reply = _Reply()
-    chunks = response.aiter_bytes()
+    chunks = response.stream.__aiter__()  # raw bytes: no content encoding was asked for
     done = False
     try:
         async for raw in chunks:
