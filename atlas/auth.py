@@ -30,7 +30,7 @@ import msgspec
 import trio
 
 from .config import Settings
-from .store import Store, StoreError, hash_token, is_valid_user_id
+from .store import Store, StoreError, hash_token, is_valid_user_id, mask_key
 
 log = logging.getLogger("atlas.auth")
 
@@ -76,6 +76,9 @@ class Identity(msgspec.Struct, rename="camel", frozen=True, omit_defaults=True):
     id: str
     virtual_key: str | None = None
     provider_url: str | None = None
+
+    def __repr__(self) -> str:  # the key never reaches a log line, not even by accident
+        return f"Identity(id={self.id!r}, virtual_key={mask_key(self.virtual_key or '')!r})"
 
 
 _identity_decoder = msgspec.json.Decoder(Identity)

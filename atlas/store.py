@@ -58,6 +58,9 @@ class UserRecord(msgspec.Struct, rename="camel", omit_defaults=True):
     token_hash: str = ""
     created_at: float = 0.0
 
+    def __repr__(self) -> str:  # the key never reaches a log line, not even by accident
+        return f"UserRecord(id={self.id!r}, virtual_key={mask_key(self.virtual_key)!r})"
+
 
 class TokenRecord(msgspec.Struct, rename="camel"):
     user_id: str

@@ -118,3 +118,11 @@ async def test_kill_9_during_concurrent_prefs_writes_leaves_valid_files(tmp_path
             # Never older than what the server acknowledged, never newer than what was sent.
             assert acknowledged[user, writer] <= state["prefs"][writer] <= sent[user, writer]
             assert acknowledged[user, writer] >= 50
+
+
+def test_records_holding_keys_never_show_them_in_repr():
+    from atlas.auth import Identity
+
+    key = "sk-test-repr-0123456789abcdef"
+    for record in (UserRecord(id="a", virtual_key=key), Identity(id="a", virtual_key=key)):
+        assert key not in repr(record) and key not in str(record) and "…cdef" in repr(record)
