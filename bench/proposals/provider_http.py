@@ -2,7 +2,8 @@
 
 Why: reading a provider's SSE stream through httpcore costs ~105-120 µs of CPU per delta on the
 bench machine (async-generator layers, h11 events, a ``fail_after`` per read); this transport's
-reader costs ~45-55 µs, and a bare trio ``receive_some`` loop alone ~37-40 µs (the floor).
+reader costs ~60-70 µs through ``httpx.Response`` (~45-55 µs read directly), and a bare trio
+``receive_some`` loop alone ~37-42 µs (the floor), all at 250 streams x 30 deltas/s.
 Measured with ``python -m bench.proposals.read_path`` and end to end with ``python -m bench``
 (see docs/benchmarks.md, "Proposals").
 

@@ -1,111 +1,116 @@
-"""PROPOSAL support: CPU per delta of reading a provider's SSE stream, four ways, in one process.
+"""PROPOSAL support: CPU per delta of reading a provider's SSE stream, several ways, in one process.
 
     .venv/bin/python -m bench.proposals.read_path MODE STREAMS DELTAS
 
-MODE: ``httpx`` (atlas.provider as it is), ``raw`` (httpx ``aiter_raw``), ``lean``
-(``bench/proposals/provider_http.py``'s way: a trio stream and a hand-parsed chunked body), ``bare``
-(a trio ``receive_some`` loop that parses nothing: the floor). Starts ``bench.provider`` itself;
-the streams start 1/STREAMS s apart and get 30 deltas/s each.
+MODE: ``client`` (``httpx.AsyncClient`` streaming, ``aiter_bytes``), ``transport`` (httpx's
+``AsyncHTTPTransport`` used directly, iterating ``response.stream``), ``lean``
+(``bench.proposals.provider_http.LeanTransport``, the same way), ``bare`` (a trio
+``receive_some`` loop that parses nothing: the floor). Every mode but ``bare`` parses the events
+with ``atlas.provider``'s SSE parser and chunk decoder. Starts ``bench.provider`` itself; the
+streams start 1/STREAMS s apart and get 30 deltas/s each; prints CPU seconds per delta.
 """
-import sys, time, json, trio, subprocess
-from atlas.provider import ProviderClient, RetryPolicy, open_http_client, SseDataParser, _Reply
-from atlas.agent_types import TextDelta
-from atlas.config import Settings
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
 
-N = int(sys.argv[2]); DELTAS = int(sys.argv[3]); RATE = 30
-mode = sys.argv[1]
-body = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": f"bench deltas={DELTAS} rate={RATE}"}]}).encode()
+import httpx
+import trio
 
-async def httpx_stream(client, url, counts):
-    async with client.open_completion(url, "k", body) as events:
-        async for e in events:
-            if isinstance(e, TextDelta):
-                counts[0] += 1
+from atlas.provider import SseDataParser, _Reply
+from bench.proposals.provider_http import LeanTransport
 
-async def raw_stream(http, url, counts):
-    import httpx
-    req = http.build_request("POST", f"{url}/chat/completions", content=body, headers={"Authorization": "Bearer k", "Content-Type": "application/json"})
-    resp = await http.send(req, stream=True)
-    parser = SseDataParser(); reply = _Reply()
+REPO = Path(__file__).resolve().parents[2]
+RATE = 30
+
+
+def request_body(deltas: int) -> bytes:
+    return json.dumps({"model": "m", "stream": True, "messages": [
+        {"role": "user", "content": f"bench deltas={deltas} rate={RATE}"}]}).encode()
+
+
+def parse(chunk: bytes, parser: SseDataParser, reply: _Reply) -> int:
+    count = 0
+    for event in parser.feed(chunk):
+        if event != b"[DONE]":
+            count += len(reply.apply(event))
+    return count
+
+
+async def via_client(client: httpx.AsyncClient, url: str, body: bytes, counts: list[int]) -> None:
+    request = client.build_request("POST", f"{url}/chat/completions", content=body,
+                                   headers={"Authorization": "Bearer k", "Content-Type": "application/json"})
+    response = await client.send(request, stream=True)
+    parser, reply = SseDataParser(), _Reply()
     try:
-        async for raw in resp.aiter_raw():
-            for ev in parser.feed(raw):
-                if ev == b"[DONE]": continue
-                counts[0] += len(reply.apply(ev))
+        async for chunk in response.aiter_bytes():
+            counts[0] += parse(chunk, parser, reply)
     finally:
-        await resp.aclose()
+        await response.aclose()
 
-async def bare_stream(host, port, counts):
+
+async def via_transport(transport: httpx.AsyncBaseTransport, url: str, body: bytes, counts: list[int]) -> None:
+    request = httpx.Request("POST", f"{url}/chat/completions", content=body,
+                            headers={"Authorization": "Bearer k", "Content-Type": "application/json"},
+                            extensions={"timeout": httpx.Timeout(60.0).as_dict()})
+    response = await transport.handle_async_request(request)
+    parser, reply = SseDataParser(), _Reply()
+    try:
+        async for chunk in response.stream:  # type: ignore[union-attr]
+            counts[0] += parse(chunk, parser, reply)
+    finally:
+        await response.aclose()
+
+
+async def bare(host: str, port: int, body: bytes, counts: list[int]) -> None:
     stream = await trio.open_tcp_stream(host, port)
-    req = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer k\r\n"
-           f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
-    await stream.send_all(req)
+    await stream.send_all((
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer k\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body)
     tail = b""
-    while True:
-        chunk = await stream.receive_some(65536)
-        if not chunk: break
+    while chunk := await stream.receive_some(65536):
         counts[0] += chunk.count(b"@")
         tail = (tail + chunk)[-7:]
-        if tail.endswith(b"0\r\n\r\n"): break
+        if tail.endswith(b"0\r\n\r\n"):
+            break
     await stream.aclose()
 
-async def lean_stream(host, port, counts):
-    stream = await trio.open_tcp_stream(host, port)
-    req = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer k\r\n"
-           f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
-    await stream.send_all(req)
-    buf = b""; parser = SseDataParser(); reply = _Reply()
-    # headers
-    while b"\r\n\r\n" not in buf:
-        buf += await stream.receive_some(65536)
-    head, _, buf = buf.partition(b"\r\n\r\n")
-    done = False
-    with trio.CancelScope() as scope:
-        while not done:
-            # chunked: size line, data, CRLF
-            while True:
-                i = buf.find(b"\r\n")
-                if i < 0: break
-                size = int(buf[:i], 16)
-                if len(buf) < i + 2 + size + 2: break
-                data = buf[i+2:i+2+size]; buf = buf[i+2+size+2:]
-                if size == 0:
-                    done = True; break
-                for ev in parser.feed(data):
-                    if ev == b"[DONE]": continue
-                    counts[0] += len(reply.apply(ev))
-            if done: break
-            scope.deadline = trio.current_time() + 60
-            chunk = await stream.receive_some(65536)
-            if not chunk: break
-            buf += chunk
-    await stream.aclose()
 
-async def main():
-    proc = await trio.lowlevel.open_process([sys.executable, "-m", "bench.provider"], stdout=subprocess.PIPE, cwd=str(__import__("pathlib").Path(__file__).resolve().parents[2]))
+async def main(mode: str, streams: int, deltas: int) -> None:
+    provider = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "bench.provider"], stdout=subprocess.PIPE, cwd=str(REPO))
     line = b""
     while not line.endswith(b"\n"):
-        line += await proc.stdout.receive_some(100)
+        line += await provider.stdout.receive_some(100)  # type: ignore[union-attr]
     url = line.split()[1].decode()
-    host, port = "127.0.0.1", int(url.rsplit(":", 1)[1].split("/")[0])
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    body = request_body(deltas)
     counts = [0]
-    async with open_http_client(Settings()) as http:
-        client = ProviderClient(http, RetryPolicy())
-        t = time.process_time(); w = time.monotonic()
-        async with trio.open_nursery() as n:
-            for i in range(N):
-                if mode == "httpx":
-                    n.start_soon(httpx_stream, client, url, counts)
+    client = httpx.AsyncClient(trust_env=False, timeout=60.0,
+                               limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100))
+    transport: httpx.AsyncBaseTransport = (
+        LeanTransport() if mode == "lean" else
+        httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100))
+    )
+    async with client, transport:
+        cpu, wall = time.process_time(), time.monotonic()
+        async with trio.open_nursery() as nursery:
+            for _ in range(streams):
+                if mode == "client":
+                    nursery.start_soon(via_client, client, url, body, counts)
                 elif mode == "bare":
-                    n.start_soon(bare_stream, host, port, counts)
-                elif mode == "raw":
-                    n.start_soon(raw_stream, http, url, counts)
+                    nursery.start_soon(bare, "127.0.0.1", port, body, counts)
                 else:
-                    n.start_soon(lean_stream, host, port, counts)
-                await trio.sleep(1.0 / N)
-        cpu = time.process_time() - t
-    import resource; ru = resource.getrusage(resource.RUSAGE_SELF); print("utime", ru.ru_utime, "stime", ru.ru_stime, "nvcsw", ru.ru_nvcsw, "nivcsw", ru.ru_nivcsw)
-    print(f"{mode}: {N} streams, {counts[0]} deltas, {cpu/counts[0]*1e6:.1f} us CPU/delta, wall {time.monotonic()-w:.1f}s")
-    proc.kill()
+                    nursery.start_soon(via_transport, transport, url, body, counts)
+                await trio.sleep(1.0 / streams)
+        cpu = time.process_time() - cpu
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(f"{mode}: {streams} streams, {counts[0]} deltas, {cpu / max(1, counts[0]) * 1e6:.1f} us CPU/delta "
+          f"(wall {time.monotonic() - wall:.1f}s, voluntary switches {usage.ru_nvcsw})")
+    provider.kill()
 
-trio.run(main)
+
+if __name__ == "__main__":
+    trio.run(main, sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
