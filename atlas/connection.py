@@ -46,8 +46,9 @@ class DeltaBuffer:
 
 
 class Connection:
-    def __init__(self, connection_id: str) -> None:
+    def __init__(self, connection_id: str, *, token: str | None = None) -> None:
         self.id = connection_id
+        self.token = token  # checked again before each agent request
         self.requests: dict[str, trio.CancelScope] = {}
         self.close_code: int | None = None
         self.close_reason = ""
@@ -126,6 +127,16 @@ class Connection:
         self._outbox_send.close()
         if self._cancel_scope is not None:
             self._cancel_scope.cancel()
+        if self._on_close is not None:
+            self._on_close()
+
+    def close_after_pending(self, code: int, reason: str = "") -> None:
+        """End the connection with ``code`` once what is already queued has been written (an
+        error frame before a 4xxx close, say): the writer drains the outbox and then ends."""
+        if self.close_code is None:
+            self.close_code = code
+            self.close_reason = reason
+        self._outbox_send.close()
         if self._on_close is not None:
             self._on_close()
 

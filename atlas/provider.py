@@ -32,7 +32,6 @@ import trio
 
 from . import __version__
 from .agent_types import AgentError, Finish, StreamEvent, TextDelta, Usage
-from .config import Settings
 
 log = logging.getLogger("atlas.provider")
 

@@ -17,10 +17,10 @@ from urllib.parse import parse_qsl
 
 import trio
 
-from .auth import STORE_UNREADABLE, AccessDenied, admit
+from .auth import STORE_UNREADABLE, AccessDenied, AuthUnavailable, Unauthorized, admit, token_from_scope
 from .connection import Connection
 from .protocol import (
-    AgentCancel, AgentStream, Broadcast, BroadcastMessage, Ping, Pong, PrefsGet, PrefsMessage,
+    CLOSE_UNAUTHORIZED, AgentCancel, AgentStream, Broadcast, BroadcastMessage, Ping, Pong, PrefsGet, PrefsMessage,
     PrefsSet, ProtocolError, Ready, decode_client_message, encode, error_frame,
 )
 from .store import StoreError
@@ -63,7 +63,7 @@ async def websocket_endpoint(
     except AccessDenied as denied:
         await reject(denied)
         return
-    connection = Connection(connection_id_from_scope(scope))
+    connection = Connection(connection_id_from_scope(scope), token=token_from_scope(scope))
     try:
         async with services.rooms.open_room(room_id) as room:
             room.set_identity(identity)
@@ -90,7 +90,12 @@ async def serve_connection(
     try:
         async with trio.open_nursery() as nursery:
             connection.bind(nursery.cancel_scope, lambda: room.detach(connection))
-            nursery.start_soon(connection.serve_writer, write)
+
+            async def write_until_closed() -> None:
+                await connection.serve_writer(write)
+                nursery.cancel_scope.cancel()  # the outbox was closed and drained: the end
+
+            nursery.start_soon(write_until_closed)
             await connection.send(encode(Ready(
                 room.id, room.id, connection.id, room.has_credentials, room.prefs
             )))
@@ -133,7 +138,8 @@ async def handle_frame(services: Services, room: Room, connection: Connection, f
         case Ping():
             await connection.send(PONG)
         case AgentStream():  # agent:text is a subclass
-            await services.relay.start(room, connection, message)
+            if await still_authorized(services, room, connection, message.id):
+                await services.relay.start(room, connection, message)
         case AgentCancel(id=request_id):
             await services.relay.cancel(connection, request_id)
         case PrefsGet():
@@ -148,3 +154,22 @@ async def handle_frame(services: Services, room: Room, connection: Connection, f
             await connection.send(encode(PrefsMessage(prefs)))
         case Broadcast(data=data):
             room.broadcast(encode(BroadcastMessage(connection.id, data)), sender=connection)
+
+
+async def still_authorized(
+    services: Services, room: Room, connection: Connection, request_id: str | None
+) -> bool:
+    """Check the connection's token again before a billable request (a cache hit while the auth
+    cache is fresh), so that a revoked token stops spending and a new virtual key is used
+    within the auth cache time, on connections that were open before the change too."""
+    try:
+        identity = await services.verifier.verify(connection.token)
+    except Unauthorized as exc:
+        await connection.send(error_frame(exc.code, "this token has been revoked", request_id))
+        connection.close_after_pending(CLOSE_UNAUTHORIZED, "token revoked")
+        return False
+    except AuthUnavailable as exc:
+        await connection.send(error_frame(exc.code, str(exc), request_id))
+        return False
+    room.set_identity(identity)
+    return True

@@ -17,6 +17,7 @@ import trio.testing
 from atlas.agent_server import serve_agent
 from atlas.config import Settings, parse_bind
 from fake_auth import FakeAuth, open_fake_auth
+from test_websocket import closed_with
 from fake_provider import Cut, FakeProvider, Reply, Status, open_fake_provider
 from servers import (
     SECRETS, AtlasServer, connect, new_key, open_atlas, ready, receive_json, receive_until, send_json,
@@ -329,3 +330,21 @@ async def test_a_failed_history_write_is_an_internal_error_and_the_room_lives_on
             await send_json(ws, {"type": "agent:text", "message": "x", "conversationId": "c", "id": "ok"})
             done = await receive_json(ws)
             assert done["type"] == "agent:done" and done["id"] == "ok"
+
+
+async def test_open_connections_follow_key_changes_and_revocation(tmp_path):
+    async with open_gateway(tmp_path, "in-process", auth_cache_seconds=0) as gw:
+        async with connect(gw.ws_url("alice")) as ws:
+            await ready(ws)
+            new_alice_key = new_key("alice-rotated")
+            gw.auth.users[gw.tokens["alice"]]["virtualKey"] = new_alice_key  # set-key, upstream
+            await send_json(ws, {"type": "agent:text", "message": "x", "id": "k"})
+            assert (await receive_json(ws))["type"] == "agent:done"
+            assert gw.provider.requests[-1].api_key == new_alice_key
+            del gw.auth.users[gw.tokens["alice"]]  # token revoked upstream
+            await send_json(ws, {"type": "agent:text", "message": "x", "id": "r"})
+            frames, code = await closed_with(ws)
+        assert code == 4001
+        assert frames == [{"type": "agent:error", "id": "r", "error": {
+            "code": "unauthorized", "message": "this token has been revoked"}}]
+        assert len(gw.provider.requests) == 1
