@@ -101,12 +101,16 @@ def decode_client_message(frame: str | bytes) -> ClientMessage:
     except msgspec.DecodeError as exc:
         # Slow path, errors only: decode again loosely to say precisely what is wrong.
         error = str(exc)
+    except RecursionError:
+        raise ProtocolError("bad_message", "the message is nested too deeply") from None
     try:
         envelope = _envelope_decoder.decode(frame)
     except msgspec.ValidationError:
         raise ProtocolError("bad_message", "a message must be a JSON object with a \"type\"") from None
     except msgspec.DecodeError:
         raise ProtocolError("bad_json", "the frame is not valid JSON") from None
+    except RecursionError:
+        raise ProtocolError("bad_message", "the message is nested too deeply") from None
     request_id = envelope.id if isinstance(envelope.id, str) else None
     if envelope.type is None:
         raise ProtocolError("bad_message", "the message has no \"type\" field", request_id)

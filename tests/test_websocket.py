@@ -86,6 +86,7 @@ async def test_bad_frames_get_errors_and_the_connection_stays_open(tmp_path):
                 ('{"type": "teleport"}', "unknown_type"),
                 ('{"type": "prefs:set", "prefs": 5}', "bad_message"),
                 ('{"type": "ping", "surprise": true}', "bad_message"),
+                ('{"type": "broadcast", "data": ' + "[" * 100_000 + "]" * 100_000 + "}", "bad_message"),
             ]
             for frame, code in cases:
                 await ws.send_message(frame)
