@@ -262,6 +262,8 @@ async def _read_json(receive: Receive, limit: int) -> Any:
         return _decode(b"".join(chunks))
     except msgspec.DecodeError as exc:
         raise bad_request(f"body: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise bad_request("body: nested too deeply") from None
 
 
 def parse_body(body: Any) -> tuple[str | list[ChatMessage], dict[str, Any] | None]:

@@ -46,6 +46,9 @@ async def test_routing_errors(agent):
         "/agents/atlas-assistant/text", content=b"{not json", headers=credentials("x")
     )
     assert response.status_code == 400 and response.json()["code"] == "bad_request"
+    deep = b'{"input": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    response = await agent.client.post("/agents/atlas-assistant/text", content=deep, headers=credentials("x"))
+    assert response.status_code == 400 and "nested too deeply" in response.json()["error"]
     response = await agent.client.post("/agents/nobody/text", json={"input": "hi"})
     assert response.status_code == 404 and response.json()["code"] == "unknown_agent"
 
