@@ -277,6 +277,7 @@ class Bench:
             "done": sum(r["done"] for r in results), "errors": sum(r["errors"] for r in results),
             "error_samples": [e for r in results for e in r["error_samples"]][:3],
             "delay_ms": summary(delays), "atlas_cpu_s": cpu, "provider_cpu_s": provider_cpu,
+            "last_done_s": max((max(r["done_ms"], default=0) for r in results), default=0) / 1000,
             "client_cpu_s": sum(r["cpu_s"] - c["cpu_s"] for r, c in zip(results, connected)), "wall_s": wall, "machine_busy_s": machine,
             "cpu_us_per_delta": cpu / deltas * 1e6 if deltas and atlas_pid else None,
         }

@@ -139,6 +139,7 @@ async def streams(job: dict[str, Any]) -> None:
     loop = asyncio.get_running_loop()
     delays = array.array("d")
     stamps = array.array("d")
+    done_times: list[float] = []
     counts = {"deltas": 0, "done": 0, "errors": 0}
     spec = job["spec"]
     finished = asyncio.Event()
@@ -162,6 +163,7 @@ async def streams(job: dict[str, Any]) -> None:
                     stamps.append(sent)
                     counts["deltas"] += 1
             elif kind == "agent:done":
+                done_times.append(t)
                 done_one()
             elif kind in ("agent:error", "error"):
                 counts["errors"] += 1
@@ -222,7 +224,7 @@ async def streams(job: dict[str, Any]) -> None:
         elif ws.transport is not None:
             ws.transport.close()
     # (when the provider sent it, relative to the start, in ms; its delay in us), in arrival order
-    emit("result", sent_ms=[round((s - start) * 1000, 2) for s in stamps], delays_us=[int(d * 1e6) for d in delays], deltas=counts["deltas"], done=counts["done"], errors=counts["errors"],
+    emit("result", done_ms=sorted(round((t - start) * 1000, 1) for t in done_times), sent_ms=[round((s - start) * 1000, 2) for s in stamps], delays_us=[int(d * 1e6) for d in delays], deltas=counts["deltas"], done=counts["done"], errors=counts["errors"],
          error_samples=error_samples, streams=total)
 
 
