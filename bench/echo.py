@@ -1,24 +1,55 @@
-"""The idle scenario's baseline: the bare stack Atlas is built on, and nothing else.
+"""Baselines for the WebSocket side: the bare stack Atlas is built on, and nothing else.
 
-A raw-ASGI WebSocket app served by Hypercorn's trio worker with Atlas's Hypercorn settings: it
-accepts, sends ``{"type":"ready"}``, and answers ``{"type":"ping"}`` with ``{"type":"pong"}``.
-What Atlas costs on top of this is what Atlas itself adds per connection.
+A raw-ASGI WebSocket app served by Hypercorn's trio worker with Atlas's Hypercorn settings (or,
+with ``--impl trio-websocket``, the same behaviour on plain trio-websocket). It accepts, sends
+``{"type":"ready"}``, answers ``{"type":"ping"}`` with ``{"type":"pong"}``, and answers an
+``agent:stream`` whose message reads ``bench deltas=N rate=R`` by producing the deltas itself,
+stamped like the bench provider's (``@<CLOCK_MONOTONIC>;``), then ``agent:done``: the frames
+Atlas would write, without reading a provider. What Atlas costs on top of this is what Atlas
+itself adds.
 
-Run: ``python -m bench.echo``; prints ``ECHO http://127.0.0.1:PORT``.
+Run: ``python -m bench.echo [--impl hypercorn|trio-websocket]``; prints ``ECHO http://127.0.0.1:PORT``.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import re
 import resource
+import time
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
 import trio
-from hypercorn.config import Config
-from hypercorn.trio import serve
 
 READY = '{"type":"ready"}'
 PONG = '{"type":"pong"}'
+SPEC = re.compile(r"(deltas|rate)=([0-9.]+)")
+
+
+async def answer(text: str, send: Callable[[str], Awaitable[None]], nursery: trio.Nursery) -> None:
+    if '"ping"' in text:
+        await send(PONG)
+    elif '"agent:stream"' in text:
+        nursery.start_soon(stream, json.loads(text), send)
+    else:
+        await send(text)
+
+
+async def stream(request: dict[str, Any], send: Callable[[str], Awaitable[None]]) -> None:
+    values = dict(SPEC.findall(request.get("message", "")))
+    deltas, rate = int(values.get("deltas", 8)), float(values.get("rate", 0))
+    request_id = request.get("id", "r")
+    await send(json.dumps({"type": "agent:start", "id": request_id, "agentId": "echo"}))
+    start = trio.current_time()
+    for index in range(deltas):
+        if rate > 0:
+            await trio.sleep_until(start + index / rate)
+        await send('{"type":"agent:delta","id":%s,"text":"@%.6f;"}' % (json.dumps(request_id), time.monotonic()))
+    await send(json.dumps({"type": "agent:done", "id": request_id, "text": "", "finishReason": "stop",
+                           "usage": {"promptTokens": 0, "completionTokens": deltas, "totalTokens": deltas}}))
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -36,16 +67,24 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         return
     await receive()  # websocket.connect
     await send({"type": "websocket.accept"})
-    await send({"type": "websocket.send", "text": READY})
-    while True:
-        event = await receive()
-        if event["type"] != "websocket.receive":
-            return
-        text = event.get("text") or ""
-        await send({"type": "websocket.send", "text": PONG if '"ping"' in text else text})
+
+    async def send_text(text: str) -> None:
+        await send({"type": "websocket.send", "text": text})
+
+    await send_text(READY)
+    async with trio.open_nursery() as nursery:
+        while True:
+            event = await receive()
+            if event["type"] != "websocket.receive":
+                nursery.cancel_scope.cancel()
+                return
+            await answer(event.get("text") or "", send_text, nursery)
 
 
-async def main_async() -> None:
+async def serve_hypercorn() -> None:
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
     config = Config()
     config.bind = ["127.0.0.1:0"]
     config.accesslog = None
@@ -57,10 +96,31 @@ async def main_async() -> None:
         print(f"ECHO {binds[0]}", flush=True)
 
 
+async def serve_trio_websocket() -> None:
+    from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
+
+    async def handler(request: WebSocketRequest) -> None:
+        ws = await request.accept()
+        await ws.send_message(READY)
+        try:
+            async with trio.open_nursery() as nursery:
+                while True:
+                    await answer(await ws.get_message(), ws.send_message, nursery)
+        except ConnectionClosed:
+            pass
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(partial(serve_websocket, handler, "127.0.0.1", 0, None))
+        print(f"ECHO http://127.0.0.1:{server.port}", flush=True)
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--impl", choices=("hypercorn", "trio-websocket"), default="hypercorn")
+    args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    trio.run(main_async)
+    trio.run(serve_hypercorn if args.impl == "hypercorn" else serve_trio_websocket)
 
 
 if __name__ == "__main__":
