@@ -58,7 +58,7 @@ QUICK = Plan("quick", sequential=100, warmup=10, stream_levels=(100, 300, 500), 
              stream_rate=30, stream_clients=2, stream_ramp=0.5, stream_bisect=1, stream_step=50, idle_connections=1000, idle_users=200, idle_clients=2,
              pings=300, store_users=10_000, cold_samples=100)
 FULL = Plan("full", sequential=200, warmup=20, stream_levels=(250, 500, 750, 1000), stream_deltas=200,
-            stream_rate=30, stream_clients=2, stream_ramp=1.0, stream_bisect=3, stream_step=25, idle_connections=10_000, idle_users=2000, idle_clients=4,
+            stream_rate=30, stream_clients=2, stream_ramp=1.0, stream_bisect=4, stream_step=25, idle_connections=10_000, idle_users=2000, idle_clients=4,
             pings=1000, store_users=100_000, cold_samples=200)
 
 # Targets (issue 5), all on this 2-core machine with one Atlas process.
