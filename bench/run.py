@@ -201,12 +201,16 @@ class Bench:
         self.samples["first token"] = {"Atlas": a, "direct": d}
         sa, sd = summary(a), summary(d)
         requests = self.plan.sequential + self.plan.warmup
-        self.data["first_token"] = {"atlas_ms": sa, "direct_ms": sd, "atlas_cpu_us_per_request": cpu / requests * 1e6}
+        # Added latency per request: Atlas's call minus the direct call just before it (same
+        # conditions), then its percentiles. The difference of the two p50s is kept too.
+        sp = summary([x - y for x, y in zip(a, d)])
+        self.data["first_token"] = {"atlas_ms": sa, "direct_ms": sd, "added_ms": sp,
+                                    "atlas_cpu_us_per_request": cpu / requests * 1e6}
         for p, target in (("p50", FIRST_TOKEN_P50_MS), ("p99", FIRST_TOKEN_P99_MS)):
-            added = sa[p] - sd[p]
             self.rows.append(Row("first token", f"time to first delta {p}", f"{sa[p]:.2f} ms", f"{sd[p]:.2f} ms",
-                                 f"{added:+.2f} ms", f"added <= {target:g} ms", added <= target))
-        progress(f"first token: added p50 {sa['p50'] - sd['p50']:.2f} ms, p99 {sa['p99'] - sd['p99']:.2f} ms")
+                                 f"{sp[p]:+.2f} ms", f"added <= {target:g} ms", sp[p] <= target))
+        progress(f"first token: added p50 {sp['p50']:.2f} ms, p99 {sp['p99']:.2f} ms; "
+                 f"Atlas CPU {cpu / requests * 1e6:.0f} us per request")
 
     def proxy(self) -> None:
         progress("proxy: starting Atlas")
@@ -227,13 +231,14 @@ class Bench:
         self.samples["proxy"] = {"Atlas": a, "direct": d}
         sa, sd = summary(a), summary(d)
         requests = self.plan.sequential + self.plan.warmup
-        self.data["proxy"] = {"atlas_ms": sa, "direct_ms": sd, "atlas_cpu_us_per_request": cpu / requests * 1e6}
-        added = sa["p50"] - sd["p50"]
+        sp = summary([x - y for x, y in zip(a, d)])
+        self.data["proxy"] = {"atlas_ms": sa, "direct_ms": sd, "added_ms": sp,
+                              "atlas_cpu_us_per_request": cpu / requests * 1e6}
         self.rows.append(Row("proxy", "POST ?proxy=.../text p50", f"{sa['p50']:.2f} ms", f"{sd['p50']:.2f} ms",
-                             f"{added:+.2f} ms", f"added <= {PROXY_P50_MS:g} ms", added <= PROXY_P50_MS))
+                             f"{sp['p50']:+.2f} ms", f"added <= {PROXY_P50_MS:g} ms", sp["p50"] <= PROXY_P50_MS))
         self.rows.append(Row("proxy", "POST ?proxy=.../text p99", f"{sa['p99']:.2f} ms", f"{sd['p99']:.2f} ms",
-                             f"{sa['p99'] - sd['p99']:+.2f} ms", "-", None))
-        progress(f"proxy: added p50 {added:.2f} ms")
+                             f"{sp['p99']:+.2f} ms", "-", None))
+        progress(f"proxy: added p50 {sp['p50']:.2f} ms; Atlas CPU {cpu / requests * 1e6:.0f} us per request")
 
     def stream_level(self, mode: str, url: str, streams: int, atlas_pid: int | None) -> dict[str, Any]:
         plan = self.plan
