@@ -206,11 +206,17 @@ class Bench:
         sp = summary([x - y for x, y in zip(a, d)])
         self.data["first_token"] = {"atlas_ms": sa, "direct_ms": sd, "added_ms": sp,
                                     "atlas_cpu_us_per_request": cpu / requests * 1e6}
+        # Where the added time is: on the way in (client frame -> provider request) or out.
+        for leg in ("in", "out"):
+            self.data["first_token"][f"added_{leg}_ms"] = summary(
+                [x - y for x, y in zip(result.get(f"atlas_{leg}_ms", []), result.get(f"direct_{leg}_ms", []))])
         for p, target in (("p50", FIRST_TOKEN_P50_MS), ("p99", FIRST_TOKEN_P99_MS)):
             self.rows.append(Row("first token", f"time to first delta {p}", f"{sa[p]:.2f} ms", f"{sd[p]:.2f} ms",
                                  f"{sp[p]:+.2f} ms", f"added <= {target:g} ms", sp[p] <= target))
-        progress(f"first token: added p50 {sp['p50']:.2f} ms, p99 {sp['p99']:.2f} ms; "
-                 f"Atlas CPU {cpu / requests * 1e6:.0f} us per request")
+        legs = self.data["first_token"]
+        progress(f"first token: added p50 {sp['p50']:.2f} ms (on the way to the provider "
+                 f"{legs['added_in_ms']['p50']:.2f}, back to the client {legs['added_out_ms']['p50']:.2f}), "
+                 f"p99 {sp['p99']:.2f} ms; Atlas CPU {cpu / requests * 1e6:.0f} us per request")
 
     def proxy(self) -> None:
         progress("proxy: starting Atlas")

@@ -81,25 +81,36 @@ async def first_token(job: dict[str, Any]) -> None:
     ws = await open_websocket(ws_url(job["url"], job["user"], job["token"]))
     await wait_type(ws, "ready")
     atlas_ms, direct_ms = [], []
+    # Split at the provider's stamp on the first delta: "in" = request sent -> provider wrote its
+    # first delta (includes the provider's own work), "out" = that write -> the client has it.
+    split: dict[str, list[float]] = {"atlas_in_ms": [], "atlas_out_ms": [], "direct_in_ms": [], "direct_out_ms": []}
     count, warmup = job["count"], job["warmup"]
     for i in range(warmup + count):
         first: list[float] = []
         t0 = time.monotonic()
-        await direct.request("POST", path, body, {"authorization": "Bearer bench"}, first.append)
+        _, reply = await direct.request("POST", path, body, {"authorization": "Bearer bench"}, first.append)
+        stamp = STAMP.search(reply)
         if i >= warmup:
             direct_ms.append((first[0] - t0) * 1000)
+            if stamp:
+                split["direct_in_ms"].append((float(stamp.group(1)) - t0) * 1000)
+                split["direct_out_ms"].append((first[0] - float(stamp.group(1))) * 1000)
         request = json.dumps({"type": "agent:stream", "message": job["spec"], "id": f"r{i}"}).encode()
         t0 = time.monotonic()
         ws.send(request)
-        _, t_delta = await wait_type(ws, "agent:delta")
+        delta, t_delta = await wait_type(ws, "agent:delta")
         await wait_type(ws, "agent:done")
+        stamp = STAMP.search(delta.get("text", "").encode())
         if i >= warmup:
             atlas_ms.append((t_delta - t0) * 1000)
+            if stamp:
+                split["atlas_in_ms"].append((float(stamp.group(1)) - t0) * 1000)
+                split["atlas_out_ms"].append((t_delta - float(stamp.group(1))) * 1000)
         if i % 20 == 0:
             emit("progress", done=i + 1, total=warmup + count)
     ws.close()
     direct.close()
-    emit("result", atlas_ms=atlas_ms, direct_ms=direct_ms)
+    emit("result", atlas_ms=atlas_ms, direct_ms=direct_ms, **split)
 
 
 async def proxy(job: dict[str, Any]) -> None:
