@@ -187,11 +187,17 @@ class AgentService:
         agent = self.get(agent_id)
         messages = check_input(input)
         body = build_body(agent, messages, parse_options(options))
-        if not credentials.api_key.strip():
+        key = credentials.api_key.strip()
+        if not key:
             raise AgentError("no_credentials", "no provider API key for this request", 400)
+        if not key.isascii() or not key.isprintable() or " " in key:
+            # It goes into an Authorization header: a line break would smuggle other headers.
+            raise AgentError(
+                "no_credentials", "the provider API key has characters a key cannot have", 400
+            )
         url = self.provider_url(credentials)
         log.debug("agent %s: user %r -> %s", agent.id, credentials.user_id, url)
-        async with self._provider.open_completion(url, credentials.api_key.strip(), body) as events:
+        async with self._provider.open_completion(url, key, body) as events:
             yield events
 
 
@@ -205,7 +211,7 @@ async def open_agent_service(
     """Load the agents (``ConfigError`` on a bad file) and own the provider HTTP client.
     ``agents`` skips the loading, for a caller that has already loaded (or built) them."""
     agents = load_agents(settings) if agents is None else agents
-    async with open_provider_transport() as transport:
+    async with open_provider_transport(settings.provider_transport) as transport:
         provider = ProviderClient(
             transport, RetryPolicy(retries=settings.provider_retries), timeout=settings.provider_timeout
         )

@@ -18,7 +18,7 @@ from .config import DEFAULT_AGENT_BIND, DEFAULT_SERVE_BIND, SETTINGS, ConfigErro
 SERVE_SETTINGS = {s.name for s in SETTINGS}
 AGENT_SETTINGS = {
     "data_dir", "bind", "agent_secret", "provider_url", "provider_urls", "provider_timeout",
-    "provider_retries", "agents_file", "log_level",
+    "provider_retries", "provider_transport", "agents_file", "log_level",
 }
 USER_SETTINGS = {"data_dir", "log_level"}
 

@@ -119,6 +119,13 @@ def parse_log_level(value: str) -> str:
     return level
 
 
+def parse_transport(value: str) -> str:
+    choice = value.strip().lower()
+    if choice not in ("lean", "httpx"):
+        raise ValueError("expected lean (Atlas's own HTTP/1.1 transport) or httpx (httpcore)")
+    return choice
+
+
 def parse_secret(value: str) -> str:
     if not value.strip():
         raise ValueError("is empty")
@@ -155,6 +162,8 @@ SETTINGS: tuple[Setting, ...] = (
             parse_positive_float, "seconds without a byte from the provider before giving up"),
     Setting("provider_retries", ("ATLAS_PROVIDER_RETRIES",), "--provider-retries",
             parse_non_negative_int, "retries before the first token on 429/5xx/connect failures"),
+    Setting("provider_transport", ("ATLAS_PROVIDER_TRANSPORT",), "--provider-transport",
+            parse_transport, "HTTP transport for provider calls: lean (default) or httpx"),
     Setting("agents_file", ("ATLAS_AGENTS_FILE",), "--agents-file", Path,
             "TOML file defining agents (default DATA_DIR/agents.toml when it exists)"),
     Setting("room_idle_seconds", ("ATLAS_ROOM_IDLE_SECONDS",), "--room-idle-seconds",
@@ -186,6 +195,7 @@ class Settings:
     provider_urls: tuple[str, ...] = ()
     provider_timeout: float = 60.0
     provider_retries: int = 2
+    provider_transport: str = "lean"
     agents_file: Path | None = None
     room_idle_seconds: float = 60.0
     max_message_bytes: int = 1024 * 1024

@@ -31,6 +31,7 @@ import msgspec
 import trio
 
 from . import __version__
+from .lean_http import LeanTransport
 from .agent_types import AgentError, Finish, StreamEvent, TextDelta, Usage
 
 log = logging.getLogger("atlas.provider")
@@ -131,14 +132,16 @@ class RetryPolicy:
         return random.uniform(backoff / 2, backoff)
 
 
-def open_provider_transport() -> httpx.AsyncHTTPTransport:
+def open_provider_transport(kind: str = "lean") -> httpx.AsyncBaseTransport:
     """The process's one connection pool for provider calls (use it as an async context manager).
 
-    Provider calls go straight to httpx's transport rather than through an ``AsyncClient``: the
-    client's layers (redirects, auth flows, cookies, event hooks, content decoding) are all
-    unused here (no redirect is ever followed, no cookie kept, no compression asked for), and
-    they cost CPU on every request and every chunk.
-    ``trust_env=False``: no proxy variables and no ``.netrc`` credentials reach a provider call."""
+    ``lean`` is Atlas's own HTTP/1.1 transport (``atlas.lean_http``, measured much cheaper per
+    delta), ``httpx`` is httpx's default one (httpcore). Either way the calls go straight to the
+    transport rather than through an ``AsyncClient``, whose layers (redirects, auth flows,
+    cookies, event hooks, content decoding) provider calls never use. No proxy variables and no
+    ``.netrc`` credentials reach a provider call (``trust_env=False``)."""
+    if kind == "lean":
+        return LeanTransport()
     return httpx.AsyncHTTPTransport(
         limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
         trust_env=False,

@@ -93,14 +93,17 @@ def main(args: argparse.Namespace) -> int:
         print(f"atlas: invalid user id {user_id!r}: use 1-128 of A-Z a-z 0-9 . _ @ -", file=sys.stderr)
         return 2
     virtual_key = getattr(args, "virtual_key", None)
-    if virtual_key is not None and not virtual_key.strip():
-        print("atlas: invalid --virtual-key: it is empty", file=sys.stderr)
-        return 2
+    if virtual_key is not None:
+        virtual_key = virtual_key.strip()
+        if not virtual_key or not virtual_key.isascii() or not virtual_key.isprintable() or " " in virtual_key:
+            print("atlas: invalid --virtual-key: use a non-empty key of printable ASCII, no spaces",
+                  file=sys.stderr)
+            return 2
     try:
         if action == "add":
             provider_url = checked_provider_url(args.provider_url)
-            token = create_user(store, user_id, virtual_key.strip(), provider_url)
-            print(f"Created user {user_id} (virtual key {mask_key(virtual_key.strip())}).")
+            token = create_user(store, user_id, virtual_key, provider_url)
+            print(f"Created user {user_id} (virtual key {mask_key(virtual_key)}).")
             print("Its token follows; it is shown only this once:")
             print(token)
         elif action == "list":
@@ -118,7 +121,7 @@ def main(args: argparse.Namespace) -> int:
             remove_user(store, user_id)
             print(f"Removed user {user_id} and its stored room; its token no longer works.")
         elif action == "set-key":
-            user = set_key(store, user_id, virtual_key.strip(), checked_provider_url(args.provider_url))
+            user = set_key(store, user_id, virtual_key, checked_provider_url(args.provider_url))
             print(f"Updated user {user_id}: virtual key {mask_key(user.virtual_key)}.")
         elif action == "rotate-token":
             token = rotate_token(store, user_id)

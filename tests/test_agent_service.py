@@ -17,7 +17,7 @@ from atlas.agent import (
     open_agent_service,
 )
 from atlas.provider import RetryPolicy, SseDataParser, parse_retry_after
-from fake_provider import Reply, open_fake_provider
+from fake_provider import Cut, Reply, Status, open_fake_provider
 
 
 @pytest.fixture
@@ -150,3 +150,38 @@ def test_retry_after_parsing_and_policy():
     assert 3 <= policy.delay(0, 3) <= 4
     for attempt in range(2):
         assert 2**attempt / 2 <= policy.delay(attempt, None) <= 2**attempt
+
+
+async def test_a_key_with_a_line_break_is_refused_before_any_io(tmp_path):
+    async with open_fake_provider() as provider:
+        settings = agent_settings(provider.url, tmp_path)
+        async with open_agent_service(settings, default_provider_url=provider.url) as service:
+            bad = Credentials(api_key="sk-abc\r\nX-Injected: 1", api_url="", user_id="u")
+            with pytest.raises(AgentError) as caught:
+                async with service.open_stream("atlas-assistant", "hi", {}, bad):
+                    pass
+    assert caught.value.code == "no_credentials" and "\n" not in caught.value.message
+    assert provider.requests == []
+
+
+@pytest.mark.parametrize("transport", ["lean", "httpx"])
+async def test_both_provider_transports_stream_and_fail_alike(tmp_path, transport):
+    async with open_fake_provider() as provider:
+        settings = agent_settings(provider.url, tmp_path, provider_transport=transport, provider_retries=0)
+        creds = Credentials(api_key=TEST_KEY, api_url="", user_id="u")
+        async with open_agent_service(settings, default_provider_url=provider.url) as service:
+            async with service.open_stream("atlas-assistant", "hi", {}, creds) as events:
+                got = [event async for event in events]
+            provider.script(Status(429, retry_after="3"), Cut(after=1))
+            codes = []
+            for _ in range(2):
+                try:
+                    async with service.open_stream("atlas-assistant", "hi", {}, creds) as events:
+                        async for _ in events:
+                            pass
+                except AgentError as exc:
+                    codes.append((exc.code, exc.retry_after))
+    assert [e.text for e in got if isinstance(e, TextDelta)] == ["Hello", ", ", "world"]
+    assert got[-1] == Finish("stop", Usage(11, 3, 14))
+    assert codes == [("provider_rate_limited", 3.0), ("provider_error", None)]
+    assert provider.requests[0].api_key == TEST_KEY

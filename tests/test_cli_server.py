@@ -70,6 +70,8 @@ def test_user_commands(tmp_path):
 
     duplicate = atlas("user", "add", "carol", "--virtual-key", key, *data)
     assert duplicate.returncode == 1 and "already exists" in duplicate.stderr
+    bad_key = atlas("user", "add", "eve", "--virtual-key", "sk-a\nb", *data)
+    assert bad_key.returncode == 2 and "invalid --virtual-key" in bad_key.stderr
     bad_id = atlas("user", "add", "no/slash", "--virtual-key", key, *data)
     assert bad_id.returncode == 2 and "invalid user id" in bad_id.stderr
     missing = atlas("user", "remove", "nobody", *data)

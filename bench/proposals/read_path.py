@@ -4,7 +4,7 @@
 
 MODE: ``client`` (``httpx.AsyncClient`` streaming, ``aiter_bytes``), ``transport`` (httpx's
 ``AsyncHTTPTransport`` used directly, iterating ``response.stream``), ``lean``
-(``bench.proposals.provider_http.LeanTransport``, the same way), ``bare`` (a trio
+(``atlas.lean_http.LeanTransport``, the same way), ``bare`` (a trio
 ``receive_some`` loop that parses nothing: the floor). Every mode but ``bare`` parses the events
 with ``atlas.provider``'s SSE parser and chunk decoder. Starts ``bench.provider`` itself; the
 streams start 1/STREAMS s apart and get 30 deltas/s each; prints CPU seconds per delta.
@@ -20,7 +20,7 @@ import httpx
 import trio
 
 from atlas.provider import SseDataParser, _Reply
-from bench.proposals.provider_http import LeanTransport
+from atlas.lean_http import LeanTransport
 
 REPO = Path(__file__).resolve().parents[2]
 RATE = 30
