@@ -11,6 +11,7 @@ matplotlib is installed. Server cost is the Atlas process's own CPU time from ``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -559,8 +560,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="run every bench process at this nice value (default -10; below 0 needs root), "
                         "so that other work on a shared machine disturbs the figures less")
     parser.add_argument("--only", action="append", choices=SCENARIOS, help="run only this scenario (repeatable)")
+    parser.add_argument("--streams", metavar="N[,N...]", default=None,
+                        help="streaming: measure exactly these stream counts (no bisection)")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
+    if args.streams:
+        levels = tuple(int(n) for n in args.streams.split(",") if n.strip())
+        plan = dataclasses.replace(plan, stream_levels=levels, stream_bisect=0)
     if args.priority is not None:
         from bench import procs
 
