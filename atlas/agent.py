@@ -31,7 +31,7 @@ from .agent_types import (
     Usage,
     bad_request,
 )
-from .agents_config import AgentSpec, Penalty, Temperature, TokenCount, TopP, load_agents
+from .agents_config import AgentSpec, SamplingOptions, load_agents
 from .config import Settings, normalize_url
 from .http_server import ASGIApp
 from .provider import ProviderClient, RetryPolicy, open_provider_transport
@@ -52,18 +52,11 @@ class MemoryOptions(msgspec.Struct, rename="camel"):
     options: dict[str, Any] | None = None
 
 
-class AgentOptions(msgspec.Struct, forbid_unknown_fields=True, rename="camel"):
+class AgentOptions(SamplingOptions, forbid_unknown_fields=True, rename="camel"):
     """VoltAgent's generation options. Sampling options go to the provider; memory, context and
     tool options are accepted for compatibility and have no effect here (no tools, and the
     conversation history comes in ``input``)."""
 
-    temperature: Temperature | None = None
-    max_output_tokens: TokenCount | None = None
-    top_p: TopP | None = None
-    frequency_penalty: Penalty | None = None
-    presence_penalty: Penalty | None = None
-    seed: int | None = None
-    stop_sequences: list[str] | None = None
     user_id: str | None = None
     conversation_id: str | None = None
     memory: MemoryOptions | None = None

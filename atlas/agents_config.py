@@ -24,14 +24,10 @@ TokenCount = Annotated[int, msgspec.Meta(ge=1)]
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
 
 
-class AgentSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, rename="camel"):
-    """One agent: who it is, its system prompt, its model and its default options."""
+class SamplingOptions(msgspec.Struct, kw_only=True, rename="camel"):
+    """The generation options that an agent's defaults and a request's options share
+    (VoltAgent's names, camel-cased)."""
 
-    id: AgentId
-    model: NonEmpty
-    name: str = ""
-    description: str = ""
-    instructions: str = ""
     temperature: Temperature | None = None
     max_output_tokens: TokenCount | None = None
     top_p: TopP | None = None
@@ -39,6 +35,16 @@ class AgentSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, rename=
     presence_penalty: Penalty | None = None
     seed: int | None = None
     stop_sequences: list[str] | None = None
+
+
+class AgentSpec(SamplingOptions, frozen=True, forbid_unknown_fields=True, rename="camel"):
+    """One agent: who it is, its system prompt, its model and its default options."""
+
+    id: AgentId
+    model: NonEmpty
+    name: str = ""
+    description: str = ""
+    instructions: str = ""
 
     def describe(self) -> dict[str, Any]:
         """The agent as ``GET /agents`` shows it (VoltAgent's shape)."""
