@@ -12,6 +12,8 @@ import warnings
 
 import pytest
 
+from agent_fixtures import agent_settings, open_agent
+from fake_provider import open_fake_provider
 from servers import PROCESS_LOGS, SECRETS
 
 
@@ -47,6 +49,20 @@ def no_secret_in_any_log():
     texts += [path.read_text(errors="replace") for path in PROCESS_LOGS if path.exists()]
     leaked = sorted({secret[:12] + "…" for secret in SECRETS for text in texts if secret in text})
     assert not leaked, f"secrets found in logs (shown truncated): {leaked}"
+
+
+@pytest.fixture
+async def provider():
+    """A fake OpenAI-compatible provider (tests/fake_provider.py) on port 0."""
+    async with open_fake_provider() as provider:
+        yield provider
+
+
+@pytest.fixture
+async def agent(provider, tmp_path):
+    """``atlas agent`` (serve_agent) on port 0 in front of ``provider``, with an httpx client."""
+    async with open_agent(agent_settings(provider.url, tmp_path)) as harness:
+        yield harness
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -5,20 +5,8 @@ from __future__ import annotations
 import pytest
 import trio
 
-from agent_fixtures import TEST_KEY, agent_settings, credentials, open_agent, read_events, sse_events
-from fake_provider import DEFAULT_USAGE, Reply, open_fake_provider
-
-
-@pytest.fixture
-async def provider():
-    async with open_fake_provider() as provider:
-        yield provider
-
-
-@pytest.fixture
-async def agent(provider, tmp_path):
-    async with open_agent(agent_settings(provider.url, tmp_path)) as harness:
-        yield harness
+from agent_fixtures import TEST_KEY, credentials, read_events, sse_events
+from fake_provider import DEFAULT_USAGE, Reply
 
 
 async def test_healthz_and_agents(agent):

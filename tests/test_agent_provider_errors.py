@@ -12,19 +12,7 @@ import pytest
 import trio
 
 from agent_fixtures import TEST_KEY, agent_settings, credentials, open_agent, read_events, sse_events
-from fake_provider import Cut, Malformed, Reply, Stall, Status, open_fake_provider
-
-
-@pytest.fixture
-async def provider():
-    async with open_fake_provider() as provider:
-        yield provider
-
-
-@pytest.fixture
-async def agent(provider, tmp_path):
-    async with open_agent(agent_settings(provider.url, tmp_path)) as harness:
-        yield harness
+from fake_provider import Cut, Malformed, Reply, Stall, Status
 
 
 async def post(agent, provider, route="text", **kwargs):

@@ -21,12 +21,6 @@ from fake_provider import Cut, Reply, Status, open_fake_provider
 
 
 @pytest.fixture
-async def provider():
-    async with open_fake_provider() as provider:
-        yield provider
-
-
-@pytest.fixture
 async def service(provider, tmp_path):
     settings = agent_settings(provider.url, tmp_path)
     async with open_agent_service(settings, default_provider_url=provider.url) as service:

@@ -14,6 +14,7 @@ import pytest
 import trio
 import trio.testing
 
+from agent_fixtures import read_events
 from atlas.agent_server import serve_agent
 from atlas.config import Settings, parse_bind
 from fake_auth import FakeAuth, open_fake_auth
@@ -175,10 +176,7 @@ async def test_proxied_sse_arrives_event_by_event(tmp_path, layout):
                 assert response.status_code == 200
                 assert response.headers["content-type"].startswith("text/event-stream")
                 with trio.fail_after(10):
-                    async for line in response.aiter_lines():
-                        if not line.startswith("data: "):
-                            continue
-                        event = json.loads(line[6:])
+                    async for event in read_events(response):
                         events.append(event)
                         if event["type"] == "text-delta" and event["text"] == "first":
                             # The provider is still held at its gate: this event came early.
@@ -299,17 +297,16 @@ async def test_shutdown_lets_a_proxied_stream_finish_and_refuses_new_requests(tm
                 headers=gw.auth_header("alice"), json={"input": "go"},
             ) as response:
                 with trio.fail_after(10):
-                    async for line in response.aiter_lines():
-                        if line.startswith("data: "):
-                            events.append(json.loads(line[6:]))
-                            if events[-1].get("text") == "before":
-                                gw.atlas.shutdown.set()
-                                await trio.testing.wait_all_tasks_blocked()
-                                refused = await client.get(
-                                    gw.proxy_url("alice", "/agents"), headers=gw.auth_header("alice"))
-                                assert refused.status_code == 503
-                                assert refused.json()["error"]["code"] == "shutting_down"
-                                gate.set()
+                    async for event in read_events(response):
+                        events.append(event)
+                        if event.get("text") == "before":
+                            gw.atlas.shutdown.set()
+                            await trio.testing.wait_all_tasks_blocked()
+                            refused = await client.get(
+                                gw.proxy_url("alice", "/agents"), headers=gw.auth_header("alice"))
+                            assert refused.status_code == 503
+                            assert refused.json()["error"]["code"] == "shutting_down"
+                            gate.set()
     assert events[-1]["type"] == "finish"
     assert "".join(e["text"] for e in events if e["type"] == "text-delta") == "before after"
 
