@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from importlib import resources
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -55,7 +56,10 @@ class Services:
     shutting_down: bool = False
 
 
-async def send_json(send: Any, status: int, body: Any, headers: list[tuple[bytes, bytes]] = []) -> None:
+Headers = Sequence[tuple[bytes, bytes]]
+
+
+async def send_json(send: Any, status: int, body: Any, headers: Headers = ()) -> None:
     await send({
         "type": "http.response.start", "status": status,
         "headers": [(b"content-type", b"application/json"), (b"cache-control", b"no-store"), *headers],

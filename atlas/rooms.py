@@ -52,6 +52,7 @@ class Room:
     def _notify(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
+        self._registry._notify()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Load the room, serve its request tasks, and return once it has been idle long enough."""
@@ -190,6 +191,11 @@ class RoomRegistry:
         self.max_conversations = max_conversations
         self.rooms: dict[str, Room] = {}
         self._nursery = nursery
+        self._changed = trio.Event()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
 
     def _forget(self, room: Room) -> None:
         if self.rooms.get(room.id) is room:
@@ -226,6 +232,11 @@ class RoomRegistry:
 
     def busy(self) -> bool:
         return any(room.busy for room in self.rooms.values())
+
+    async def wait_drained(self) -> None:
+        """Return once no room has a connection, a holder or a request in flight."""
+        while self.connections() or self.busy():
+            await self._changed.wait()
 
     def close_all(self, code: int, reason: str) -> None:
         for connection in self.connections():

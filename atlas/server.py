@@ -115,8 +115,7 @@ async def serve_atlas(
             rooms.close_all(CLOSE_GOING_AWAY, "server shutting down")
             with trio.move_on_after(settings.shutdown_seconds):
                 # WebSockets leave at once; proxied HTTP requests hold their room until done.
-                while rooms.connections() or rooms.busy():
-                    await trio.sleep(0.01)
+                await rooms.wait_drained()
             stop_listening.set()
         background.cancel_scope.cancel()
     log.info("stopped")
