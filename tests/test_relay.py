@@ -21,7 +21,8 @@ from fake_auth import FakeAuth, open_fake_auth
 from test_websocket import closed_with
 from fake_provider import Cut, FakeProvider, Reply, Status, open_fake_provider
 from servers import (
-    SECRETS, AtlasServer, connect, new_key, open_atlas, ready, receive_json, receive_until, send_json,
+    SECRETS, AtlasServer, add_user, connect, new_key, open_atlas, ready, receive_json, receive_until,
+    send_json, start_atlas_process,
 )
 
 AGENT_SECRET = "agent-secret-for-tests-0123456789"
@@ -345,3 +346,35 @@ async def test_open_connections_follow_key_changes_and_revocation(tmp_path):
         assert frames == [{"type": "agent:error", "id": "r", "error": {
             "code": "unauthorized", "message": "this token has been revoked"}}]
         assert len(gw.provider.requests) == 1
+
+
+async def test_atlas_agent_and_atlas_serve_as_two_processes(tmp_path):
+    """The original two-process design, as an operator runs it: two commands, one secret."""
+    async with open_fake_provider() as provider:
+        env = {"ATLAS_AGENT_SECRET": AGENT_SECRET, "ATLAS_PROVIDER_URL": provider.url}
+        agent = await start_atlas_process(tmp_path / "agent-data", command="agent", env=env)
+        try:
+            token = add_user(tmp_path / "data", "alice")
+            serve = await start_atlas_process(
+                tmp_path / "data", env={**env, "ATLAS_AGENT_URL": agent.url}
+            )
+            try:
+                ws_url = serve.url.replace("http://", "ws://") + f"/parties/main/alice?token={token}"
+                async with connect(ws_url) as ws:
+                    await ready(ws)
+                    await send_json(ws, {"type": "agent:stream", "message": "hi", "id": "r1"})
+                    frames = await receive_until(ws, "agent:done")
+                assert frames[-1]["text"] == "Hello, world"
+                async with httpx.AsyncClient(timeout=10) as client:
+                    proxied = await client.post(
+                        f"{serve.url}/party/alice?proxy=/agents/atlas-assistant/text",
+                        headers={"Authorization": f"Bearer {token}"}, json={"input": "hi"},
+                    )
+                    direct = await client.get(f"{agent.url}/agents")  # no secret: refused
+                assert proxied.status_code == 200 and proxied.json()["data"]["text"] == "Hello, world"
+                assert direct.status_code == 401
+                assert len(provider.requests) == 2
+            finally:
+                assert serve.terminate() == 0
+        finally:
+            agent.terminate()
