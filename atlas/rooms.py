@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("atlas.rooms")
 
+MAX_CONVERSATION_CHARS = 100_000
+
 
 class Room:
     def __init__(self, room_id: str, registry: RoomRegistry) -> None:
@@ -137,13 +139,17 @@ class Room:
         return list(self.state.conversations.get(conversation_id, ()))
 
     async def append_turns(self, conversation_id: str, turns: list[Turn], keep: int) -> None:
-        """Append turns to a conversation, keeping its last ``keep`` messages; durable on return."""
+        """Append turns to a conversation, keeping its last ``keep`` messages and at most
+        ``MAX_CONVERSATION_CHARS`` of text (the room's file is rewritten on every turn, so it
+        must stay small); durable on return."""
         async with self._write_lock:
             conversations = dict(self.state.conversations)
-            history = conversations.pop(conversation_id, [])
+            history = (conversations.pop(conversation_id, []) + turns)[-keep:]
+            while len(history) > 1 and sum(len(t.content) for t in history) > MAX_CONVERSATION_CHARS:
+                del history[0]
             # Re-inserted last: the dict's order is recency, and the oldest conversations go
             # first when there are too many.
-            conversations[conversation_id] = (history + turns)[-keep:]
+            conversations[conversation_id] = history
             while len(conversations) > self._registry.max_conversations:
                 del conversations[next(iter(conversations))]
             await self.save(RoomState(prefs=self.state.prefs, conversations=conversations))
@@ -184,7 +190,7 @@ class Room:
 
 class RoomRegistry:
     def __init__(
-        self, store: Store, nursery: trio.Nursery, *, idle_seconds: float, max_conversations: int = 100
+        self, store: Store, nursery: trio.Nursery, *, idle_seconds: float, max_conversations: int = 50
     ) -> None:
         self.store = store
         self.idle_seconds = idle_seconds

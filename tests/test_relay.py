@@ -378,3 +378,23 @@ async def test_atlas_agent_and_atlas_serve_as_two_processes(tmp_path):
                 assert serve.terminate() == 0
         finally:
             agent.terminate()
+
+
+async def test_stored_conversations_stay_bounded(tmp_path):
+    from atlas.rooms import MAX_CONVERSATION_CHARS
+
+    async with open_gateway(tmp_path, "in-process", conversation_turns=4) as gw:
+        gw.provider.behaviour = Reply(deltas=["ok"])
+        async with connect(gw.ws_url("alice")) as ws:
+            await ready(ws)
+            for n in range(5):
+                await send_json(ws, {"type": "agent:text", "message": f"turn {n}", "conversationId": "c"})
+                await receive_json(ws)
+            big = "x" * (MAX_CONVERSATION_CHARS // 2 + 1)
+            for _ in range(2):
+                await send_json(ws, {"type": "agent:text", "message": big, "conversationId": "big"})
+                await receive_json(ws)
+        stored = json.loads((gw.atlas.data_dir / "rooms" / "alice.json").read_text())["conversations"]
+    assert [t["content"] for t in stored["c"]] == ["turn 3", "ok", "turn 4", "ok"]
+    assert sum(len(t["content"]) for t in stored["big"]) <= MAX_CONVERSATION_CHARS
+    assert stored["big"][-2:] == [{"role": "user", "content": big}, {"role": "assistant", "content": "ok"}]
