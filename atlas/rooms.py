@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, NoReturn
 
+import msgspec
 import trio
 
 from .auth import Identity
@@ -28,6 +29,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("atlas.rooms")
 
 MAX_CONVERSATION_CHARS = 100_000
+MAX_PREFS_BYTES = 64 * 1024
+
+
+class PrefsTooLarge(Exception):
+    pass
 
 
 class Room:
@@ -124,7 +130,8 @@ class Room:
         return self._write_lock
 
     async def merge_prefs(self, patch: dict[str, Any]) -> dict[str, Any]:
-        """Merge ``patch`` into the prefs (``None`` deletes a key); returns them once durable."""
+        """Merge ``patch`` into the prefs (``None`` deletes a key); returns them once durable.
+        Raises PrefsTooLarge, changing nothing, when the result would exceed MAX_PREFS_BYTES."""
         async with self._write_lock:
             prefs = dict(self.state.prefs)
             for key, value in patch.items():
@@ -132,6 +139,8 @@ class Room:
                     prefs.pop(key, None)
                 else:
                     prefs[key] = value
+            if len(msgspec.json.encode(prefs)) > MAX_PREFS_BYTES:
+                raise PrefsTooLarge(f"preferences are limited to {MAX_PREFS_BYTES // 1024} KiB")
             await self.save(RoomState(prefs=prefs, conversations=self.state.conversations))
             return prefs
 

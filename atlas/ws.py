@@ -23,6 +23,7 @@ from .protocol import (
     CLOSE_UNAUTHORIZED, AgentCancel, AgentStream, Broadcast, BroadcastMessage, Ping, Pong, PrefsGet, PrefsMessage,
     PrefsSet, ProtocolError, Ready, decode_client_message, encode, error_frame,
 )
+from .rooms import PrefsTooLarge
 from .store import StoreError
 
 if TYPE_CHECKING:
@@ -147,6 +148,9 @@ async def handle_frame(services: Services, room: Room, connection: Connection, f
         case PrefsSet(prefs=patch):
             try:
                 prefs = await room.merge_prefs(patch)
+            except PrefsTooLarge as exc:
+                await connection.send(error_frame("too_large", str(exc)))
+                return
             except OSError as exc:
                 log.error("room %s: prefs not saved: %s", room.id, exc)
                 await connection.send(error_frame("internal", "the preferences could not be saved"))

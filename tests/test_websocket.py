@@ -123,6 +123,21 @@ async def test_prefs_merge_delete_and_survive_a_restart(tmp_path):
             assert await receive_json(ws) == {"type": "prefs", "prefs": frame["prefs"]}
 
 
+async def test_prefs_have_a_size_limit_and_a_refused_set_changes_nothing(tmp_path):
+    from atlas.rooms import MAX_PREFS_BYTES
+
+    async with open_atlas(tmp_path, users={"alice": None}) as server:
+        async with connect(server.ws_url("alice", server.tokens["alice"])) as ws:
+            await ready(ws)
+            await send_json(ws, {"type": "prefs:set", "prefs": {"keep": 1}})
+            await receive_json(ws)
+            await send_json(ws, {"type": "prefs:set", "prefs": {"huge": "z" * MAX_PREFS_BYTES}})
+            error = await receive_json(ws)
+            assert error["type"] == "error" and error["error"]["code"] == "too_large"
+            await send_json(ws, {"type": "prefs:get"})
+            assert (await receive_json(ws))["prefs"] == {"keep": 1}
+
+
 async def test_broadcast_reaches_the_rooms_other_connections_only(tmp_path):
     async with open_atlas(tmp_path, users={"alice": None, "bob": None}) as server:
         alice, bob = server.tokens["alice"], server.tokens["bob"]
