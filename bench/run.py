@@ -182,31 +182,36 @@ class Bench:
         self.pairs = build_store(self.store_dir, self.plan.store_users)
         progress(f"user store ready in {time.monotonic() - t:.1f}s")
 
-    def first_token(self) -> None:
-        progress("first token: starting Atlas")
-        atlas, url, _ = self.start_atlas(self.data_dir(), "first-token")
+    def sequential(self, kind: str, label: str, pair: int) -> tuple[dict[str, Any], list[float], list[float], float]:
+        """Sequential requests of ``kind`` through a fresh Atlas and straight to the provider,
+        alternating; returns the worker's result, Atlas's and the direct times, and Atlas's CPU
+        seconds per request."""
+        progress(f"{label}: starting Atlas")
+        atlas, url, _ = self.start_atlas(self.data_dir(), label.replace(" ", "-"))
         try:
-            user, token = self.pairs[0]
+            user, token = self.pairs[pair]
             cpu0 = cpu_seconds(atlas.pid)
-            profiler = self.profiler(atlas.pid, "first-token")
-            result = self.run_worker("client-first-token", {
-                "kind": "first_token", "url": url, "provider": self.provider_url, "user": user,
-                "token": token, "spec": "bench deltas=8 rate=0", "count": self.plan.sequential,
-                "warmup": self.plan.warmup,
+            profiler = self.profiler(atlas.pid, label.replace(" ", "-"))
+            result = self.run_worker(f"client-{label.replace(' ', '-')}", {
+                "kind": kind, "url": url, "provider": self.provider_url, "user": user, "token": token,
+                "spec": "bench deltas=8 rate=0", "count": self.plan.sequential, "warmup": self.plan.warmup,
             }, timeout=120)
             cpu = cpu_seconds(atlas.pid) - cpu0
-            self.stop_profiler(profiler, "first-token")
+            self.stop_profiler(profiler, label.replace(" ", "-"))
         finally:
             atlas.stop()
         a, d = result["atlas_ms"], result["direct_ms"]
-        self.samples["first token"] = {"Atlas": a, "direct": d}
+        self.samples[label] = {"Atlas": a, "direct": d}
+        return result, a, d, cpu / (self.plan.sequential + self.plan.warmup)
+
+    def first_token(self) -> None:
+        result, a, d, cpu_per_request = self.sequential("first_token", "first token", 0)
         sa, sd = summary(a), summary(d)
-        requests = self.plan.sequential + self.plan.warmup
         # Added latency per request: Atlas's call minus the direct call just before it (same
         # conditions), then its percentiles. The difference of the two p50s is kept too.
         sp = summary([x - y for x, y in zip(a, d)])
         self.data["first_token"] = {"atlas_ms": sa, "direct_ms": sd, "added_ms": sp,
-                                    "atlas_cpu_us_per_request": cpu / requests * 1e6}
+                                    "atlas_cpu_us_per_request": cpu_per_request * 1e6}
         # Where the added time is: on the way in (client frame -> provider request) or out.
         for leg in ("in", "out"):
             self.data["first_token"][f"added_{leg}_ms"] = summary(
@@ -217,35 +222,19 @@ class Bench:
         legs = self.data["first_token"]
         progress(f"first token: added p50 {sp['p50']:.2f} ms (on the way to the provider "
                  f"{legs['added_in_ms']['p50']:.2f}, back to the client {legs['added_out_ms']['p50']:.2f}), "
-                 f"p99 {sp['p99']:.2f} ms; Atlas CPU {cpu / requests * 1e6:.0f} us per request")
+                 f"p99 {sp['p99']:.2f} ms; Atlas CPU {cpu_per_request * 1e6:.0f} us per request")
 
     def proxy(self) -> None:
-        progress("proxy: starting Atlas")
-        atlas, url, _ = self.start_atlas(self.data_dir(), "proxy")
-        try:
-            user, token = self.pairs[1]
-            cpu0 = cpu_seconds(atlas.pid)
-            profiler = self.profiler(atlas.pid, "proxy")
-            result = self.run_worker("client-proxy", {
-                "kind": "proxy", "url": url, "provider": self.provider_url, "user": user, "token": token,
-                "spec": "bench deltas=8 rate=0", "count": self.plan.sequential, "warmup": self.plan.warmup,
-            }, timeout=120)
-            cpu = cpu_seconds(atlas.pid) - cpu0
-            self.stop_profiler(profiler, "proxy")
-        finally:
-            atlas.stop()
-        a, d = result["atlas_ms"], result["direct_ms"]
-        self.samples["proxy"] = {"Atlas": a, "direct": d}
+        _, a, d, cpu_per_request = self.sequential("proxy", "proxy", 1)
         sa, sd = summary(a), summary(d)
-        requests = self.plan.sequential + self.plan.warmup
         sp = summary([x - y for x, y in zip(a, d)])
         self.data["proxy"] = {"atlas_ms": sa, "direct_ms": sd, "added_ms": sp,
-                              "atlas_cpu_us_per_request": cpu / requests * 1e6}
+                              "atlas_cpu_us_per_request": cpu_per_request * 1e6}
         self.rows.append(Row("proxy", "POST ?proxy=.../text p50", f"{sa['p50']:.2f} ms", f"{sd['p50']:.2f} ms",
                              f"{sp['p50']:+.2f} ms", f"added <= {PROXY_P50_MS:g} ms", sp["p50"] <= PROXY_P50_MS))
         self.rows.append(Row("proxy", "POST ?proxy=.../text p99", f"{sa['p99']:.2f} ms", f"{sd['p99']:.2f} ms",
                              f"{sp['p99']:+.2f} ms", "-", None))
-        progress(f"proxy: added p50 {sp['p50']:.2f} ms; Atlas CPU {cpu / requests * 1e6:.0f} us per request")
+        progress(f"proxy: added p50 {sp['p50']:.2f} ms; Atlas CPU {cpu_per_request * 1e6:.0f} us per request")
 
     def stream_level(self, mode: str, url: str, streams: int, atlas_pid: int | None) -> dict[str, Any]:
         plan = self.plan

@@ -164,16 +164,21 @@ async def test_rejected_proxy_paths_send_nothing(tmp_path, path):
     assert gw.provider.requests == []
 
 
+def stream_through_proxy(gw: Gateway, client: httpx.AsyncClient):
+    """alice's ``POST ?proxy=/agents/atlas-assistant/stream``, as a streamed response."""
+    return client.stream(
+        "POST", gw.proxy_url("alice", "/agents/atlas-assistant/stream"),
+        headers=gw.auth_header("alice"), json={"input": "go"},
+    )
+
+
 async def test_proxied_sse_arrives_event_by_event(tmp_path, layout):
     async with open_gateway(tmp_path, layout) as gw:
         gate = trio.Event()
         gw.provider.behaviour = Reply(deltas=["first", " second"], gate=gate, hold_after=1)
         events = []
         async with httpx.AsyncClient(timeout=10) as client:
-            async with client.stream(
-                "POST", gw.proxy_url("alice", "/agents/atlas-assistant/stream"),
-                headers=gw.auth_header("alice"), json={"input": "go"},
-            ) as response:
+            async with stream_through_proxy(gw, client) as response:
                 assert response.status_code == 200
                 assert response.headers["content-type"].startswith("text/event-stream")
                 with trio.fail_after(10):
@@ -293,10 +298,7 @@ async def test_shutdown_lets_a_proxied_stream_finish_and_refuses_new_requests(tm
         gw.provider.behaviour = Reply(deltas=["before", " after"], gate=gate, hold_after=1)
         events = []
         async with httpx.AsyncClient(timeout=10) as client:
-            async with client.stream(
-                "POST", gw.proxy_url("alice", "/agents/atlas-assistant/stream"),
-                headers=gw.auth_header("alice"), json={"input": "go"},
-            ) as response:
+            async with stream_through_proxy(gw, client) as response:
                 with trio.fail_after(10):
                     async for event in read_events(response):
                         events.append(event)
