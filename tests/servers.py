@@ -10,6 +10,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -30,6 +31,13 @@ from atlas.users_cli import create_user
 SECRETS: set[str] = set()
 PROCESS_LOGS: list[Path] = []
 WAIT = 10.0  # seconds any single wait in a test may take before it fails
+
+
+def free_port() -> int:
+    """A port that was free a moment ago (for a server that must come back on the same port)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def new_key(label: str = "user") -> str:

@@ -20,7 +20,7 @@ import pytest
 import trio
 
 from fake_provider import Reply, Status, open_fake_provider
-from servers import WAIT, open_atlas, start_atlas_process, add_user
+from servers import WAIT, add_user, free_port, open_atlas, start_atlas_process
 
 ATLAS = [sys.executable, "-m", "atlas"]
 
@@ -259,12 +259,6 @@ async def test_chat_errors_are_one_readable_line(tmp_path: Path) -> None:
             await term.expect("atlas chat: unauthorized: ")
             assert await term.wait_exit() == 1
         assert "Traceback" not in term.output
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 async def test_chat_reconnects_after_a_server_restart(tmp_path: Path) -> None:

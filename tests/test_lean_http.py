@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -15,6 +14,7 @@ import trio
 import trustme
 
 from atlas.lean_http import LeanTransport
+from servers import free_port
 
 Handler = Callable[[trio.abc.Stream, bytes], Awaitable[bool]]  # returns: keep the connection?
 
@@ -170,11 +170,8 @@ async def test_a_header_with_a_line_break_is_refused_before_anything_is_sent():
 
 async def test_connect_failure_and_read_timeout(autojump_clock):
     async with LeanTransport() as transport:
-        with socket.socket() as closed:  # a port that was free a moment ago: nobody listens
-            closed.bind(("127.0.0.1", 0))
-            port = closed.getsockname()[1]
-        with pytest.raises(httpx.ConnectError):
-            await fetch(transport, f"http://127.0.0.1:{port}/")
+        with pytest.raises(httpx.ConnectError):  # nobody listens there
+            await fetch(transport, f"http://127.0.0.1:{free_port()}/")
 
     async def never_answer(stream: trio.abc.Stream, request: bytes) -> bool:
         await trio.sleep_forever()

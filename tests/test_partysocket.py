@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -16,18 +15,12 @@ from typing import Any
 import pytest
 import trio
 
-from servers import WAIT, add_user, start_atlas_process
+from servers import WAIT, add_user, free_port, start_atlas_process
 
 HERE = Path(__file__).parent / "partysocket"
 NODE = shutil.which("node")
 pytestmark = pytest.mark.skipif(NODE is None, reason="node is not installed")
 NOT_INSTALLED = 3  # check.mjs: partysocket/ws could not be installed (no registry)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Events:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import pytest
 import trio
 
 from fake_provider import Reply, open_fake_provider
-from servers import WAIT, add_user, open_atlas, start_atlas_process
+from servers import WAIT, add_user, free_port, open_atlas, start_atlas_process
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (scripts/install-test-deps.sh)")
 CHROMIUM = os.environ.get("ATLAS_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -132,24 +131,15 @@ async def test_stop_button_cancels_the_reply(tmp_path: Path) -> None:
             await provider.wait_disconnect()
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 async def test_reconnects_after_a_server_restart(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     token = add_user(data_dir, "alice")
     bind = f"127.0.0.1:{free_port()}"
-    # The browser's idle keep-alive connections would hold a graceful shutdown for its whole
-    # grace period; one second is plenty here.
-    args = ("--shutdown-seconds", "1")
-    servers = [await start_atlas_process(data_dir, *args, bind=bind)]
+    servers = [await start_atlas_process(data_dir, bind=bind)]
 
     async def restart() -> None:
         assert await trio.to_thread.run_sync(servers[-1].terminate) == 0
-        servers.append(await start_atlas_process(data_dir, *args, bind=bind))
+        servers.append(await start_atlas_process(data_dir, bind=bind))
 
     def steps(page: Any) -> dict[str, Any]:
         page.wait_for_selector(ONLINE)
