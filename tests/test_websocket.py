@@ -217,3 +217,23 @@ async def test_room_is_evicted_when_idle_and_comes_back_from_disk(tmp_path):
                     await trio.sleep(0.01)  # waiting for the eviction, bounded by fail_after
         async with connect(url) as ws:
             assert (await ready(ws))["prefs"] == {"kept": True}
+
+
+async def test_compression_offers_are_declined(tmp_path):
+    # Browsers always offer permessage-deflate; accepting it would cost a zlib state per socket.
+    async with open_atlas(tmp_path, users={"alice": None}) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(
+                f"GET /party/alice?token={server.tokens['alice']} HTTP/1.1\r\n"
+                f"Host: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n".encode()
+            )
+            head = b""
+            with trio.fail_after(10):
+                while b"\r\n\r\n" not in head:
+                    head += await stream.receive_some(4096)
+    assert head.startswith(b"HTTP/1.1 101")
+    assert b"sec-websocket-extensions" not in head.split(b"\r\n\r\n")[0].lower()
