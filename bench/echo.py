@@ -52,36 +52,49 @@ async def stream(request: dict[str, Any], send: Callable[[str], Awaitable[None]]
                            "usage": {"promptTokens": 0, "completionTokens": deltas, "totalTokens": deltas}}))
 
 
-async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            else:
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-    if scope["type"] != "websocket":
-        await send({"type": "http.response.start", "status": 404, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
-        return
-    await receive()  # websocket.connect
-    await send({"type": "websocket.accept"})
-
-    async def send_text(text: str) -> None:
-        await send({"type": "websocket.send", "text": text})
-
-    await send_text(READY)
-    async with trio.open_nursery() as nursery:
-        while True:
-            event = await receive()
-            if event["type"] != "websocket.receive":
-                nursery.cancel_scope.cancel()
-                return
-            await answer(event.get("text") or "", send_text, nursery)
+Answer = Callable[[str, Callable[[str], Awaitable[None]], trio.Nursery], Awaitable[None]]
 
 
-async def serve_hypercorn() -> None:
+def websocket_app(answer: Answer) -> Callable[..., Awaitable[None]]:
+    """A raw-ASGI app: accepts every WebSocket, sends ``ready``, then hands each text frame to
+    ``answer`` (with a send function and the connection's nursery) until the client leaves."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                else:
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "websocket":
+            await send({"type": "http.response.start", "status": 404, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+
+        async def send_text(text: str) -> None:
+            await send({"type": "websocket.send", "text": text})
+
+        await send_text(READY)
+        async with trio.open_nursery() as nursery:
+            while True:
+                event = await receive()
+                if event["type"] != "websocket.receive":
+                    nursery.cancel_scope.cancel()
+                    return
+                await answer(event.get("text") or "", send_text, nursery)
+
+    return app
+
+
+app = websocket_app(answer)
+
+
+async def serve_hypercorn(asgi_app: Callable[..., Awaitable[None]] = app, banner: str = "ECHO") -> None:
+    """Serve ``asgi_app`` on Hypercorn's trio worker with Atlas's settings; print ``BANNER url``."""
     from hypercorn.config import Config
     from hypercorn.trio import serve
 
@@ -92,8 +105,8 @@ async def serve_hypercorn() -> None:
     config.include_server_header = False
     config.websocket_max_message_size = 1024 * 1024
     async with trio.open_nursery() as nursery:
-        binds = await nursery.start(partial(serve, app, config))
-        print(f"ECHO {binds[0]}", flush=True)
+        binds = await nursery.start(partial(serve, asgi_app, config))
+        print(f"{banner} {binds[0]}", flush=True)
 
 
 async def serve_trio_websocket() -> None:
