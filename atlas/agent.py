@@ -1,6 +1,6 @@
 """The agent's Python API: agents from config, one streamed reply per call, per-request credentials.
 
-The HTTP routes (``atlas.agent_http``) and the in-process transport both go through
+The HTTP routes (``atlas.agent_api.app``) and the in-process transport both go through
 ``AgentService.open_stream``::
 
     async with open_agent_service(settings, default_provider_url=url) as service:
@@ -21,7 +21,10 @@ from typing import Any
 
 import msgspec
 
-from .agent_types import (
+from atlas.config import Settings, normalize_url
+from atlas.llm.agents import AgentSpec, SamplingOptions, load_agents
+from atlas.llm.provider import ProviderClient, RetryPolicy, open_provider_transport
+from atlas.llm.types import (
     AgentError,
     ChatMessage,
     Credentials,
@@ -31,14 +34,10 @@ from .agent_types import (
     Usage,
     bad_request,
 )
-from .agents_config import AgentSpec, SamplingOptions, load_agents
-from .config import Settings, normalize_url
-from .http_server import ASGIApp
-from .provider import ProviderClient, RetryPolicy, open_provider_transport
 
 __all__ = [
     "AgentError", "AgentService", "AgentSpec", "ChatMessage", "Credentials", "Finish",
-    "StreamEvent", "TextDelta", "Usage", "build_agent_app", "open_agent_service",
+    "StreamEvent", "TextDelta", "Usage", "open_agent_service",
 ]
 
 log = logging.getLogger("atlas.agent")
@@ -215,9 +214,3 @@ async def open_agent_service(
             allowed_provider_urls=settings.allowed_provider_urls(default_provider_url),
         )
 
-
-def build_agent_app(service: AgentService, settings: Settings) -> ASGIApp:
-    """The agent HTTP API as a raw ASGI app (see ``atlas.agent_http``)."""
-    from .agent_http import AgentApp
-
-    return AgentApp(service, settings)

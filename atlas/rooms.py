@@ -15,16 +15,20 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import msgspec
 import trio
 
-from .auth import Identity
-from .store import RoomState, Store, StoreError, Turn
+from atlas.store import Identity, RoomState, Store, StoreError, Turn
 
-if TYPE_CHECKING:
-    from .connection import Connection
+
+class Connection(Protocol):
+    """What a room needs of a live connection (the gateway's ``Connection`` is one); rooms sit
+    below the gateway and never import it."""
+
+    def send_nowait(self, frame: str) -> bool: ...
+    def close(self, code: int, reason: str) -> None: ...
 
 log = logging.getLogger("atlas.rooms")
 

@@ -79,9 +79,9 @@ def spawn(role: str, *args: str) -> tuple[subprocess.Popen, str]:
 
 
 async def run_role(role: str, provider_url: str | None) -> None:
-    from atlas.agent_server import serve_agent
+    from atlas.agent_api.server import serve_agent
     from atlas.config import Bind, Settings
-    from atlas.devprovider import serve_dev_provider
+    from atlas.llm.devprovider import serve_dev_provider
 
     async with trio.open_nursery() as nursery:
         if role == "provider":

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import msgspec
 
-from atlas.store import Store, TokenRecord, UserRecord, hash_token, new_token
+from atlas.store import JsonStore, TokenRecord, UserRecord, hash_token, new_token
 
 _encode = msgspec.json.Encoder().encode
 FORMAT = 1
@@ -34,8 +34,8 @@ def build_store(directory: Path, count: int) -> list[tuple[str, str]]:
         return [tuple(pair) for pair in json.loads(tokens_file.read_text())]  # type: ignore[misc]
     if directory.exists():
         shutil.rmtree(directory)
-    store = Store(directory)
-    store.ensure_dirs()
+    store = JsonStore(directory)
+    store.prepare()
     now = time.time()
     pairs = []
     for index in range(count):

@@ -13,7 +13,7 @@ import httpx
 import msgspec
 import trio
 
-from atlas.agent_server import serve_agent
+from atlas.agent_api.server import serve_agent
 from atlas.config import Bind, Settings
 
 TEST_KEY = "sk-test-key-0123456789"

@@ -11,7 +11,6 @@ import logging
 import warnings
 
 import pytest
-
 from agent_fixtures import agent_settings, open_agent
 from fake_provider import open_fake_provider
 from servers import PROCESS_LOGS, SECRETS

@@ -18,8 +18,8 @@ from typing import Any
 import msgspec
 import trio
 
-from atlas.auth import token_from_scope
 from atlas.config import Bind
+from atlas.gateway.auth import token_from_scope
 from atlas.http_server import serve_asgi
 
 

@@ -24,8 +24,8 @@ from typing import Any
 import msgspec
 import trio
 
-from atlas.http_server import serve_asgi
 from atlas.config import Bind
+from atlas.http_server import serve_asgi
 
 DEFAULT_USAGE = {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}
 

@@ -24,9 +24,9 @@ import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 from atlas.config import Settings, parse_bind
-from atlas.server import serve_atlas
-from atlas.store import Store
-from atlas.users_cli import create_user
+from atlas.gateway.server import serve_atlas
+from atlas.store import JsonStore
+from atlas.store.users import create_user
 
 SECRETS: set[str] = set()
 PROCESS_LOGS: list[Path] = []
@@ -47,8 +47,8 @@ def new_key(label: str = "user") -> str:
 
 
 def add_user(data_dir: Path, user_id: str, key: str | None = None, provider_url: str | None = None) -> str:
-    store = Store(data_dir)
-    store.ensure_dirs()
+    store = JsonStore(data_dir)
+    store.prepare()
     token = create_user(store, user_id, key if key is not None else new_key(user_id), provider_url)
     SECRETS.add(token)
     return token

@@ -11,12 +11,12 @@ import sys
 import httpx
 import pytest
 import trio
-
 from agent_fixtures import agent_settings, credentials, open_agent, sse_events
-from atlas.agents_config import DEFAULT_AGENT, load_agents
-from atlas.cli import main as cli_main
+
+from atlas.cli.main import main as cli_main
 from atlas.config import ConfigError
-from atlas.devprovider import DevProviderConfig, serve_dev_provider, split_text
+from atlas.llm.agents import DEFAULT_AGENT, load_agents
+from atlas.llm.devprovider import DevProviderConfig, serve_dev_provider, split_text
 
 AGENTS_TOML = '''
 [[agents]]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import trio
-
 from agent_fixtures import TEST_KEY, credentials, read_events, sse_events
 from fake_provider import DEFAULT_USAGE, Reply
 

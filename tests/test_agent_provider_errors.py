@@ -10,7 +10,6 @@ import socket
 
 import pytest
 import trio
-
 from agent_fixtures import TEST_KEY, agent_settings, credentials, open_agent, read_events, sse_events
 from fake_provider import Cut, Malformed, Reply, Stall, Status
 

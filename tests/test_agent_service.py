@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import trio
 import trio.testing
-
 from agent_fixtures import TEST_KEY, agent_settings
+from fake_provider import Cut, Reply, Status, open_fake_provider
+
 from atlas.agent import (
     AgentError,
     ChatMessage,
@@ -16,8 +17,7 @@ from atlas.agent import (
     Usage,
     open_agent_service,
 )
-from atlas.provider import RetryPolicy, SseDataParser, parse_retry_after
-from fake_provider import Cut, Reply, Status, open_fake_provider
+from atlas.llm.provider import RetryPolicy, SseDataParser, parse_retry_after
 
 
 @pytest.fixture

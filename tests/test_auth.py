@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import httpx
-
 from fake_auth import open_fake_auth
 from servers import SECRETS, connect, new_key, open_atlas, ready, receive_json
 from test_websocket import closed_with

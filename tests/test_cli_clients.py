@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import trio
-
 from fake_provider import Reply, Status, open_fake_provider
 from servers import WAIT, add_user, free_port, open_atlas, start_atlas_process
 
@@ -291,7 +290,7 @@ async def test_chat_reconnects_after_a_server_restart(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("url", ["http://h:1/", "ws://h:1", "https://h/atlas/", "wss://h:443/atlas"])
 def test_base_urls_in_every_scheme(url: str) -> None:
-    from atlas.client import resolve_target
+    from atlas.cli.client import resolve_target
 
     target = resolve_target(url, "a b", "t&k", environ={})
     room_url = target.room_url("a b")

@@ -7,7 +7,6 @@ import subprocess
 
 import httpx
 import pytest
-
 from servers import SECRETS, atlas_command, connect, new_key, ready, start_atlas_process
 from test_websocket import closed_with
 

@@ -1,4 +1,4 @@
-"""atlas.lean_http against real sockets: a scripted HTTP/1.1 server on 127.0.0.1:0 (and TLS)."""
+"""atlas.llm.lean_http against real sockets: a scripted HTTP/1.1 server on 127.0.0.1:0 (and TLS)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import httpx
 import pytest
 import trio
 import trustme
-
-from atlas.lean_http import LeanTransport
 from servers import free_port
+
+from atlas.llm.lean_http import LeanTransport
 
 Handler = Callable[[trio.abc.Stream, bytes], Awaitable[bool]]  # returns: keep the connection?
 

@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 import trio
-
 from servers import WAIT, add_user, free_port, start_atlas_process
 
 HERE = Path(__file__).parent / "partysocket"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from atlas.agent_types import Credentials
-from atlas.proxy import ProxyRefused, agent_path, forwarded_headers, forwarded_query
+from atlas.gateway.proxy import ProxyRefused, agent_path, forwarded_headers, forwarded_query
+from atlas.llm.types import Credentials
 
 
 @pytest.mark.parametrize("path, expected", [

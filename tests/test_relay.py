@@ -13,17 +13,26 @@ import httpx
 import pytest
 import trio
 import trio.testing
-
 from agent_fixtures import read_events
-from atlas.agent_server import serve_agent
-from atlas.config import Settings, parse_bind
 from fake_auth import FakeAuth, open_fake_auth
-from test_websocket import closed_with
 from fake_provider import Cut, FakeProvider, Reply, Status, open_fake_provider
 from servers import (
-    SECRETS, AtlasServer, add_user, connect, new_key, open_atlas, ready, receive_json, receive_until,
-    send_json, start_atlas_process,
+    SECRETS,
+    AtlasServer,
+    add_user,
+    connect,
+    new_key,
+    open_atlas,
+    ready,
+    receive_json,
+    receive_until,
+    send_json,
+    start_atlas_process,
 )
+from test_websocket import closed_with
+
+from atlas.agent_api.server import serve_agent
+from atlas.config import Settings, parse_bind
 
 AGENT_SECRET = "agent-secret-for-tests-0123456789"
 SECRETS.add(AGENT_SECRET)

@@ -8,16 +8,22 @@ import stat
 
 import pytest
 import trio
-
-from atlas.store import RoomState, Store, StoreCorrupt, UserRecord, mask_key
 from servers import (
-    add_user, connect, open_atlas, ready, receive_json, send_json, start_atlas_process,
+    add_user,
+    connect,
+    open_atlas,
+    ready,
+    receive_json,
+    send_json,
+    start_atlas_process,
 )
+
+from atlas.store import JsonStore, RoomState, StoreCorrupt, UserRecord, mask_key
 
 
 def test_writes_are_private_and_leave_no_temporary_files(tmp_path):
-    store = Store(tmp_path / "data")
-    store.ensure_dirs()
+    store = JsonStore(tmp_path / "data")
+    store.prepare()
     store.save_room("alice", RoomState(prefs={"a": 1}))
     store.save_room("alice", RoomState(prefs={"a": 2}))
     path = store.room_path("alice")
@@ -28,8 +34,8 @@ def test_writes_are_private_and_leave_no_temporary_files(tmp_path):
 
 
 def test_old_files_without_new_fields_still_load(tmp_path):
-    store = Store(tmp_path / "data")
-    store.ensure_dirs()
+    store = JsonStore(tmp_path / "data")
+    store.prepare()
     store.user_path("old").write_text('{"id": "old", "virtualKey": "k"}')
     store.room_path("old").write_text("{}")
     assert store.load_user("old") == UserRecord(id="old", virtual_key="k")
@@ -38,8 +44,8 @@ def test_old_files_without_new_fields_still_load(tmp_path):
 
 @pytest.mark.parametrize("content", [b"{not json", b'{"prefs": []}', b"\xff\xfe"])
 def test_corrupt_file_names_its_path_and_is_left_alone(tmp_path, content):
-    store = Store(tmp_path / "data")
-    store.ensure_dirs()
+    store = JsonStore(tmp_path / "data")
+    store.prepare()
     path = store.room_path("alice")
     path.write_bytes(content)
     with pytest.raises(StoreCorrupt) as caught:
@@ -49,7 +55,7 @@ def test_corrupt_file_names_its_path_and_is_left_alone(tmp_path, content):
 
 
 def test_ids_cannot_escape_the_data_directory(tmp_path):
-    store = Store(tmp_path / "data")
+    store = JsonStore(tmp_path / "data")
     for bad in ("../x", "a/b", "", "x" * 129):
         with pytest.raises(ValueError):
             store.room_path(bad)
@@ -121,7 +127,7 @@ async def test_kill_9_during_concurrent_prefs_writes_leaves_valid_files(tmp_path
 
 
 def test_records_holding_keys_never_show_them_in_repr():
-    from atlas.auth import Identity
+    from atlas.store import Identity
 
     key = "sk-test-repr-0123456789abcdef"
     for record in (UserRecord(id="a", virtual_key=key), Identity(id="a", virtual_key=key)):

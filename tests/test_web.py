@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 import trio
-
 from fake_provider import Reply, open_fake_provider
 from servers import WAIT, add_user, free_port, open_atlas, start_atlas_process
 

@@ -7,9 +7,8 @@ import json
 import httpx
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
-
 from servers import connect, open_atlas, ready, receive_json, send_json
+from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
 
 async def closed_with(ws, timeout: float = 10.0) -> tuple[list[dict], int]:

@@ -6,7 +6,7 @@ MODE: ``client`` (``httpx.AsyncClient`` streaming, ``aiter_bytes``), ``transport
 ``AsyncHTTPTransport`` used directly, iterating ``response.stream``), ``lean``
 (``atlas.lean_http.LeanTransport``, the same way), ``bare`` (a trio
 ``receive_some`` loop that parses nothing: the floor). Every mode but ``bare`` parses the events
-with ``atlas.provider``'s SSE parser and chunk decoder. Starts ``bench.provider`` itself; the
+with ``atlas.llm.provider``'s SSE parser and chunk decoder. Starts ``bench.provider`` itself; the
 streams start 1/STREAMS s apart and get 30 deltas/s each; prints CPU seconds per delta.
 """
 import json
@@ -19,8 +19,8 @@ from pathlib import Path
 import httpx
 import trio
 
-from atlas.provider import SseDataParser, _Reply
-from atlas.lean_http import LeanTransport
+from atlas.llm.provider import SseDataParser, _Reply
+from atlas.llm.lean_http import LeanTransport
 
 REPO = Path(__file__).resolve().parents[2]
 RATE = 30

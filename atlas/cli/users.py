@@ -9,70 +9,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
-from .config import ConfigError, parse_http_url, prepare_data_dir
-from .store import Store, StoreError, UserRecord, hash_token, is_valid_user_id, mask_key, new_token
-
-
-class UserCommandError(Exception):
-    pass
-
-
-def create_user(store: Store, user_id: str, virtual_key: str, provider_url: str | None) -> str:
-    """Create a user; returns its new token (the only time it exists outside the client)."""
-    if store.load_user(user_id) is not None:
-        raise UserCommandError(f"user {user_id!r} already exists (use set-key or rotate-token)")
-    token = new_token()
-    token_hash = hash_token(token)
-    store.save_token(token_hash, user_id)
-    store.save_user(
-        UserRecord(
-            id=user_id, virtual_key=virtual_key, provider_url=provider_url,
-            token_hash=token_hash, created_at=time.time(),
-        )
-    )
-    return token
-
-
-def existing_user(store: Store, user_id: str) -> UserRecord:
-    user = store.load_user(user_id)
-    if user is None:
-        raise UserCommandError(f"no user {user_id!r}")
-    return user
-
-
-def rotate_token(store: Store, user_id: str) -> str:
-    user = existing_user(store, user_id)
-    token = new_token()
-    token_hash = hash_token(token)
-    # New token file first, then the user record; the old token file goes last. Verification
-    # requires both to agree, so a crash in between never leaves the old token working.
-    store.save_token(token_hash, user_id)
-    old_hash = user.token_hash
-    user.token_hash = token_hash
-    store.save_user(user)
-    if old_hash:
-        store.delete_token(old_hash)
-    return token
-
-
-def remove_user(store: Store, user_id: str) -> None:
-    """Delete the user, its token and its room's stored prefs and conversations."""
-    user = existing_user(store, user_id)
-    store.delete_user(user_id)
-    if user.token_hash:
-        store.delete_token(user.token_hash)
-    store.delete_room(user_id)
-
-
-def set_key(store: Store, user_id: str, virtual_key: str, provider_url: str | None) -> UserRecord:
-    user = existing_user(store, user_id)
-    user.virtual_key = virtual_key
-    if provider_url is not None:
-        user.provider_url = provider_url or None
-    store.save_user(user)
-    return user
+from atlas.config import ConfigError, parse_http_url
+from atlas.store import StoreError, is_valid_user_id, mask_key, store_for
+from atlas.store.users import UserCommandError, create_user, existing_user, remove_user, rotate_token, set_key
 
 
 def checked_provider_url(value: str | None) -> str | None:
@@ -85,8 +25,8 @@ def checked_provider_url(value: str | None) -> str | None:
 
 
 def main(args: argparse.Namespace) -> int:
-    store = Store(prepare_data_dir(args.settings.data_dir))
-    store.ensure_dirs()
+    store = store_for(args.settings)
+    store.prepare()
     action = args.user_command
     user_id = getattr(args, "user_id", None)
     if user_id is not None and not is_valid_user_id(user_id):

@@ -18,7 +18,7 @@ from typing import Any, TextIO
 
 import trio
 
-from .client import ClientError, Connection, UsageError, lookup_user, open_connection, resolve_target
+from atlas.cli.client import ClientError, Connection, UsageError, lookup_user, open_connection, resolve_target
 
 CANCEL_WAIT_SECONDS = 3.0
 

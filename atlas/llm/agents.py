@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from .config import ConfigError, Settings
+from atlas.config import ConfigError, Settings
 
 AgentId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
 Temperature = Annotated[float, msgspec.Meta(ge=0, le=2)]

@@ -11,8 +11,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from . import __version__
-from .config import DEFAULT_AGENT_BIND, DEFAULT_SERVE_BIND, SETTINGS, ConfigError, load_settings
+from atlas import __version__
+from atlas.config import DEFAULT_AGENT_BIND, DEFAULT_SERVE_BIND, SETTINGS, ConfigError, load_settings
 
 # Settings each server command accepts as flags (names from config.SETTINGS).
 SERVE_SETTINGS = {s.name for s in SETTINGS}
@@ -45,13 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help=f"run the transport and the agent in one process (default {DEFAULT_SERVE_BIND})"
     )
     add_setting_flags(serve, SERVE_SETTINGS)
-    serve.set_defaults(handler="atlas.server:main", default_bind=DEFAULT_SERVE_BIND)
+    serve.set_defaults(handler="atlas.gateway.server:main", default_bind=DEFAULT_SERVE_BIND)
 
     agent = commands.add_parser(
         "agent", help=f"run the agent HTTP API alone (default {DEFAULT_AGENT_BIND})"
     )
     add_setting_flags(agent, AGENT_SETTINGS)
-    agent.set_defaults(handler="atlas.agent_server:main", default_bind=DEFAULT_AGENT_BIND)
+    agent.set_defaults(handler="atlas.agent_api.server:main", default_bind=DEFAULT_AGENT_BIND)
 
     user = commands.add_parser("user", help="manage built-in users (works while serve runs)")
     user_commands = user.add_subparsers(dest="user_command", metavar="ACTION", required=True)
@@ -70,14 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     rotate.add_argument("user_id")
     for action in (add, user_commands.choices["list"], remove, set_key, rotate):
         add_setting_flags(action, USER_SETTINGS)
-    user.set_defaults(handler="atlas.users_cli:main", default_bind=DEFAULT_SERVE_BIND)
+    user.set_defaults(handler="atlas.cli.users:main", default_bind=DEFAULT_SERVE_BIND)
 
     for name, summary in (
         ("chat", "interactive chat with an agent in a running Atlas"),
         ("ask", "ask one question and stream the answer to stdout"),
     ):
         client = commands.add_parser(name, help=summary)
-        client.set_defaults(handler=f"atlas.{name}:main")
+        client.set_defaults(handler=f"atlas.cli.{name}:main")
         client.add_argument("--url", default=None, help="Atlas base URL [env ATLAS_URL]")
         client.add_argument("--user", default=None, help="user id (room) [env ATLAS_USER]")
         client.add_argument("--token", default=None, help="auth token [env ATLAS_TOKEN]")

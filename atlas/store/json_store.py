@@ -18,7 +18,6 @@ The functions here block (file I/O, fsync); async callers run them with ``trio.t
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import secrets
@@ -27,70 +26,9 @@ from typing import Any, TypeVar
 
 import msgspec
 
-USER_ID_PATTERN = re.compile(r"[A-Za-z0-9._@-]{1,128}")
+from atlas.store.records import RoomState, StoreCorrupt, TokenRecord, UserRecord, is_valid_user_id
 
 T = TypeVar("T")
-
-
-class StoreError(Exception):
-    """Base of the store's errors."""
-
-
-class StoreCorrupt(StoreError):
-    """A stored file exists but cannot be used. The message names the file."""
-
-    def __init__(self, path: Path, reason: str) -> None:
-        super().__init__(f"stored file {path} is unreadable: {reason}")
-        self.path = path
-
-
-class Turn(msgspec.Struct, frozen=True):
-    role: str
-    content: str
-
-
-class UserRecord(msgspec.Struct, rename="camel", omit_defaults=True):
-    """A built-in user. New fields must have defaults (schema evolution)."""
-
-    id: str
-    virtual_key: str = ""
-    provider_url: str | None = None
-    token_hash: str = ""
-    created_at: float = 0.0
-
-    def __repr__(self) -> str:  # the key never reaches a log line, not even by accident
-        return f"UserRecord(id={self.id!r}, virtual_key={mask_key(self.virtual_key)!r})"
-
-
-class TokenRecord(msgspec.Struct, rename="camel"):
-    user_id: str
-
-
-class RoomState(msgspec.Struct, rename="camel", omit_defaults=True):
-    """What a room keeps on disk. New fields must have defaults (schema evolution)."""
-
-    prefs: dict[str, Any] = msgspec.field(default_factory=dict)
-    conversations: dict[str, list[Turn]] = msgspec.field(default_factory=dict)
-
-
-def is_valid_user_id(value: str) -> bool:
-    return USER_ID_PATTERN.fullmatch(value) is not None
-
-
-def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def new_token() -> str:
-    return secrets.token_urlsafe(32)
-
-
-def mask_key(key: str) -> str:
-    """A virtual key as it may be shown: only its last 4 characters."""
-    if not key:
-        return ""
-    return "…" + key[-4:] if len(key) > 8 else "…"
-
 
 _encoder = msgspec.json.Encoder()
 
@@ -138,14 +76,20 @@ def read_struct(path: Path, kind: type[T]) -> T | None:
         raise StoreCorrupt(path, str(exc)) from None
 
 
-class Store:
+class JsonStore:
+    """The embedded backend: small JSON files under the data directory."""
+
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
         self.users_dir = data_dir / "users"
         self.tokens_dir = data_dir / "tokens"
         self.rooms_dir = data_dir / "rooms"
 
-    def ensure_dirs(self) -> None:
+    @property
+    def location(self) -> str:
+        return f"data directory {self.data_dir}"
+
+    def prepare(self) -> None:
         for directory in (self.data_dir, self.users_dir, self.tokens_dir, self.rooms_dir):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
 

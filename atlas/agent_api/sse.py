@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from .agent_types import AgentError, Finish, Usage
+from atlas.llm.types import AgentError, Finish, Usage
 
 _encode = msgspec.json.Encoder().encode
 

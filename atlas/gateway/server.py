@@ -21,19 +21,20 @@ from functools import partial
 import httpx
 import trio
 
-from .agents_config import AgentSpec, load_agents
-from .app import Services, build_app
-from .auth import open_token_verifier
-from .config import Settings, prepare_data_dir
-from .http_server import serve_asgi
-from .logs import setup_logging
-from .protocol import CLOSE_GOING_AWAY
-from .relay import Relay
-from .rooms import serve_rooms
-from .store import Store
-from .users_cli import create_user
+from atlas.config import Settings, prepare_data_dir
+from atlas.gateway.app import build_app
+from atlas.gateway.auth import open_token_verifier
+from atlas.gateway.relay import Relay
+from atlas.gateway.services import Services
+from atlas.http_server import serve_asgi
+from atlas.llm.agents import AgentSpec, load_agents
+from atlas.logs import setup_logging
+from atlas.protocol import CLOSE_GOING_AWAY
+from atlas.rooms import serve_rooms
+from atlas.store import Store, store_for
+from atlas.store.users import create_user
 
-log = logging.getLogger("atlas.server")
+log = logging.getLogger("atlas.gateway.server")
 
 DEMO_USER = "demo"
 DEMO_KEY = "dev-demo-key"
@@ -49,8 +50,8 @@ async def serve_atlas(
 ) -> None:
     """Serve until ``shutdown`` is set (then shut down gracefully) or until cancelled.
     ``agents``: already loaded agent definitions (else they are loaded from the settings)."""
-    store = Store(prepare_data_dir(settings.data_dir))
-    store.ensure_dirs()
+    store = store_for(settings)
+    store.prepare()
     if shutdown is None:
         shutdown = trio.Event()
     async with trio.open_nursery() as background, AsyncExitStack() as stack:
@@ -59,7 +60,7 @@ async def serve_atlas(
             # A remote agent picks its own default provider when the header is empty.
             provider_url = ""
         elif provider_url is None:
-            from .devprovider import serve_dev_provider
+            from atlas.llm.devprovider import serve_dev_provider
 
             provider_url = await background.start(serve_dev_provider)
             log.warning(
@@ -69,7 +70,7 @@ async def serve_atlas(
         verifier = await stack.enter_async_context(open_token_verifier(settings, store))
         agent_app = agent_client = None
         if settings.agent_url:
-            from .remote_agent import RemoteAgent
+            from atlas.agent_api.remote import RemoteAgent
 
             agent_client = await stack.enter_async_context(
                 httpx.AsyncClient(timeout=httpx.Timeout(settings.provider_timeout, connect=5.0))
@@ -77,12 +78,13 @@ async def serve_atlas(
             agent = RemoteAgent(agent_client, settings.agent_url, settings.agent_secret)
             log.info("agent requests go to the remote agent at %s", settings.agent_url)
         else:
-            from .agent import build_agent_app, open_agent_service
+            from atlas.agent import open_agent_service
+            from atlas.agent_api.app import AgentApp
 
             agent = await stack.enter_async_context(
                 open_agent_service(settings, default_provider_url=provider_url, agents=agents)
             )
-            agent_app = build_agent_app(agent, settings)
+            agent_app = AgentApp(agent, settings)
         rooms = await background.start(
             partial(serve_rooms, store, idle_seconds=settings.room_idle_seconds)
         )

@@ -12,25 +12,35 @@ from __future__ import annotations
 
 import logging
 import secrets
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qsl
 
 import trio
 
-from .auth import STORE_UNREADABLE, AccessDenied, AuthUnavailable, Unauthorized, admit, token_from_scope
-from .connection import Connection
-from .protocol import (
-    CLOSE_UNAUTHORIZED, AgentCancel, AgentStream, Broadcast, BroadcastMessage, Ping, Pong, PrefsGet, PrefsMessage,
-    PrefsSet, ProtocolError, Ready, decode_client_message, encode, error_frame,
+from atlas.gateway.auth import STORE_UNREADABLE, AccessDenied, AuthUnavailable, Unauthorized, admit, token_from_scope
+from atlas.gateway.connection import Connection
+from atlas.gateway.services import Services
+from atlas.protocol import (
+    CLOSE_UNAUTHORIZED,
+    AgentCancel,
+    AgentStream,
+    Broadcast,
+    BroadcastMessage,
+    Ping,
+    Pong,
+    PrefsGet,
+    PrefsMessage,
+    PrefsSet,
+    ProtocolError,
+    Ready,
+    decode_client_message,
+    encode,
+    error_frame,
 )
-from .rooms import PrefsTooLarge
-from .store import StoreError
+from atlas.rooms import PrefsTooLarge, Room
+from atlas.store import StoreError
 
-if TYPE_CHECKING:
-    from .app import Services
-    from .rooms import Room
-
-log = logging.getLogger("atlas.ws")
+log = logging.getLogger("atlas.gateway.ws")
 
 PONG = encode(Pong())
 CLOSE_WAIT_SECONDS = 2.0

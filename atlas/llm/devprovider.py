@@ -18,10 +18,10 @@ from typing import Any
 import msgspec
 import trio
 
-from .config import Bind
-from .http_server import serve_asgi
+from atlas.config import Bind
+from atlas.http_server import serve_asgi
 
-log = logging.getLogger("atlas.devprovider")
+log = logging.getLogger("atlas.llm.devprovider")
 
 DEFAULT_REPLY = (
     "This is the Atlas dev provider, not a real model. You said: {message}. "

@@ -19,9 +19,9 @@ from typing import Any
 
 import trio
 
-from .protocol import CLOSE_TOO_SLOW, AgentDelta, encode
+from atlas.protocol import CLOSE_TOO_SLOW, AgentDelta, encode
 
-log = logging.getLogger("atlas.connection")
+log = logging.getLogger("atlas.gateway.connection")
 
 OUTBOX_SIZE = 256
 

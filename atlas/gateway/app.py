@@ -14,9 +14,8 @@ The agent's own routes are never served on this port.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from importlib import resources
 from collections.abc import Sequence
+from importlib import resources
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -25,35 +24,25 @@ import msgspec
 from quart import Response
 from quart_trio import QuartTrio
 
-from .auth import STORE_UNREADABLE, AccessDenied, TokenVerifier, admit, builtin_me_app
-from .config import Settings
-from .proxy import (
-    ProxyRefused, agent_path, forwarded_headers, proxy_in_process, proxy_remote,
+from atlas.config import Settings
+from atlas.gateway.auth import STORE_UNREADABLE, AccessDenied, TokenVerifier, admit, builtin_me_app
+from atlas.gateway.proxy import (
+    ProxyRefused,
+    agent_path,
+    forwarded_headers,
+    proxy_in_process,
+    proxy_remote,
 )
-from .relay import Relay
-from .rooms import RoomRegistry
-from .store import Store, StoreError, mask_key
-from .ws import websocket_endpoint
+from atlas.gateway.relay import Relay
+from atlas.gateway.services import Services
+from atlas.gateway.ws import websocket_endpoint
+from atlas.rooms import RoomRegistry
+from atlas.store import Store, StoreError, mask_key
 
-log = logging.getLogger("atlas.app")
+log = logging.getLogger("atlas.gateway.app")
 
 _encoder = msgspec.json.Encoder()
 ROOM_PREFIXES = ("/party/", "/parties/main/")
-
-
-@dataclass
-class Services:
-    """Everything a request handler may use, created once by ``server.serve_atlas``."""
-
-    settings: Settings
-    store: Store
-    verifier: TokenVerifier
-    rooms: RoomRegistry
-    relay: Relay
-    default_provider_url: str
-    agent_app: Any = None  # in-process agent ASGI app, or None with a remote agent
-    agent_client: httpx.AsyncClient | None = None  # with a remote agent
-    shutting_down: bool = False
 
 
 Headers = Sequence[tuple[bytes, bytes]]
@@ -135,7 +124,10 @@ async def party_http(services: Services, room_id: str, scope: dict[str, Any], re
 
 
 def build_pages_app(services: Services) -> QuartTrio:
-    pages = QuartTrio(__name__, static_folder="web", static_url_path="/static")
+    # The page's files live in the package's top folder (atlas/web), not beside this module.
+    pages = QuartTrio(
+        __name__, static_folder="web", static_url_path="/static", root_path=str(resources.files("atlas"))
+    )
     # Quart's default 60 s response timeout would cut long responses; none are streamed here,
     # but nothing should be cut silently either.
     pages.config["RESPONSE_TIMEOUT"] = None

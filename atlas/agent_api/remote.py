@@ -17,9 +17,9 @@ from urllib.parse import quote
 import httpx
 import msgspec
 
-from .agent_types import AgentError, ChatMessage, Credentials, Finish, StreamEvent, TextDelta, Usage
+from atlas.llm.types import AgentError, ChatMessage, Credentials, Finish, StreamEvent, TextDelta, Usage
 
-log = logging.getLogger("atlas.remote_agent")
+log = logging.getLogger("atlas.agent_api.remote")
 
 
 class _TotalUsage(msgspec.Struct, rename="camel"):

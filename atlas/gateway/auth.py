@@ -29,10 +29,10 @@ import httpx
 import msgspec
 import trio
 
-from .config import Settings
-from .store import Store, StoreError, hash_token, is_valid_user_id, mask_key
+from atlas.config import Settings
+from atlas.store import Identity, Store, StoreError, hash_token, is_valid_user_id, mask_key
 
-log = logging.getLogger("atlas.auth")
+log = logging.getLogger("atlas.gateway.auth")
 
 BUILTIN_BASE_URL = "http://atlas.builtin-auth"
 CACHE_LIMIT = 100_000
@@ -68,17 +68,6 @@ STORE_UNREADABLE = AccessDenied(
     "internal", "this room's stored state is unreadable; the server log names the file",
     status=500, close_code=1011,
 )
-
-
-class Identity(msgspec.Struct, rename="camel", frozen=True, omit_defaults=True):
-    """What ``/api/me`` says about a token's user (extra fields are ignored)."""
-
-    id: str
-    virtual_key: str | None = None
-    provider_url: str | None = None
-
-    def __repr__(self) -> str:  # the key never reaches a log line, not even by accident
-        return f"Identity(id={self.id!r}, virtual_key={mask_key(self.virtual_key or '')!r})"
 
 
 _identity_decoder = msgspec.json.Decoder(Identity)

@@ -1,6 +1,6 @@
 """Calling an OpenAI-compatible provider: one streaming ``POST {url}/chat/completions``.
 
-Every failure leaves this module as an ``AgentError`` (``atlas.agent_types``), mapped in one
+Every failure leaves this module as an ``AgentError`` (``atlas.llm.types``), mapped in one
 place for status codes (``status_error``) and one for httpx exceptions (``transport_error``):
 
     AgentError
@@ -30,11 +30,11 @@ import httpx
 import msgspec
 import trio
 
-from . import __version__
-from .lean_http import LeanTransport
-from .agent_types import AgentError, Finish, StreamEvent, TextDelta, Usage
+from atlas import __version__
+from atlas.llm.lean_http import LeanTransport
+from atlas.llm.types import AgentError, Finish, StreamEvent, TextDelta, Usage
 
-log = logging.getLogger("atlas.provider")
+log = logging.getLogger("atlas.llm.provider")
 
 MAX_SSE_LINE = 1024 * 1024
 USER_AGENT = f"atlas/{__version__}"
@@ -135,7 +135,7 @@ class RetryPolicy:
 def open_provider_transport(kind: str = "lean") -> httpx.AsyncBaseTransport:
     """The process's one connection pool for provider calls (use it as an async context manager).
 
-    ``lean`` is Atlas's own HTTP/1.1 transport (``atlas.lean_http``, measured much cheaper per
+    ``lean`` is Atlas's own HTTP/1.1 transport (``atlas.llm.lean_http``, measured much cheaper per
     delta), ``httpx`` is httpx's default one (httpcore). Either way the calls go straight to the
     transport rather than through an ``AsyncClient``, whose layers (redirects, auth flows,
     cookies, event hooks, content decoding) provider calls never use. No proxy variables and no

@@ -11,12 +11,13 @@ from typing import Any
 
 import trio
 
-from .agent import build_agent_app, open_agent_service
-from .agents_config import AgentSpec, load_agents
-from .config import Settings
-from .devprovider import serve_dev_provider
-from .http_server import serve_asgi
-from .logs import setup_logging
+from atlas.agent import open_agent_service
+from atlas.agent_api.app import AgentApp
+from atlas.config import Settings
+from atlas.http_server import serve_asgi
+from atlas.llm.agents import AgentSpec, load_agents
+from atlas.llm.devprovider import serve_dev_provider
+from atlas.logs import setup_logging
 
 log = logging.getLogger("atlas.agent")
 
@@ -44,7 +45,7 @@ async def serve_agent(
         async with open_agent_service(
             settings, default_provider_url=default_provider_url, agents=agents
         ) as service:
-            app = build_agent_app(service, settings)
+            app = AgentApp(service, settings)
             serve = partial(
                 serve_asgi, app, settings.bind, shutdown_trigger=shutdown_trigger,
                 max_message_bytes=settings.max_message_bytes,

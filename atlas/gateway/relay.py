@@ -16,16 +16,22 @@ from typing import Any, AsyncIterator, Protocol
 
 import trio
 
-from .agent_types import AgentError, ChatMessage, Credentials, Finish, StreamEvent, TextDelta
-from .agent_types import Usage as AgentUsage
-from .connection import Connection, DeltaBuffer
-from .protocol import (
-    AgentDone, AgentStart, AgentStream, AgentText, Usage, encode, error_frame,
+from atlas.gateway.connection import Connection, DeltaBuffer
+from atlas.llm.types import AgentError, ChatMessage, Credentials, Finish, StreamEvent, TextDelta
+from atlas.llm.types import Usage as AgentUsage
+from atlas.protocol import (
+    AgentDone,
+    AgentStart,
+    AgentStream,
+    AgentText,
+    Usage,
+    encode,
+    error_frame,
 )
-from .rooms import Room
-from .store import Turn
+from atlas.rooms import Room
+from atlas.store import Turn
 
-log = logging.getLogger("atlas.relay")
+log = logging.getLogger("atlas.gateway.relay")
 
 DEFAULT_AGENT_ID = "atlas-assistant"
 MAX_REQUEST_ID_LENGTH = 128

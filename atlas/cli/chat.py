@@ -21,7 +21,7 @@ from typing import Any, TextIO
 
 import trio
 
-from .client import (
+from atlas.cli.client import (
     ClientError,
     Closed,
     Connection,

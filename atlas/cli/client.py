@@ -12,11 +12,11 @@ status, never a traceback::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 from collections.abc import AsyncIterator, Iterator, Mapping
-import contextlib
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any

@@ -19,9 +19,9 @@ from urllib.parse import parse_qsl, unquote, urlencode
 
 import httpx
 
-from .agent_types import Credentials
+from atlas.llm.types import Credentials
 
-log = logging.getLogger("atlas.proxy")
+log = logging.getLogger("atlas.gateway.proxy")
 
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",

@@ -24,10 +24,10 @@ from typing import Any
 import msgspec
 import trio
 
-from .agent import AgentService
-from .agent_sse import FullStream, UIMessageStream
-from .agent_types import AgentError, ChatMessage, Credentials, Finish, TextDelta, bad_request
-from .config import Settings
+from atlas.agent import AgentService
+from atlas.agent_api.sse import FullStream, UIMessageStream
+from atlas.config import Settings
+from atlas.llm.types import AgentError, ChatMessage, Credentials, Finish, TextDelta, bad_request
 
 log = logging.getLogger("atlas.agent.http")
 

@@ -1,0 +1,1 @@
+"""The command line: the `atlas` entry point, user commands, and the `atlas chat` / `atlas ask` clients."""

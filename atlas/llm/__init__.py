@@ -1,0 +1,1 @@
+"""The LLM side: the provider client and its HTTP transport, the dev provider, agent definitions."""

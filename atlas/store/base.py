@@ -1,0 +1,47 @@
+"""The store interface: everything Atlas keeps between runs, behind one ``Protocol``.
+
+Rooms, auth and the CLI use only this interface, so a backend is added beside the JSON one
+(``json_store``) without touching them. Its methods block (file or database I/O); async callers
+run them in a worker thread with ``trio.to_thread.run_sync``.
+
+Guarantees every backend gives:
+- a ``save_*`` that returns is durable: a crash afterwards never loses it, and a crash during it
+  leaves the old value or the new one, never a mix;
+- a stored value that cannot be decoded raises ``StoreCorrupt`` naming where it is, and is never
+  overwritten silently;
+- removing a user removes everything kept for them.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from atlas.store.records import RoomState, TokenRecord, UserRecord
+
+
+class Store(Protocol):
+    @property
+    def location(self) -> str:
+        """Where the data lives, for log lines (never holds a password)."""
+        ...
+
+    def prepare(self) -> None:
+        """Create what the store needs and clean up what a crash left behind."""
+        ...
+
+    # Users (built-in auth)
+    def load_user(self, user_id: str) -> UserRecord | None: ...
+    def save_user(self, user: UserRecord) -> None: ...
+    def delete_user(self, user_id: str) -> None: ...
+    def user_ids(self) -> list[str]: ...
+    def has_users(self) -> bool: ...
+
+    # Token hashes (built-in auth): the token itself is never stored
+    def load_token(self, token_hash: str) -> TokenRecord | None: ...
+    def save_token(self, token_hash: str, user_id: str) -> None: ...
+    def delete_token(self, token_hash: str) -> None: ...
+
+    # Rooms: preferences and conversations
+    def load_room(self, room_id: str) -> RoomState: ...
+    def save_room(self, room_id: str, state: RoomState) -> None: ...
+    def delete_room(self, room_id: str) -> None: ...

@@ -1,0 +1,88 @@
+"""What the store keeps, and the small pure helpers every backend and its users share.
+
+Stored structs follow schema evolution: a new field gets a default, a field's type never changes.
+Nothing here performs I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+USER_ID_PATTERN = re.compile(r"[A-Za-z0-9._@-]{1,128}")
+
+
+class StoreError(Exception):
+    """Base of the store's errors."""
+
+
+class StoreCorrupt(StoreError):
+    """A stored file exists but cannot be used. The message names the file."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"stored file {path} is unreadable: {reason}")
+        self.path = path
+
+
+class Turn(msgspec.Struct, frozen=True):
+    role: str
+    content: str
+
+
+class UserRecord(msgspec.Struct, rename="camel", omit_defaults=True):
+    """A built-in user. New fields must have defaults (schema evolution)."""
+
+    id: str
+    virtual_key: str = ""
+    provider_url: str | None = None
+    token_hash: str = ""
+    created_at: float = 0.0
+
+    def __repr__(self) -> str:  # the key never reaches a log line, not even by accident
+        return f"UserRecord(id={self.id!r}, virtual_key={mask_key(self.virtual_key)!r})"
+
+
+class TokenRecord(msgspec.Struct, rename="camel"):
+    user_id: str
+
+
+class RoomState(msgspec.Struct, rename="camel", omit_defaults=True):
+    """What a room keeps on disk. New fields must have defaults (schema evolution)."""
+
+    prefs: dict[str, Any] = msgspec.field(default_factory=dict)
+    conversations: dict[str, list[Turn]] = msgspec.field(default_factory=dict)
+
+
+def is_valid_user_id(value: str) -> bool:
+    return USER_ID_PATTERN.fullmatch(value) is not None
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def mask_key(key: str) -> str:
+    """A virtual key as it may be shown: only its last 4 characters."""
+    if not key:
+        return ""
+    return "…" + key[-4:] if len(key) > 8 else "…"
+
+
+class Identity(msgspec.Struct, rename="camel", frozen=True, omit_defaults=True):
+    """What ``/api/me`` says about a token's user (extra fields are ignored)."""
+
+    id: str
+    virtual_key: str | None = None
+    provider_url: str | None = None
+
+    def __repr__(self) -> str:  # the key never reaches a log line, not even by accident
+        return f"Identity(id={self.id!r}, virtual_key={mask_key(self.virtual_key or '')!r})"

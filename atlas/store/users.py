@@ -1,0 +1,74 @@
+"""User operations on any store: create, rotate a token, change a key, remove.
+
+Used by ``atlas user`` and by ``atlas serve``'s first run. The ordering of the writes in each
+operation is what keeps a crash between two of them harmless; the comments say how.
+"""
+
+from __future__ import annotations
+
+import time
+
+from atlas.store.base import Store
+from atlas.store.records import UserRecord, hash_token, new_token
+
+
+class UserCommandError(Exception):
+    """A user operation that cannot be done as asked; the message says why."""
+
+    pass
+
+
+def create_user(store: Store, user_id: str, virtual_key: str, provider_url: str | None) -> str:
+    """Create a user; returns its new token (the only time it exists outside the client)."""
+    if store.load_user(user_id) is not None:
+        raise UserCommandError(f"user {user_id!r} already exists (use set-key or rotate-token)")
+    token = new_token()
+    token_hash = hash_token(token)
+    store.save_token(token_hash, user_id)
+    store.save_user(
+        UserRecord(
+            id=user_id, virtual_key=virtual_key, provider_url=provider_url,
+            token_hash=token_hash, created_at=time.time(),
+        )
+    )
+    return token
+
+
+def existing_user(store: Store, user_id: str) -> UserRecord:
+    user = store.load_user(user_id)
+    if user is None:
+        raise UserCommandError(f"no user {user_id!r}")
+    return user
+
+
+def rotate_token(store: Store, user_id: str) -> str:
+    user = existing_user(store, user_id)
+    token = new_token()
+    token_hash = hash_token(token)
+    # New token file first, then the user record; the old token file goes last. Verification
+    # requires both to agree, so a crash in between never leaves the old token working.
+    store.save_token(token_hash, user_id)
+    old_hash = user.token_hash
+    user.token_hash = token_hash
+    store.save_user(user)
+    if old_hash:
+        store.delete_token(old_hash)
+    return token
+
+
+def remove_user(store: Store, user_id: str) -> None:
+    """Delete the user, its token and its room's stored prefs and conversations."""
+    user = existing_user(store, user_id)
+    store.delete_user(user_id)
+    if user.token_hash:
+        store.delete_token(user.token_hash)
+    store.delete_room(user_id)
+
+
+def set_key(store: Store, user_id: str, virtual_key: str, provider_url: str | None) -> UserRecord:
+    user = existing_user(store, user_id)
+    user.virtual_key = virtual_key
+    if provider_url is not None:
+        user.provider_url = provider_url or None
+    store.save_user(user)
+    return user
