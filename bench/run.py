@@ -2,9 +2,11 @@
 
 Starts the bench's provider (``bench.provider``), a fresh ``atlas serve`` per scenario, and load
 clients (``bench.worker``), each in its own process; measures every scenario against Atlas and the
-same clients talking straight to the same provider (the baseline); prints one table and writes
-``bench/results/bench-*.json`` (and ``latest.json``), plus a PNG of the latency distributions when
-matplotlib is installed. Server cost is the Atlas process's own CPU time from ``/proc``. See
+same clients talking straight to the same provider (the baseline); streaming also against the
+floor of Atlas's stack in the same run: the minimal relay (``bench.relay``) and the write-only
+floor (``bench.echo``). Prints one table and writes ``bench/results/bench-*.json`` (and
+``latest.json``), plus a PNG of the latency distributions when matplotlib is installed (``pip
+install -e '.[bench]'``). Server cost is the server process's own CPU time from ``/proc``. See
 ``docs/benchmarks.md``.
 """
 
@@ -56,7 +58,7 @@ class Plan:
 
 
 QUICK = Plan("quick", sequential=100, warmup=10, stream_levels=(100, 300, 500), stream_deltas=45,
-             stream_rate=30, stream_clients=2, stream_ramp=0.5, stream_bisect=1, stream_step=50, idle_connections=1000, idle_users=200, idle_clients=2,
+             stream_rate=30, stream_clients=2, stream_ramp=0.5, stream_bisect=3, stream_step=25, idle_connections=1000, idle_users=200, idle_clients=2,
              pings=300, store_users=10_000, cold_samples=100)
 FULL = Plan("full", sequential=200, warmup=20, stream_levels=(250, 500, 750, 1000), stream_deltas=200,
             stream_rate=30, stream_clients=2, stream_ramp=1.0, stream_bisect=4, stream_step=25, idle_connections=10_000, idle_users=2000, idle_clients=4,
@@ -67,8 +69,11 @@ FIRST_TOKEN_P50_MS = 1.0
 FIRST_TOKEN_P99_MS = 3.0
 PROXY_P50_MS = 1.5
 STREAM_DELAY_P99_MS = 50.0
-STREAM_TARGET = 500
-CPU_PER_DELTA_US = 40.0
+STREAM_TARGET = 500  # streams of the direct baseline (and of the delay row)
+# Issue 10: against the floor of the stack, measured in the same run at the same stream counts.
+CPU_VS_RELAY = 1.15  # Atlas's CPU per delta <= 1.15 x the minimal relay's
+CAPACITY_VS_RELAY = 0.9  # Atlas's stream capacity >= 0.9 x the minimal relay's
+SERVER_NAMES = {"atlas": "Atlas", "relay": "minimal relay", "write-only": "write-only floor"}
 IDLE_KIB_PER_CONN = 40.0
 IDLE_PING_P99_MS = 20.0
 READY_SECONDS = 1.5
@@ -257,7 +262,7 @@ class Bench:
             cpu0 = cpu_seconds(atlas_pid) if atlas_pid else 0.0
             provider0 = cpu_seconds(self.provider.pid)  # type: ignore[union-attr]
             machine0, wall0 = machine_busy_seconds(), time.monotonic()
-            profiler = self.profiler(atlas_pid, f"streams-{streams}") if atlas_pid else None
+            profiler = self.profiler(atlas_pid, f"streams-{streams}") if atlas_pid and mode == "atlas" else None
             for proc in procs:
                 proc.send({"start": start})
             results = [proc.event(timeout + 30) for proc in procs]
@@ -294,80 +299,141 @@ class Bench:
         base_n = max(min(plan.stream_levels), STREAM_TARGET)
         direct = self.stream_level("direct", "", base_n, None)
         progress(f"streaming: direct {base_n} streams: p99 delay {direct['delay_ms']['p99']:.1f} ms")
-        # The floor of the stack: bare Hypercorn writing the same frames (no provider to read).
-        echo = Proc("echo-streams", python_module("bench.echo"), self.log_dir)
+        # Atlas and the floors of its stack, side by side in this run: the minimal relay (bare
+        # Hypercorn reading the provider with h11 and writing each delta) and the write-only floor
+        # (bare Hypercorn writing the same stamped deltas itself, no provider to read).
+        procs: list[Proc] = []
         try:
-            echo_url = echo.wait_line("ECHO ", 30).split()[1]
-            floor = self.stream_level("bare", echo_url, base_n, echo.pid)
+            atlas, atlas_url, _ = self.start_atlas(self.data_dir(), "streams")
+            procs.append(atlas)
+            relay = Proc("relay-streams", python_module("bench.relay") + ["--provider", self.provider_url], self.log_dir)
+            procs.append(relay)
+            echo = Proc("echo-streams", python_module("bench.echo"), self.log_dir)
+            procs.append(echo)
+            servers = {
+                "atlas": (atlas.pid, atlas_url),
+                "relay": (relay.pid, relay.wait_line("RELAY ", 30).split()[1]),
+                "write-only": (echo.pid, echo.wait_line("ECHO ", 30).split()[1]),
+            }
+            measured, capacity, bounded = self.stream_capacities(servers)
+            # CPU per delta compared at one stream count, the highest both Atlas and the minimal
+            # relay keep up with (the same load for both), measured for every server.
+            cpu_n = min(capacity["atlas"], capacity["relay"]) or min(measured["atlas"])
+            for kind in servers:
+                if cpu_n not in measured[kind]:
+                    measured[kind][cpu_n] = self.measure_streams(kind, servers[kind], cpu_n)
         finally:
-            echo.stop()
-        progress(f"streaming: bare Hypercorn writing {base_n} streams' frames: "
-                 f"{floor['cpu_us_per_delta']:.1f} us CPU/delta, p99 delay {floor['delay_ms']['p99']:.1f} ms")
-        atlas, url, _ = self.start_atlas(self.data_dir(), "streams")
-        levels = []
-        try:
-            def measure(n: int) -> bool:
-                progress(f"streaming: {n} streams through Atlas, {plan.stream_deltas} deltas each at {plan.stream_rate:g}/s")
-                level = self.stream_level("atlas", url, n, atlas.pid)
-                levels.append(level)
-                progress(
-                    f"streaming: {n} streams: p99 delay {level['delay_ms']['p99']:.1f} ms, "
-                    f"{level['cpu_us_per_delta'] or 0:.1f} us CPU/delta, errors {level['errors']}, "
-                    f"deltas {level['deltas']}/{level['expected_deltas']}; "
-                    f"other processes used {level['others_cpu_share']:.0%} of the machine"
-                    + (f" {level['error_samples'][:1]}" if level["error_samples"] else "")
-                )
-                return level["ok"]
+            for proc in procs:
+                proc.stop()
 
-            low, high = 0, None
-            for n in plan.stream_levels:
-                if not measure(n):
-                    high = n
-                    break
-                low = n
-            # Below the first failing level: a few bisection steps, so a miss still says how far.
-            for _ in range(plan.stream_bisect):
-                if high is None or high - low <= plan.stream_step:
-                    break
-                n = max(plan.stream_step, (low + high) // 2 // plan.stream_step * plan.stream_step)
-                if n <= low or n >= high:
-                    break
-                if measure(n):
-                    low = n
-                else:
-                    high = n
-        finally:
-            atlas.stop()
-        passing = [lv for lv in levels if lv["ok"]]
-        capacity = max((lv["streams"] for lv in passing), default=0)
-        all_passed = all(lv["ok"] for lv in levels) and capacity == max(plan.stream_levels)
-        self.data["streaming"] = {"direct": direct, "bare_hypercorn": floor, "levels": levels, "capacity": capacity,
-                                  "capacity_is_lower_bound": all_passed}
-        at_target = next((lv for lv in levels if lv["streams"] == base_n), None)
-        shown = f">= {capacity}" if all_passed else f"{capacity}"
-        self.rows.append(Row(
-            "streaming", f"streams with p99 delay <= {STREAM_DELAY_P99_MS:g} ms", shown,
-            f"{direct['delay_ms']['p99']:.1f} ms p99 @{base_n}", "-", f">= {STREAM_TARGET}",
-            capacity >= STREAM_TARGET,
-        ))
+        def shown(kind: str) -> str:
+            return f">= {capacity[kind]}" if bounded[kind] else f"{capacity[kind]}"
+
+        cpu = {kind: measured[kind][cpu_n]["cpu_us_per_delta"] or float("nan") for kind in servers}
+        common = sorted(set(measured["atlas"]) & set(measured["relay"]) & set(measured["write-only"]))
+        compared: dict[str, Any] = {}
+        for other in ("relay", "write-only"):
+            cap_ratio = capacity["atlas"] / capacity[other] if capacity[other] else float("nan")
+            cpu_ratio = cpu["atlas"] / cpu[other]
+            compared[other] = {
+                "capacity": capacity[other], "capacity_ratio": cap_ratio, "cpu_us_per_delta": cpu[other],
+                "cpu_ratio": cpu_ratio,
+                "cpu_ratio_by_streams": {n: (measured["atlas"][n]["cpu_us_per_delta"] or 0)
+                                         / (measured[other][n]["cpu_us_per_delta"] or float("nan")) for n in common},
+            }
+        self.data["streaming"] = {
+            "direct": direct, "levels": list(measured["atlas"].values()), "capacity": capacity["atlas"],
+            "capacity_is_lower_bound": bounded["atlas"], "cpu_streams": cpu_n,
+            "minimal_relay": {"levels": list(measured["relay"].values()), "capacity_is_lower_bound": bounded["relay"],
+                              **compared["relay"]},
+            "write_only": {"levels": list(measured["write-only"].values()),
+                           "capacity_is_lower_bound": bounded["write-only"], **compared["write-only"]},
+        }
+        # The targets (issue 10) are ratios to the minimal relay; the write-only floor is a second line.
+        for other in ("relay", "write-only"):
+            ratio = compared[other]["capacity_ratio"]
+            relay_row = other == "relay"
+            self.rows.append(Row(
+                "streaming", f"streams with p99 delay <= {STREAM_DELAY_P99_MS:g} ms, vs {SERVER_NAMES[other]}",
+                shown("atlas"), f"{shown(other)} {SERVER_NAMES[other]}", f"x{ratio:.2f}",
+                f"ratio >= {CAPACITY_VS_RELAY:g}" if relay_row else "-",
+                (capacity[other] > 0 and ratio >= CAPACITY_VS_RELAY) if relay_row else None,
+            ))
+        for other in ("relay", "write-only"):
+            ratio = compared[other]["cpu_ratio"]
+            relay_row = other == "relay"
+            self.rows.append(Row(
+                "streaming", f"server CPU per delta @{cpu_n}, vs {SERVER_NAMES[other]}", f"{cpu['atlas']:.1f} us",
+                f"{cpu[other]:.1f} us {SERVER_NAMES[other]}", f"x{ratio:.2f}",
+                f"ratio <= {CPU_VS_RELAY:g}" if relay_row else "-", ratio <= CPU_VS_RELAY if relay_row else None,
+                {"provider_us_per_delta": measured["atlas"][cpu_n]["provider_cpu_s"]
+                 / max(1, measured["atlas"][cpu_n]["deltas"]) * 1e6},
+            ))
+        at_target = measured["atlas"].get(base_n)
         if at_target is not None:
             added = at_target["delay_ms"]["p99"] - direct["delay_ms"]["p99"]
             self.rows.append(Row(
                 "streaming", f"p99 delay per delta @{base_n} streams", f"{at_target['delay_ms']['p99']:.1f} ms",
-                f"{direct['delay_ms']['p99']:.1f} ms", f"{added:+.1f} ms", f"<= {STREAM_DELAY_P99_MS:g} ms",
-                at_target["delay_ms"]["p99"] <= STREAM_DELAY_P99_MS,
+                f"{direct['delay_ms']['p99']:.1f} ms direct", f"{added:+.1f} ms", "-", None,
             ))
-        cpu_level = at_target if at_target is not None else max(levels, key=lambda lv: lv["streams"], default=None)
-        if cpu_level is not None and cpu_level["cpu_us_per_delta"] is not None:
-            provider_us = cpu_level["provider_cpu_s"] / max(1, cpu_level["deltas"]) * 1e6
-            value = cpu_level["cpu_us_per_delta"]
-            floor_us = floor["cpu_us_per_delta"] or 0.0
-            self.rows.append(Row(
-                "streaming", f"server CPU per delta @{cpu_level['streams']}", f"{value:.1f} us",
-                f"{floor_us:.1f} us bare Hypercorn @{base_n}", f"{value - floor_us:+.1f} us",
-                f"<= {CPU_PER_DELTA_US:g} us", value <= CPU_PER_DELTA_US,
-                {"provider_us_per_delta": provider_us},
-            ))
+        progress(
+            f"streaming: Atlas vs minimal relay: capacity {shown('atlas')} vs {shown('relay')} "
+            f"(x{compared['relay']['capacity_ratio']:.2f}, target >= {CAPACITY_VS_RELAY:g}), CPU per delta @{cpu_n} "
+            f"{cpu['atlas']:.1f} vs {cpu['relay']:.1f} us (x{compared['relay']['cpu_ratio']:.2f}, target <= {CPU_VS_RELAY:g}); "
+            f"write-only floor: capacity {shown('write-only')}, {cpu['write-only']:.1f} us"
+        )
+
+    def measure_streams(self, kind: str, server: tuple[int, str], n: int) -> dict[str, Any]:
+        plan = self.plan
+        progress(f"streaming: {n} streams through {SERVER_NAMES[kind]}, {plan.stream_deltas} deltas each at {plan.stream_rate:g}/s")
+        pid, url = server
+        level = self.stream_level(kind, url, n, pid)
+        progress(
+            f"streaming: {SERVER_NAMES[kind]}, {n} streams: p99 delay {level['delay_ms']['p99']:.1f} ms, "
+            f"{level['cpu_us_per_delta'] or 0:.1f} us CPU/delta, errors {level['errors']}, "
+            f"deltas {level['deltas']}/{level['expected_deltas']}; "
+            f"other processes used {level['others_cpu_share']:.0%} of the machine"
+            + (f" {level['error_samples'][:1]}" if level["error_samples"] else "")
+        )
+        return level
+
+    def stream_capacities(self, servers: dict[str, tuple[int, str]]) -> tuple[
+            dict[str, dict[int, dict[str, Any]]], dict[str, int], dict[str, bool]]:
+        """Each server's capacity, searched the same way and level by level in turns, so that a
+        drift of the machine hits all of them: the plan's levels up to the server's first failing
+        one (a failure is p99 delay > 50 ms, an error or a missing delta), then a few bisection
+        steps below it, so a miss still says how far. Returns every server's levels by stream
+        count, its capacity (the most streams it passed) and whether it passed every level."""
+        plan = self.plan
+        measured: dict[str, dict[int, dict[str, Any]]] = {kind: {} for kind in servers}
+        low = dict.fromkeys(servers, 0)
+        high: dict[str, int | None] = dict.fromkeys(servers, None)
+
+        def measure(kind: str, n: int) -> None:
+            measured[kind][n] = self.measure_streams(kind, servers[kind], n)
+            if measured[kind][n]["ok"]:
+                low[kind] = n
+            else:
+                high[kind] = n
+
+        for n in plan.stream_levels:
+            climbing = [kind for kind in servers if high[kind] is None]
+            if not climbing:
+                break
+            for kind in climbing:
+                measure(kind, n)
+        for _ in range(plan.stream_bisect):
+            for kind in servers:
+                top = high[kind]
+                if top is None or top - low[kind] <= plan.stream_step:
+                    continue
+                n = max(plan.stream_step, (low[kind] + top) // 2 // plan.stream_step * plan.stream_step)
+                if low[kind] < n < top:
+                    measure(kind, n)
+        capacity = {kind: max((n for n, lv in levels.items() if lv["ok"]), default=0)
+                    for kind, levels in measured.items()}
+        bounded = {kind: high[kind] is None and capacity[kind] == max(plan.stream_levels) for kind in servers}
+        return measured, capacity, bounded
 
     def idle_run(self, label: str, url: str, pid: int, with_users: bool, deflate: bool = False) -> dict[str, Any]:
         plan = self.plan
@@ -512,7 +578,7 @@ def plot(samples: dict[str, dict[str, list[float]]], path: Path) -> bool:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        progress("plot skipped: matplotlib is not installed (pip install matplotlib)")
+        progress("plot skipped: matplotlib is not installed (pip install -e '.[bench]')")
         return False
     panels = [(name, series) for name, series in samples.items() if any(series.values())]
     if not panels:
