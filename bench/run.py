@@ -330,14 +330,13 @@ class Bench:
             return f">= {capacity[kind]}" if bounded[kind] else f"{capacity[kind]}"
 
         cpu = {kind: measured[kind][cpu_n]["cpu_us_per_delta"] or float("nan") for kind in servers}
-        common = sorted(set(measured["atlas"]) & set(measured["relay"]) & set(measured["write-only"]))
         compared: dict[str, Any] = {}
         for other in ("relay", "write-only"):
-            cap_ratio = capacity["atlas"] / capacity[other] if capacity[other] else float("nan")
-            cpu_ratio = cpu["atlas"] / cpu[other]
+            common = sorted(set(measured["atlas"]) & set(measured[other]))
             compared[other] = {
-                "capacity": capacity[other], "capacity_ratio": cap_ratio, "cpu_us_per_delta": cpu[other],
-                "cpu_ratio": cpu_ratio,
+                "capacity": capacity[other],
+                "capacity_ratio": capacity["atlas"] / capacity[other] if capacity[other] else float("nan"),
+                "cpu_us_per_delta": cpu[other], "cpu_ratio": cpu["atlas"] / cpu[other],
                 "cpu_ratio_by_streams": {n: (measured["atlas"][n]["cpu_us_per_delta"] or 0)
                                          / (measured[other][n]["cpu_us_per_delta"] or float("nan")) for n in common},
             }
@@ -382,6 +381,8 @@ class Bench:
             f"{cpu['atlas']:.1f} vs {cpu['relay']:.1f} us (x{compared['relay']['cpu_ratio']:.2f}, target <= {CPU_VS_RELAY:g}); "
             f"write-only floor: capacity {shown('write-only')}, {cpu['write-only']:.1f} us"
         )
+        progress("streaming: Atlas's CPU per delta / minimal relay's at every common stream count: " + ", ".join(
+            f"@{n} x{r:.2f}" for n, r in compared["relay"]["cpu_ratio_by_streams"].items()))
 
     def measure_streams(self, kind: str, server: tuple[int, str], n: int) -> dict[str, Any]:
         plan = self.plan
