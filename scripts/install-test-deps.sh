@@ -49,12 +49,18 @@ if ! command -v haproxy >/dev/null 2>&1; then
     apt_install haproxy || fail "haproxy (Debian package), for the HAProxy tests"
 fi
 
-# tests/pg_cluster.py looks for /usr/lib/postgresql/15/bin first, then any other major version.
+# tests/pg_cluster.py uses /usr/lib/postgresql/15/bin, or else the newest other version there.
 # Only the binaries are used: a cluster the package may start on port 5432 is not the tests'.
-if [ ! -x /usr/lib/postgresql/15/bin/initdb ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
-    say "installing the PostgreSQL 15 server (Debian package)"
-    apt_install postgresql-15 || apt_install postgresql \
-        || fail "PostgreSQL server (postgresql-15 or postgresql), for the PostgreSQL tests"
+if [ ! -x /usr/lib/postgresql/15/bin/initdb ]; then
+    say "installing the PostgreSQL 15 server (Debian package postgresql-15)"
+    if ! apt_install postgresql-15; then
+        if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+            say "no postgresql-15 here; the tests use the PostgreSQL server already installed"
+        else
+            say "no postgresql-15 here; installing this system's default version (postgresql)"
+            apt_install postgresql || fail "PostgreSQL server (postgresql-15 or postgresql), for the PostgreSQL tests"
+        fi
+    fi
 fi
 
 if ! "$PYTHON" -c "import playwright" 2>/dev/null; then
