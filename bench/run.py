@@ -74,6 +74,7 @@ STREAM_TARGET = 500  # streams of the direct baseline (and of the delay row)
 CPU_VS_RELAY = 1.15  # Atlas's CPU per delta <= 1.15 x the minimal relay's
 CAPACITY_VS_RELAY = 0.9  # Atlas's stream capacity >= 0.9 x the minimal relay's
 SERVER_NAMES = {"atlas": "Atlas", "relay": "minimal relay", "write-only": "write-only floor"}
+NOISY_SHARE = 0.10  # a streaming level failed while others used more of the machine is measured again
 IDLE_KIB_PER_CONN = 40.0
 IDLE_PING_P99_MS = 20.0
 READY_SECONDS = 1.5
@@ -385,18 +386,33 @@ class Bench:
             f"@{n} x{r:.2f}" for n, r in compared["relay"]["cpu_ratio_by_streams"].items()))
 
     def measure_streams(self, kind: str, server: tuple[int, str], n: int) -> dict[str, Any]:
+        """One level on one server. A level that failed while other processes (not the bench's)
+        used more than NOISY_SHARE of the machine is measured once more, and the second try counts:
+        on a shared machine a burst of someone's tests must not decide a capacity."""
         plan = self.plan
         progress(f"streaming: {n} streams through {SERVER_NAMES[kind]}, {plan.stream_deltas} deltas each at {plan.stream_rate:g}/s")
         pid, url = server
         level = self.stream_level(kind, url, n, pid)
+        self.report_streams(kind, level)
+        if not level["ok"] and level["others_cpu_share"] > NOISY_SHARE:
+            progress(f"streaming: {SERVER_NAMES[kind]}, {n} streams failed while other processes used "
+                     f"{level['others_cpu_share']:.0%} of the machine: once more")
+            first = level
+            level = self.stream_level(kind, url, n, pid)
+            level["noisy_first_try"] = {key: first[key] for key in (
+                "delay_ms", "cpu_us_per_delta", "others_cpu_share", "errors", "deltas")}
+            self.report_streams(kind, level)
+        return level
+
+    @staticmethod
+    def report_streams(kind: str, level: dict[str, Any]) -> None:
         progress(
-            f"streaming: {SERVER_NAMES[kind]}, {n} streams: p99 delay {level['delay_ms']['p99']:.1f} ms, "
+            f"streaming: {SERVER_NAMES[kind]}, {level['streams']} streams: p99 delay {level['delay_ms']['p99']:.1f} ms, "
             f"{level['cpu_us_per_delta'] or 0:.1f} us CPU/delta, errors {level['errors']}, "
             f"deltas {level['deltas']}/{level['expected_deltas']}; "
             f"other processes used {level['others_cpu_share']:.0%} of the machine"
             + (f" {level['error_samples'][:1]}" if level["error_samples"] else "")
         )
-        return level
 
     def stream_capacities(self, servers: dict[str, tuple[int, str]]) -> tuple[
             dict[str, dict[int, dict[str, Any]]], dict[str, int], dict[str, bool]]:
