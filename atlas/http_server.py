@@ -21,6 +21,8 @@ ASGIApp = Callable[[dict[str, Any], Callable[..., Awaitable[Any]], Callable[...,
 
 log = logging.getLogger("atlas.http")
 
+CLOSE_LOCK_SECONDS = 1.0
+
 
 class _NoRunningOnLines(logging.Filter):
     """Hypercorn announces every listener ("Running on ... CTRL + C to quit"), internal ones
@@ -57,10 +59,79 @@ def decline_permessage_deflate() -> None:
     ws_stream.PerMessageDeflate = DeclinedPerMessageDeflate
 
 
+def contain_connection_failures() -> None:
+    """Make one connection's failure end that connection only, never the server.
+
+    Hypercorn 0.18's trio worker runs every connection as a ``TCPServer`` task in the server's
+    own nursery, so an exception escaping one connection ends the whole process. One such
+    exception is a race in that class (upstream defect, reported by Atlas's issue 9 and seen as
+    Hypercorn #203): ``protocol_send`` writes under ``send_lock``, but ``_close`` calls
+    ``send_eof()`` without it. When a client's WebSocket close arrives and the app closes too,
+    the reading task answers the client's close with ``send_all`` while the app's task, tearing
+    the connection down, sits in ``send_eof``'s checkpoint: trio raises ``BusyResourceError``
+    in the reading task, and the server dies.
+
+    Two changes, installed once by replacing the class in ``hypercorn.trio.run`` (the worker
+    looks it up there for every connection), as ``decline_permessage_deflate`` does:
+    ``_close`` takes the send lock like every other write (so the race cannot happen), and
+    ``run`` logs and contains any ``Exception`` of its connection (so whatever else Hypercorn
+    or the app raises costs that connection only). Cancellation still propagates."""
+    run_module = importlib.import_module("hypercorn.trio.run")
+    base = getattr(run_module, "TCPServer")
+    if getattr(base, "atlas_contains_failures", False):
+        return
+
+    class ContainedTCPServer(base):  # type: ignore[misc, valid-type]
+        atlas_contains_failures = True
+
+        async def run(self) -> None:
+            try:
+                await super().run()
+            except* Exception as failures:
+                peer = _peer_of(self.stream)
+                log.error(
+                    "connection from %s failed and was dropped; the server goes on", peer,
+                    exc_info=failures,
+                )
+
+        async def _close(self) -> None:
+            # Upstream's _close, with send_eof under the send lock. The wait for the lock is
+            # bounded: a writer stuck on a client that stopped reading holds it (Hypercorn
+            # shields its writes), and then aclose() is what ends that write.
+            lock: trio.Lock = self.send_lock
+            with trio.CancelScope(shield=True):
+                if lock.statistics().owner is trio.lowlevel.current_task():
+                    await _send_eof_quietly(self.stream)
+                else:
+                    with trio.move_on_after(CLOSE_LOCK_SECONDS):
+                        async with lock:
+                            await _send_eof_quietly(self.stream)
+                await self.stream.aclose()
+
+    run_module.TCPServer = ContainedTCPServer
+
+
+async def _send_eof_quietly(stream: Any) -> None:
+    try:
+        await stream.send_eof()
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError, AttributeError):
+        pass  # the peer is gone already, or a TLS stream (which has no half-close)
+
+
+def _peer_of(stream: Any) -> str:
+    try:
+        socket = getattr(stream, "socket", None) or stream.transport_stream.socket
+        host, port = socket.getpeername()[:2]
+        return f"{host}:{port}"
+    except (AttributeError, OSError, ValueError):
+        return "an unknown peer"
+
+
 def hypercorn_config(
     bind: Bind, *, max_message_bytes: int = 1024 * 1024, graceful_seconds: float = 5.0
 ) -> Config:
     decline_permessage_deflate()
+    contain_connection_failures()
     config = Config()
     config.bind = [str(bind)]
     config.accesslog = None
