@@ -5,7 +5,9 @@ with its ports put in).
         httpx.get(proxy.url + "/healthz")
         proxy.command("show servers state")      # the runtime API, if the config has "stats socket"
 
-Without haproxy the tests that need it skip, or fail on CI (``require_haproxy``, see optional.py).
+haproxy runs in a temp dir of its own, removed by ``close()``; if the test process is killed
+instead, a reaper (reaper.py) stops haproxy and removes the directory. Without haproxy the tests
+that need it skip, or fail on CI (``require_haproxy``, see optional.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 from pathlib import Path
 
 from optional import unavailable
+from reaper import start_reaper, stop_reaper
 
 WAIT = 10.0  # seconds haproxy may take to start, to stop, or to answer a runtime command
 
@@ -62,6 +65,7 @@ class HAProxy:
         self.log_path = self.directory / "haproxy.log"
         self.process: subprocess.Popen[bytes] | None = None
         atexit.register(self.close)  # if no test got to it
+        self._reaper = start_reaper(self.directory)  # if the test process is killed
 
     @property
     def url(self) -> str:
@@ -77,6 +81,7 @@ class HAProxy:
             self.process = subprocess.Popen(
                 [require_haproxy(), "-f", str(self.config_path), "-db"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                cwd=self.directory,  # what the reaper looks for
             )
         deadline = time.monotonic() + WAIT
         while not _accepts(self.port):
@@ -116,6 +121,9 @@ class HAProxy:
         self.stop()
         shutil.rmtree(self.directory, ignore_errors=True)
         atexit.unregister(self.close)
+        if self._reaper is not None:
+            stop_reaper(self._reaper)
+            self._reaper = None
 
     def __enter__(self) -> HAProxy:
         try:

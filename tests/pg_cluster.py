@@ -15,9 +15,9 @@ which owns the temp dir. The postmaster is this process's own child, not pg_ctl'
 it is reaped when it dies: a zombie postmaster still holds the data directory's lock file, and
 PID 1 reaps orphans late or never where it is no real init (as on our machines).
 
-A cluster stops itself at interpreter exit if nothing else stopped it, and the session fixture
-stops it even when a test fails. Its processes are found by their working directory, which every
-PostgreSQL process sets to the data directory.
+The session fixture stops the cluster even when a test fails, atexit if nothing else did, and a
+reaper (reaper.py) if the test process is killed. Its processes are found by their working
+directory, which every PostgreSQL process sets to the data directory.
 
 Fixtures, for a conftest to import (``from pg_cluster import postgres_cluster, postgres_url``):
     postgres_cluster   session: the one PostgresCluster of the session, started
@@ -43,6 +43,7 @@ from typing import IO, Any
 import pytest
 
 from optional import unavailable
+from reaper import processes_under, start_reaper, stop_reaper
 from servers import free_port
 
 PG_MAJOR = "15"
@@ -95,6 +96,7 @@ class PostgresCluster:
         self.root: Path | None = None
         self._postmaster: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
+        self._reaper: subprocess.Popen[bytes] | None = None
         atexit.register(self.close)
 
     @property
@@ -125,18 +127,7 @@ class PostgresCluster:
 
     def processes(self) -> list[int]:
         """Every live process of this cluster: the postmaster and all its children (no zombies)."""
-        if self.root is None:
-            return []
-        data_dir = os.path.realpath(self.data_dir)
-        found = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    if os.readlink(entry / "cwd") == data_dir:
-                        found.append(int(entry.name))
-                except OSError:  # gone, a zombie, or not ours to read
-                    continue
-        return sorted(found)
+        return [] if self.root is None else processes_under(os.path.realpath(self.data_dir))
 
     def start(self) -> None:
         """Create the cluster on the first call; start it if it is not running (after a kill(), this
@@ -192,6 +183,9 @@ class PostgresCluster:
             self.kill()
             shutil.rmtree(self.root, ignore_errors=True)
             self.root = None
+            if self._reaper is not None:
+                stop_reaper(self._reaper)
+                self._reaper = None
             atexit.unregister(self.close)
 
     def __enter__(self) -> PostgresCluster:
@@ -212,6 +206,7 @@ class PostgresCluster:
 
     def _init(self) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="atlas-pg-"))
+        self._reaper = start_reaper(self.root)
         self.socket_dir.mkdir()
         if os.geteuid() == 0:
             for path in (self.root, self.socket_dir):
