@@ -6,6 +6,8 @@ deploy/haproxy.cfg routing rooms by their id in front of three tiny HTTP servers
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -31,7 +33,8 @@ def psycopg() -> ModuleType:
 
 
 def processes_naming(text: str) -> list[int]:
-    """Live processes whose command line or working directory mentions ``text``."""
+    """Live processes whose command line or working directory mentions ``text``, but for the
+    reapers (reaper.py) that watch them."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -41,7 +44,7 @@ def processes_naming(text: str) -> list[int]:
             cwd = str((entry / "cwd").readlink())
         except OSError:
             continue
-        if text in cmdline or text in cwd:
+        if (text in cmdline or text in cwd) and "reaper.py" not in cmdline:
             found.append(int(entry.name))
     return found
 
@@ -126,6 +129,46 @@ def test_a_failing_block_leaves_neither_process_nor_directory():
             raise RuntimeError("a test fails")
     assert processes_naming(data_dir) == []
     assert not root.exists()
+
+
+CHILD = """
+import sys
+from haproxy_proc import HAProxy
+from pg_cluster import PostgresCluster, find_bin_dir
+from servers import free_port
+
+cluster = PostgresCluster(find_bin_dir())
+cluster.start()
+port = free_port()
+proxy = HAProxy(
+    "defaults\\n  mode http\\n  timeout connect 5s\\n  timeout client 5s\\n  timeout server 5s\\n"
+    f"frontend web\\n  bind 127.0.0.1:{port}\\n  http-request return status 200\\n",
+    port,
+)
+proxy.start()
+print(cluster.root, proxy.directory, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_killed_test_process_leaves_neither_process_nor_directory():
+    require_bin_dir()
+    require_haproxy()
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD], cwd=Path(__file__).parent,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        directories = child.stdout.readline().split()
+        assert len(directories) == 2, "the child did not start its servers"
+        assert all(processes_naming(directory) for directory in directories)
+    finally:
+        child.kill()  # no atexit, no finalizer: only the reapers are left to clean up
+        child.wait()
+    deadline = time.monotonic() + WAIT
+    while any(processes_naming(directory) or Path(directory).exists() for directory in directories):
+        assert time.monotonic() < deadline, {d: processes_naming(d) for d in directories}
+        time.sleep(0.02)
 
 
 # --- HAProxy ------------------------------------------------------------------------------------
