@@ -8,6 +8,12 @@ no agent request) for ``room_idle_seconds``; the next use loads it again from di
 Writes go through ``Room.save``: under the room's lock, the new state is written durably (in a
 worker thread, so fsync never blocks the event loop) and only then becomes the room's state, so
 whatever a client has been told is already on disk.
+
+A room whose user is removed is revoked (``Room.revoke``): its connections are closed with 4001,
+its requests cancelled, it leaves the registry, and it never writes again. With built-in auth
+every write also checks, atomically in the store, that the user still exists (a removal from
+another process is seen at the latest there), and a user added again under the same id gets a
+fresh room, never the loaded room of the previous one.
 """
 
 from __future__ import annotations
@@ -15,12 +21,14 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any, NoReturn, Protocol
 
 import msgspec
 import trio
 
-from atlas.store import Identity, RoomState, Store, StoreError, Turn
+from atlas.protocol import CLOSE_UNAUTHORIZED, error_frame
+from atlas.store import Identity, RoomState, Store, StoreError, Turn, UserGone
 
 
 class Connection(Protocol):
@@ -29,6 +37,7 @@ class Connection(Protocol):
 
     def send_nowait(self, frame: str) -> bool: ...
     def close(self, code: int, reason: str) -> None: ...
+    def close_after_pending(self, code: int, reason: str) -> None: ...
 
 log = logging.getLogger("atlas.rooms")
 
@@ -54,6 +63,7 @@ class Room:
         self._loaded = trio.Event()
         self._load_error: BaseException | None = None
         self._write_lock = trio.Lock()
+        self.gone = False  # revoked: its user was removed; it never writes again
 
     # Life cycle
 
@@ -116,6 +126,27 @@ class Room:
     def set_identity(self, identity: Identity) -> None:
         self.identity = identity
 
+    def belongs_to_another(self, identity: Identity) -> bool:
+        """Whether ``identity`` is a different person under this room's user id: the user was
+        removed and created again since this room was loaded (built-in auth knows when)."""
+        mine = self.identity.created_at if self.identity else None
+        return mine is not None and identity.created_at is not None and mine != identity.created_at
+
+    def revoke(self, message: str) -> None:
+        """The room's user no longer exists: close every connection with 4001 (after an error
+        frame saying why), cancel every request, leave the registry, and never write again."""
+        if self.gone:
+            return
+        self.gone = True
+        log.info("room %s revoked: %s", self.id, message)
+        self._registry._forget(self)
+        frame = error_frame("unauthorized", message)
+        for connection in list(self.connections):
+            connection.send_nowait(frame)
+            connection.close_after_pending(CLOSE_UNAUTHORIZED, message)
+        if self.nursery is not None:
+            self.nursery.cancel_scope.cancel()
+
     @property
     def has_credentials(self) -> bool:
         return bool(self.identity and self.identity.virtual_key)
@@ -125,8 +156,18 @@ class Room:
         return self.state.prefs
 
     async def save(self, state: RoomState) -> None:
-        """Make ``state`` durable, then the room's state. Callers hold ``write_lock``."""
-        await trio.to_thread.run_sync(self._registry.store.save_room, self.id, state)
+        """Make ``state`` durable, then the room's state. Callers hold ``write_lock``.
+        Raises ``UserGone`` (and revokes the room) when its user no longer exists."""
+        if self.gone:
+            raise UserGone(self.id)
+        try:
+            await trio.to_thread.run_sync(partial(
+                self._registry.store.save_room, self.id, state,
+                owner_must_exist=self._registry.users_are_stored,
+            ))
+        except UserGone:
+            self.revoke("this user no longer exists")
+            raise
         self.state = state
 
     @property
@@ -203,9 +244,12 @@ class Room:
 
 class RoomRegistry:
     def __init__(
-        self, store: Store, nursery: trio.Nursery, *, idle_seconds: float, max_conversations: int = 50
+        self, store: Store, nursery: trio.Nursery, *, idle_seconds: float, max_conversations: int = 50,
+        users_are_stored: bool = False,
     ) -> None:
         self.store = store
+        # Built-in auth: the store holds the users, so a room write can check its user exists.
+        self.users_are_stored = users_are_stored
         self.idle_seconds = idle_seconds
         self.max_conversations = max_conversations
         self.rooms: dict[str, Room] = {}
@@ -221,12 +265,16 @@ class RoomRegistry:
             del self.rooms[room.id]
 
     @asynccontextmanager
-    async def open_room(self, room_id: str) -> AsyncIterator[Room]:
-        """The room for ``room_id``, loaded, held (not evicted) until the block exits.
+    async def open_room(self, room_id: str, identity: Identity | None = None) -> AsyncIterator[Room]:
+        """The room for ``room_id``, loaded, held (not evicted) until the block exits; with
+        ``identity`` (the verified user), the room's credentials are set from it.
 
         Raises StoreError when the room's file cannot be read; nothing is cached for a failed
         load, so the next open tries again (after an operator repaired the file)."""
         room = self.rooms.get(room_id)
+        if room is not None and identity is not None and room.belongs_to_another(identity):
+            room.revoke("this user was removed")
+            room = None
         created = room is None
         if room is None:
             room = Room(room_id, self)
@@ -242,6 +290,8 @@ class RoomRegistry:
                     raise
             else:
                 await room.wait_loaded()
+            if identity is not None:
+                room.set_identity(identity)
             yield room
         finally:
             room._release()
@@ -266,9 +316,12 @@ async def serve_rooms(
     store: Store,
     *,
     idle_seconds: float,
+    users_are_stored: bool = False,
     task_status: trio.TaskStatus[RoomRegistry] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Own every room task; reports the registry once ready. Runs until cancelled."""
     async with trio.open_nursery() as nursery:
-        task_status.started(RoomRegistry(store, nursery, idle_seconds=idle_seconds))
+        task_status.started(RoomRegistry(
+            store, nursery, idle_seconds=idle_seconds, users_are_stored=users_are_stored
+        ))
         await trio.sleep_forever()

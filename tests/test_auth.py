@@ -16,7 +16,9 @@ async def test_builtin_api_me(tmp_path):
             missing = await client.get("/api/me")
             wrong = await client.get("/api/me", headers={"Authorization": "Bearer nope"})
     assert ok.status_code == 200
-    assert ok.json() == {"id": "alice", "virtualKey": "sk-test-alice-abcdef123456"}
+    me = ok.json()
+    assert isinstance(me.pop("createdAt"), float)  # tells a re-created user from the removed one
+    assert me == {"id": "alice", "virtualKey": "sk-test-alice-abcdef123456"}
     assert missing.status_code == 401 and missing.json()["error"]["code"] == "unauthorized"
     assert wrong.status_code == 401
 

@@ -97,8 +97,7 @@ async def party_http(services: Services, room_id: str, scope: dict[str, Any], re
             await send_error(send, 400, "bad_proxy_path", str(exc))
             return
     try:
-        async with services.rooms.open_room(room_id) as room:
-            room.set_identity(identity)
+        async with services.rooms.open_room(room_id, identity) as room:
             if path is None:
                 await send_json(send, 200, {
                     "roomId": room.id, "userId": identity.id, "credentials": room.has_credentials,

@@ -123,7 +123,10 @@ def lookup_builtin_user(store: Store, token: str) -> Identity | None:
     # token file survived a crash.
     if user is None or not hmac.compare_digest(user.token_hash, token_hash):
         return None
-    return Identity(id=user.id, virtual_key=user.virtual_key or None, provider_url=user.provider_url)
+    return Identity(
+        id=user.id, virtual_key=user.virtual_key or None, provider_url=user.provider_url,
+        created_at=user.created_at or None,
+    )
 
 
 def builtin_me_app(store: Store):

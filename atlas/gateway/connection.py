@@ -48,7 +48,8 @@ class DeltaBuffer:
 class Connection:
     def __init__(self, connection_id: str, *, token: str | None = None) -> None:
         self.id = connection_id
-        self.token = token  # checked again before each agent request
+        self.token = token  # checked again before each message
+        self.auth_unavailable = False  # the last check could not reach the auth API
         self.requests: dict[str, trio.CancelScope] = {}
         self.close_code: int | None = None
         self.close_reason = ""

@@ -29,7 +29,7 @@ from atlas.protocol import (
     error_frame,
 )
 from atlas.rooms import Room
-from atlas.store import Turn
+from atlas.store import Turn, UserGone
 
 log = logging.getLogger("atlas.gateway.relay")
 
@@ -145,6 +145,8 @@ class Relay:
                 await connection.send(error_frame("cancelled", "the request was cancelled", request_id))
         except AgentError as exc:
             await connection.send(encode_agent_error(request_id, exc))
+        except UserGone:
+            pass  # the room was revoked: its connections were told and are closing
         except Exception:
             # A bug or a failed write (disk full): the request fails, its room and connection live.
             log.exception("agent request %s in room %s failed", request_id, room.id)

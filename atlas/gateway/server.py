@@ -25,6 +25,7 @@ from atlas.config import Settings, prepare_data_dir
 from atlas.gateway.app import build_app
 from atlas.gateway.auth import open_token_verifier
 from atlas.gateway.relay import Relay
+from atlas.gateway.revocation import serve_revocation_sweeps
 from atlas.gateway.services import Services
 from atlas.http_server import serve_asgi
 from atlas.llm.agents import AgentSpec, load_agents
@@ -85,9 +86,13 @@ async def serve_atlas(
                 open_agent_service(settings, default_provider_url=provider_url, agents=agents)
             )
             agent_app = AgentApp(agent, settings)
-        rooms = await background.start(
-            partial(serve_rooms, store, idle_seconds=settings.room_idle_seconds)
-        )
+        rooms = await background.start(partial(
+            serve_rooms, store, idle_seconds=settings.room_idle_seconds,
+            users_are_stored=settings.auth_url is None,
+        ))
+        await background.start(partial(
+            serve_revocation_sweeps, verifier, rooms, store, period=settings.auth_cache_seconds
+        ))
         services = Services(
             settings=settings, store=store, verifier=verifier, rooms=rooms,
             relay=Relay(

@@ -15,6 +15,7 @@ import secrets
 from typing import Any
 from urllib.parse import parse_qsl
 
+import msgspec
 import trio
 
 from atlas.gateway.auth import STORE_UNREADABLE, AccessDenied, AuthUnavailable, Unauthorized, admit, token_from_scope
@@ -38,7 +39,7 @@ from atlas.protocol import (
     error_frame,
 )
 from atlas.rooms import PrefsTooLarge, Room
-from atlas.store import StoreError
+from atlas.store import StoreError, UserGone
 
 log = logging.getLogger("atlas.gateway.ws")
 
@@ -76,8 +77,7 @@ async def websocket_endpoint(
         return
     connection = Connection(connection_id_from_scope(scope), token=token_from_scope(scope))
     try:
-        async with services.rooms.open_room(room_id) as room:
-            room.set_identity(identity)
+        async with services.rooms.open_room(room_id, identity) as room:
             await serve_connection(services, room, connection, receive, send)
     except StoreError:
         await reject(STORE_UNREADABLE)
@@ -131,6 +131,10 @@ async def read_frames(services: Services, room: Room, connection: Connection, re
                 "bad_message", "binary frames are not supported: send JSON text frames"
             ))
             continue
+        if not await still_authorized(services, room, connection, frame):
+            # Closing after what is queued: the writer drains the error frame, then ends the
+            # connection (reading goes on meanwhile, so the drain is not cut short).
+            continue
         try:
             await handle_frame(services, room, connection, frame)
         except Exception as exc:
@@ -149,8 +153,12 @@ async def handle_frame(services: Services, room: Room, connection: Connection, f
         case Ping():
             await connection.send(PONG)
         case AgentStream():  # agent:text is a subclass
-            if await still_authorized(services, room, connection, message.id):
-                await services.relay.start(room, connection, message)
+            if connection.auth_unavailable:
+                await connection.send(error_frame(
+                    "auth_unavailable", "the auth API cannot be reached; try again shortly", message.id
+                ))
+                return
+            await services.relay.start(room, connection, message)
         case AgentCancel(id=request_id):
             await services.relay.cancel(connection, request_id)
         case PrefsGet():
@@ -161,6 +169,8 @@ async def handle_frame(services: Services, room: Room, connection: Connection, f
             except PrefsTooLarge as exc:
                 await connection.send(error_frame("too_large", str(exc)))
                 return
+            except UserGone:
+                return  # the room was revoked: this connection was told and is closing
             except OSError as exc:
                 log.error("room %s: prefs not saved: %s", room.id, exc)
                 await connection.send(error_frame("internal", "the preferences could not be saved"))
@@ -170,20 +180,35 @@ async def handle_frame(services: Services, room: Room, connection: Connection, f
             room.broadcast(encode(BroadcastMessage(connection.id, data)), sender=connection)
 
 
-async def still_authorized(
-    services: Services, room: Room, connection: Connection, request_id: str | None
-) -> bool:
-    """Check the connection's token again before a billable request (a cache hit while the auth
-    cache is fresh), so that a revoked token stops spending and a new virtual key is used
-    within the auth cache time, on connections that were open before the change too."""
+async def still_authorized(services: Services, room: Room, connection: Connection, frame: str) -> bool:
+    """Check the connection's token again before each message (a cache hit while the auth cache
+    is fresh), so that a revoked token or a removed user ends the session within the auth cache
+    time, and a new virtual key is used from then on, on connections open before the change too.
+
+    While the auth API is unreachable the last verified identity keeps serving what costs
+    nothing; billable requests are refused then (``handle_frame``)."""
+    connection.auth_unavailable = False
     try:
         identity = await services.verifier.verify(connection.token)
-    except Unauthorized as exc:
-        await connection.send(error_frame(exc.code, "this token has been revoked", request_id))
+    except Unauthorized:
+        await connection.send(error_frame("unauthorized", "this token has been revoked", request_id_of(frame)))
         connection.close_after_pending(CLOSE_UNAUTHORIZED, "token revoked")
         return False
-    except AuthUnavailable as exc:
-        await connection.send(error_frame(exc.code, str(exc), request_id))
+    except AuthUnavailable:
+        connection.auth_unavailable = True
+        return True
+    if room.belongs_to_another(identity):
+        room.revoke("this user was removed")
         return False
     room.set_identity(identity)
     return True
+
+
+def request_id_of(frame: str) -> str | None:
+    """The ``id`` of a frame, when it is a JSON object with a string id (else None)."""
+    try:
+        value = msgspec.json.decode(frame)
+    except msgspec.DecodeError:
+        return None
+    request_id = value.get("id") if isinstance(value, dict) else None
+    return request_id if isinstance(request_id, str) else None

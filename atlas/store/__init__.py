@@ -12,6 +12,7 @@ from atlas.store.records import (
     StoreError,
     TokenRecord,
     Turn,
+    UserGone,
     UserRecord,
     hash_token,
     is_valid_user_id,
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Identity", "JsonStore", "RoomState", "Store", "StoreCorrupt", "StoreError", "TokenRecord", "Turn",
-    "UserRecord", "hash_token", "is_valid_user_id", "mask_key", "new_token", "store_for",
+    "UserGone", "UserRecord", "hash_token", "is_valid_user_id", "mask_key", "new_token", "store_for",
 ]
 
 

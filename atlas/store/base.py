@@ -43,5 +43,16 @@ class Store(Protocol):
 
     # Rooms: preferences and conversations
     def load_room(self, room_id: str) -> RoomState: ...
-    def save_room(self, room_id: str, state: RoomState) -> None: ...
+
+    def save_room(self, room_id: str, state: RoomState, *, owner_must_exist: bool = False) -> None:
+        """With ``owner_must_exist`` (built-in auth), raises ``UserGone`` and writes nothing
+        when the room's user no longer exists, atomically with ``remove_user``: a write racing a
+        removal either lands before it (and is removed with the rest) or is refused."""
+        ...
+
     def delete_room(self, room_id: str) -> None: ...
+
+    def remove_user(self, user_id: str) -> None:
+        """Remove the user and everything kept for them (token hash, room, leftovers of
+        interrupted writes), for good."""
+        ...

@@ -13,20 +13,30 @@ crash at any moment leaves either the old or the new file, never a torn one. Fil
 A file that exists but cannot be read or decoded raises ``StoreCorrupt`` naming its path; it is
 never replaced silently, and other users' files are unaffected.
 
+Writers and removals meet at ``DATA_DIR/.lock`` (``flock``), across every process that uses the
+directory (``atlas serve`` and the ``atlas user`` commands): each write holds it shared, so writes
+run side by side; removing a user and clearing crash leftovers hold it exclusive, so no write is
+half-done meanwhile. That is what makes "a room write for a removed user is refused" hold when
+the removal comes from another process, and what makes every ``.*.tmp`` file seen under the
+exclusive lock a leftover of a crash (it can hold a room's data, so it is deleted).
+
 The functions here block (file I/O, fsync); async callers run them with ``trio.to_thread``.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
 
-from atlas.store.records import RoomState, StoreCorrupt, TokenRecord, UserRecord, is_valid_user_id
+from atlas.store.records import RoomState, StoreCorrupt, TokenRecord, UserGone, UserRecord, is_valid_user_id
 
 T = TypeVar("T")
 
@@ -92,6 +102,29 @@ class JsonStore:
     def prepare(self) -> None:
         for directory in (self.data_dir, self.users_dir, self.tokens_dir, self.rooms_dir):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with self._locked(exclusive=True):
+            for directory in (self.users_dir, self.tokens_dir, self.rooms_dir):
+                self._remove_leftovers(directory, "*")
+
+    @contextmanager
+    def _locked(self, *, exclusive: bool) -> Iterator[None]:
+        fd = os.open(self.data_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    @staticmethod
+    def _remove_leftovers(directory: Path, stem: str) -> None:
+        """Temporary files of writes that a crash interrupted (callers hold the lock exclusive,
+        so no write is in progress)."""
+        removed = False
+        for leftover in directory.glob(f".{stem}.json.*.tmp"):
+            leftover.unlink(missing_ok=True)
+            removed = True
+        if removed:
+            fsync_directory(directory)
 
     def _file(self, directory: Path, name: str) -> Path:
         # Ids are validated against USER_ID_PATTERN before they get here; the check is repeated
@@ -100,9 +133,14 @@ class JsonStore:
             raise ValueError(f"invalid id {name!r}")
         return directory / f"{name}.json"
 
-    def _write(self, path: Path, value: Any) -> None:
+    def _write(self, path: Path, value: Any, *, owner: str | None = None) -> None:
+        """Write ``path`` atomically; with ``owner``, only while that user exists."""
+        data = _encoder.encode(value)
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_atomic(path, _encoder.encode(value))
+        with self._locked(exclusive=False):
+            if owner is not None and not self.user_path(owner).exists():
+                raise UserGone(owner)
+            write_atomic(path, data)
 
     # Users (built-in auth)
 
@@ -159,11 +197,27 @@ class JsonStore:
     def load_room(self, room_id: str) -> RoomState:
         return read_struct(self.room_path(room_id), RoomState) or RoomState()
 
-    def save_room(self, room_id: str, state: RoomState) -> None:
-        self._write(self.room_path(room_id), state)
+    def save_room(self, room_id: str, state: RoomState, *, owner_must_exist: bool = False) -> None:
+        self._write(self.room_path(room_id), state, owner=room_id if owner_must_exist else None)
 
     def delete_room(self, room_id: str) -> None:
         path = self.room_path(room_id)
         if path.exists():
             path.unlink(missing_ok=True)
             fsync_directory(self.rooms_dir)
+
+    # Removal
+
+    def remove_user(self, user_id: str) -> None:
+        with self._locked(exclusive=True):
+            try:
+                user = self.load_user(user_id)
+            except StoreCorrupt:
+                user = None  # removed all the same; a token file left behind names no user
+            if user is not None and user.token_hash:
+                self.delete_token(user.token_hash)
+            self.delete_user(user_id)
+            self.delete_room(user_id)
+            for directory in (self.users_dir, self.rooms_dir):
+                # User ids hold no glob characters (USER_ID_PATTERN).
+                self._remove_leftovers(directory, user_id)

@@ -21,6 +21,14 @@ class StoreError(Exception):
     """Base of the store's errors."""
 
 
+class UserGone(Exception):
+    """A write for a user who no longer exists (removed meanwhile): refused, nothing written."""
+
+    def __init__(self, user_id: str) -> None:
+        super().__init__(f"user {user_id!r} no longer exists")
+        self.user_id = user_id
+
+
 class StoreCorrupt(StoreError):
     """A stored file exists but cannot be used. The message names the file."""
 
@@ -83,6 +91,9 @@ class Identity(msgspec.Struct, rename="camel", frozen=True, omit_defaults=True):
     id: str
     virtual_key: str | None = None
     provider_url: str | None = None
+    # When this user was created (built-in auth): a user removed and added again under the same
+    # id is another person, and must not inherit the loaded room of the first.
+    created_at: float | None = None
 
     def __repr__(self) -> str:  # the key never reaches a log line, not even by accident
         return f"Identity(id={self.id!r}, virtual_key={mask_key(self.virtual_key or '')!r})"

@@ -58,11 +58,8 @@ def rotate_token(store: Store, user_id: str) -> str:
 
 def remove_user(store: Store, user_id: str) -> None:
     """Delete the user, its token and its room's stored prefs and conversations."""
-    user = existing_user(store, user_id)
-    store.delete_user(user_id)
-    if user.token_hash:
-        store.delete_token(user.token_hash)
-    store.delete_room(user_id)
+    existing_user(store, user_id)
+    store.remove_user(user_id)
 
 
 def set_key(store: Store, user_id: str, virtual_key: str, provider_url: str | None) -> UserRecord:
