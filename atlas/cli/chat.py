@@ -85,6 +85,7 @@ class Terminal:
             self.editor.hide()
             self.write(self.style(text, code) + "\n")
             self.editor.show()
+            self.mid_line = True
             return
         if self.at_prompt:
             self.write("\r\x1b[K" if self.color else "\n")
@@ -122,7 +123,7 @@ class Terminal:
 
     async def _edit_line(self, editor: LineEditor) -> str | None:
         self.end_line()
-        self.at_prompt = True
+        self.at_prompt = self.mid_line = True  # readline draws the prompt
         try:
             line = await editor.read_line(self.editor_prompt)
         finally:

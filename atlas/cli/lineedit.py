@@ -153,7 +153,7 @@ class LineEditor:
         for line in history.load():
             readline.add_history(line)
         readline.set_completer_delims(" \t\n")
-        readline.parse_and_bind("tab: complete")
+        readline.parse_and_bind("tab: complete")  # Python's module binds Tab to insert a tab
         return cls(lib, readline, stdin, stdout, history)
 
     def close(self) -> None:
