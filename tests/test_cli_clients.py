@@ -26,7 +26,9 @@ ATLAS = [sys.executable, "-m", "atlas"]
 
 def client_env(url: str, token: str | None = None, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ATLAS_")}
-    env.update(NO_COLOR="1", PYTHONUNBUFFERED="1", ATLAS_URL=url, **extra)
+    # No history file unless a test asks for one: never the real one in the user's home.
+    env.update(NO_COLOR="1", PYTHONUNBUFFERED="1", ATLAS_URL=url, ATLAS_HISTORY_FILE="")
+    env.update(extra)
     if token is not None:
         env["ATLAS_TOKEN"] = token
     return env
@@ -40,12 +42,16 @@ async def ask(*args: str, env: dict[str, str], stdin: bytes = b"") -> subprocess
         )
 
 
+UP, LEFT, HOME = "\x1b[A", "\x1b[D", "\x01"  # the keys' bytes on an xterm (Ctrl-A: start of line)
+
+
 class Terminal:
     """A program on a pseudo-terminal that is its controlling terminal, as in a shell."""
 
-    def __init__(self, process: trio.Process, stream: trio.lowlevel.FdStream) -> None:
+    def __init__(self, process: trio.Process, stream: trio.lowlevel.FdStream, modes: list) -> None:
         self.process = process
         self.stream = stream
+        self.modes = modes  # the terminal's modes before the program started
         self.output = ""
         self.seen = 0  # expect() looks only after what it already matched
 
@@ -63,6 +69,9 @@ class Terminal:
         except (trio.TooSlowError, AssertionError) as exc:
             raise AssertionError(f"{text!r} not shown ({exc!r}); the screen so far:\n{self.output}") from None
         self.seen = index + len(text)
+
+    def current_modes(self) -> list:
+        return termios.tcgetattr(self.stream.fileno())  # a pty's two ends share their modes
 
     async def type(self, keys: str) -> None:
         await self.stream.send_all(keys.encode())
@@ -92,6 +101,7 @@ def _controlling_terminal() -> None:
 @asynccontextmanager
 async def open_terminal(args: list[str], env: dict[str, str]) -> AsyncIterator[Terminal]:
     master, slave = pty.openpty()
+    modes = termios.tcgetattr(slave)
     try:
         process = await trio.lowlevel.open_process(
             args, stdin=slave, stdout=slave, stderr=slave, env=env,
@@ -99,7 +109,7 @@ async def open_terminal(args: list[str], env: dict[str, str]) -> AsyncIterator[T
         )
     finally:
         os.close(slave)
-    term = Terminal(process, trio.lowlevel.FdStream(master))
+    term = Terminal(process, trio.lowlevel.FdStream(master), modes)
     try:
         yield term
     finally:
@@ -239,6 +249,84 @@ async def test_chat_ctrl_c_cancels_the_reply_and_keeps_the_session(tmp_path: Pat
         assert "Traceback" not in term.output
 
 
+async def test_chat_line_editing_and_history(tmp_path: Path) -> None:
+    async with open_atlas(tmp_path, users={"alice": None}) as server:
+        state = tmp_path / "state"
+        env = client_env(server.url, server.tokens["alice"], ATLAS_USER="alice", XDG_STATE_HOME=str(state))
+        del env["ATLAS_HISTORY_FILE"]
+        async with open_terminal([*ATLAS, "chat"], env) as term:
+            await term.expect("you> ")
+            await term.type("first line\r")
+            await term.expect("You said: first line.")
+            await term.expect("you> ")
+            await term.type(UP + "\r")  # the line before, sent again
+            await term.expect("You said: first line.")
+            await term.expect("you> ")
+            await term.type("helo" + LEFT + "l\r")  # edited in the middle
+            await term.expect("You said: hello.")
+            await term.expect("you> ")
+            await term.type("orld" + HOME + "w\r")
+            await term.expect("You said: world.")
+            await term.expect("you> ")
+            await term.type(" a secret\r")  # a leading space: sent, not kept
+            await term.expect("You said: a secret.")
+            await term.expect("you> ")
+            await term.type("a draft")
+            await term.expect("a draft")
+            await term.type("\x03")  # Ctrl-C on a typed line clears it; the session goes on
+            await term.expect("^C")
+            await term.expect("you> ")
+            await term.type(UP + UP + "\r")
+            await term.expect("You said: hello.")
+            await term.expect("you> ")
+            await term.type("/he\t\r")  # Tab completes a command
+            await term.expect("/prefs KEY=VALUE")
+            await term.expect("you> ")
+            await term.type("\x04")
+            assert await term.wait_exit() == 0
+            assert term.current_modes() == term.modes  # the terminal has its own modes back
+        assert "Traceback" not in term.output
+
+        history = state / "atlas" / "history"
+        assert history.read_text().splitlines() == ["first line", "hello", "world", "hello", "/help"]
+        assert history.stat().st_mode & 0o777 == 0o600
+
+        # The next session recalls the last one's lines.
+        async with open_terminal([*ATLAS, "chat"], env) as term:
+            await term.expect("you> ")
+            await term.type(UP + UP + UP + "\r")
+            await term.expect("You said: world.")
+            await term.expect("you> ")
+            await term.type("\x03")  # Ctrl-C on an empty line leaves
+            assert await term.wait_exit() == 0
+            assert term.current_modes() == term.modes
+
+
+def test_history_file_is_bounded_and_private(tmp_path: Path) -> None:
+    from atlas.cli.lineedit import History, history_path
+
+    assert history_path({"XDG_STATE_HOME": "/s"}) == Path("/s/atlas/history")
+    assert history_path({"XDG_STATE_HOME": "relative"}) == Path.home() / ".local/state/atlas/history"
+    assert history_path({"ATLAS_HISTORY_FILE": "/h", "XDG_STATE_HOME": "/s"}) == Path("/h")
+    assert history_path({"ATLAS_HISTORY_FILE": ""}) is None
+
+    path = tmp_path / "deep" / "history"
+    history = History(path, limit=3)
+    assert history.load() == []
+    kept = [history.add(line) for line in ["one", "one ", " secret", "", "two", "three", "four"]]
+    assert kept == ["one", None, None, None, "two", "three", "four"]
+    assert history.lines == ["two", "three", "four"]
+    assert path.read_text().splitlines() == ["one", "two", "three", "four"]  # appended as typed
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert History(path, limit=3).load() == ["two", "three", "four"]
+    assert path.read_text().splitlines() == ["two", "three", "four"]  # trimmed at the next start
+
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    unwritable = History(blocked / "history")
+    assert unwritable.add("line") and unwritable.problem and "history is not saved" in unwritable.problem
+
+
 async def test_chat_errors_are_one_readable_line(tmp_path: Path) -> None:
     async with open_fake_provider() as provider, open_atlas(
         tmp_path, users={"alice": None}, provider_url=provider.url
@@ -272,13 +360,16 @@ async def test_chat_reconnects_after_a_server_restart(tmp_path: Path) -> None:
             await term.type("before\r")
             await term.expect("You said: before")
             await term.expect("you> ")
+            await term.type("aft")  # typed, not sent yet
 
             assert await trio.to_thread.run_sync(server.terminate) == 0
             await term.expect("connection lost (")
+            await term.expect("you> aft")  # the line being typed, drawn again below the notice
             server = await start_atlas_process(data_dir, bind=bind)
             await term.expect("reconnected")
+            await term.expect("you> aft")
 
-            await term.type("after\r")
+            await term.type("er\r")
             await term.expect("You said: after")
             await term.type("\x04")
             assert await term.wait_exit() == 0

@@ -23,8 +23,8 @@ LAYERS = {
 # Parts of one layer that must stay independent of each other.
 INDEPENDENT = [("atlas.store", "atlas.llm"), ("atlas.agent", "atlas.rooms")]
 # The clients speak the protocol only: they never reach into the server's parts.
-CLIENT_MODULES = ("atlas.cli.client", "atlas.cli.chat", "atlas.cli.ask")
-CLIENT_MAY_IMPORT = ("atlas", "atlas.protocol", "atlas.cli.client")
+CLIENT_MODULES = ("atlas.cli.client", "atlas.cli.chat", "atlas.cli.ask", "atlas.cli.lineedit")
+CLIENT_MAY_IMPORT = ("atlas", "atlas.protocol", "atlas.cli.client", "atlas.cli.lineedit")
 
 
 def module_name(path: Path) -> str:

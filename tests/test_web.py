@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trio
 from fake_provider import Reply, open_fake_provider
@@ -190,14 +191,153 @@ async def test_sign_in_dialog_and_bad_token(tmp_path: Path) -> None:
         assert facts["who"] == "Signed in as alice"
 
 
+# A reply in Markdown, streamed in pieces that cut through a fence, a bold span and a link, with
+# hostile bits a model could be made to write.
+MARKDOWN_REPLY = [
+    "Here is **a plan** with `inline code`:\n\n- first *step*\n- second ste",
+    "p\n\n1. one\n2. two\n\n```python\nprint(\"<script>window.pwned = 3</script>\")\n",
+    "if a < b and c > d:\n    pass\n```\n\nSee [the docs](https://example.com/docs?a=1&b=2) or ",
+    "[click me](javascript:window.pwned=4) or [this](JaVaScRiPt:window.pwned=5) or <javascript:x>.\n\n",
+    '<img src=x onerror="window.pwned = 6"> and <a href="javascript:window.pwned=7">raw</a> **bo',
+    "ld** end",
+]
+
+
+async def test_markdown_reply_renders_as_elements_and_runs_nothing(tmp_path: Path) -> None:
+    async with open_fake_provider() as provider, open_atlas(
+        tmp_path, users={"alice": None}, provider_url=provider.url
+    ) as server:
+        gate = trio.Event()
+        provider.behaviour = Reply(deltas=MARKDOWN_REPLY, gate=gate, hold_after=2)
+        async with httpx.AsyncClient() as client:
+            page = await client.get(server.url + "/")
+        policy = page.headers["content-security-policy"]
+        assert "default-src 'self'" in policy and "unsafe-inline" not in policy
+
+        def reply_facts(page: Any) -> dict[str, Any]:
+            return page.evaluate("""() => {
+                const text = [...document.querySelectorAll('.msg.assistant .text')].pop();
+                const all = (selector) => [...text.querySelectorAll(selector)];
+                return {
+                    code: all('pre > code').map((node) => [node.className, node.textContent]),
+                    items: all('li').map((node) => node.textContent),
+                    strong: all('strong').map((node) => node.textContent),
+                    em: all('em').map((node) => node.textContent),
+                    inline: all(':not(pre) > code').map((node) => node.textContent),
+                    links: all('a').map((node) => [node.textContent, node.getAttribute('href'),
+                                                   node.target, node.rel]),
+                    elements: [...new Set(all('*').map((node) => node.tagName.toLowerCase()))].sort(),
+                    text: text.textContent,
+                    pwned: window.pwned === undefined ? null : window.pwned,
+                };
+            }""")
+
+        def steps(page: Any) -> dict[str, Any]:
+            page.wait_for_selector(ONLINE)
+            send(page, "write some markdown")
+            # Mid-stream, inside an unclosed fence: already a list and a code block, not raw text.
+            page.wait_for_selector('.msg.assistant[data-status="streaming"] pre > code')
+            facts = {"streaming": reply_facts(page)}
+            trio.from_thread.run_sync(gate.set)
+            page.wait_for_selector('.msg.assistant[data-status="done"]')
+            facts["done"] = reply_facts(page)
+            page.reload()
+            page.wait_for_selector(ONLINE)
+            facts["reloaded"] = reply_facts(page)
+            return facts
+
+        facts = await in_browser(sign_in_url(server.url, "alice", server.tokens["alice"]), steps)
+
+    streaming = facts["streaming"]
+    assert streaming["items"][:2] == ["first step", "second step"]
+    assert streaming["code"] == [["language-python", 'print("<script>window.pwned = 3</script>")\n']]
+    done = facts["done"]
+    assert done == facts["reloaded"]
+    assert done["pwned"] is None
+    assert done["code"] == [["language-python",
+                             'print("<script>window.pwned = 3</script>")\nif a < b and c > d:\n    pass']]
+    assert done["items"] == ["first step", "second step", "one", "two"]
+    assert done["strong"] == ["a plan", "bold"] and done["em"] == ["step"]
+    assert done["inline"] == ["inline code"]
+    # The one safe link is a link, opening elsewhere without a handle on this page.
+    assert done["links"] == [["the docs", "https://example.com/docs?a=1&b=2", "_blank", "noopener noreferrer"]]
+    # Everything else is text, exactly as the model wrote it.
+    for shown in ["[click me](javascript:window.pwned=4)", "[this](JaVaScRiPt:window.pwned=5)",
+                  "<javascript:x>", '<img src=x onerror="window.pwned = 6">',
+                  '<a href="javascript:window.pwned=7">raw</a>']:
+        assert shown in done["text"]
+    assert set(done["elements"]) <= {"p", "strong", "em", "code", "pre", "ul", "ol", "li", "a", "br"}
+
+
+# What the renderer builds for each input, as HTML (the test serialises the DOM it built).
+RENDERED = [
+    ("# Title #\n\nline 1\nline 2", "<h1>Title</h1><p>line 1<br>line 2</p>"),
+    ("~~~\n<b>x</b>\n~~~", "<pre><code>&lt;b&gt;x&lt;/b&gt;</code></pre>"),
+    ("```js\nstill streaming", '<pre><code class="language-js">still streaming</code></pre>'),
+    ("``` x\" onload=\"y\n1\n```", "<pre><code>1</code></pre>"),
+    ("- a\n- b\n  - c\n- d", "<ul><li>a</li><li>b<ul><li>c</li></ul></li><li>d</li></ul>"),
+    ("3. x\n4. y", '<ol start="3"><li>x</li><li>y</li></ol>'),
+    ("1. a\n\n2. b", "<ol><li><p>a</p></li><li><p>b</p></li></ol>"),
+    ("Steps:\n1. one\n   ```sh\n   ls\n   ```\n2. two",
+     '<p>Steps:</p><ol><li>one<pre><code class="language-sh">ls</code></pre></li><li>two</li></ol>'),
+    ("> quoted\n> more\n\n---", "<blockquote><p>quoted<br>more</p></blockquote><hr>"),
+    ("| a | b |\n|:--|--:|\n| 1 | **2** |",
+     '<div class="table"><table><thead><tr><th style="text-align: left;">a</th>'
+     '<th style="text-align: right;">b</th></tr></thead><tbody><tr><td style="text-align: left;">1</td>'
+     '<td style="text-align: right;"><strong>2</strong></td></tr></tbody></table></div>'),
+    ("***both*** a*b*c __init__ snake_case_name 2 * 3 * 4 ~~gone~~ ~5",
+     "<p><strong><em>both</em></strong> a<em>b</em>c <strong>init</strong> snake_case_name 2 * 3 * 4 "
+     "<del>gone</del> ~5</p>"),
+    ("unclosed **bold and `code", "<p>unclosed **bold and `code</p>"),
+    ("`` a ` b `` \\*not em\\*", "<p><code>a ` b</code> *not em*</p>"),
+    ("<https://a.example/x> https://b.example/y). <me@a.example>",
+     '<p><a href="https://a.example/x" target="_blank" rel="noopener noreferrer">https://a.example/x</a> '
+     '<a href="https://b.example/y" target="_blank" rel="noopener noreferrer">https://b.example/y</a>). '
+     '<a href="mailto:me@a.example" target="_blank" rel="noopener noreferrer">me@a.example</a></p>'),
+    ("[a](java\tscript:x) [b](data:text/html,x) [c](//evil.example) [d](/relative) [e](vbscript:x)",
+     "<p>[a](java\tscript:x) [b](data:text/html,x) [c](//evil.example) [d](/relative) [e](vbscript:x)</p>"),
+    ("[**x**](https://a.example/p_(q)) [y](<https://a.example/s t> \"title\")",
+     '<p><a href="https://a.example/p_(q)" target="_blank" rel="noopener noreferrer"><strong>x</strong></a> '
+     '<a href="https://a.example/s%20t" target="_blank" rel="noopener noreferrer">y</a></p>'),
+    ("<script>alert(1)</script>\n<img src=x onerror=alert(1)>",
+     "<p>&lt;script&gt;alert(1)&lt;/script&gt;<br>&lt;img src=x onerror=alert(1)&gt;</p>"),
+]
+
+
+async def test_markdown_renderer_builds_only_safe_elements(tmp_path: Path) -> None:
+    async with open_atlas(tmp_path, users={"alice": None}) as server:
+
+        def steps(page: Any) -> dict[str, Any]:
+            render = "(text) => { const node = document.createElement('div'); " \
+                     "AtlasMarkdown.renderInto(node, text); return node.innerHTML; }"
+            built = [page.evaluate(render, text) for text, _ in RENDERED]
+            # Hostile shapes stay linear: each would take many seconds if the parser backtracked.
+            timing = page.evaluate("""() => ['*', '_', '[', '`a', '**a', '[a](', '> ', '- ', '# ', '<a@b.c']
+                .map((piece) => {
+                    const text = piece.repeat(Math.ceil(60000 / piece.length));
+                    const start = performance.now();
+                    AtlasMarkdown.render(text);
+                    return [piece, performance.now() - start];
+                })""")
+            return {"built": built, "timing": timing}
+
+        facts = await in_browser(server.url + "/", steps)
+    for (text, expected), built in zip(RENDERED, facts["built"], strict=True):
+        assert built == expected, text
+    slow = [(piece, ms) for piece, ms in facts["timing"] if ms > 1500]
+    assert not slow, slow
+
+
 CONVERSATION = [
     ("What can you help me with?",
      ["I can answer questions, draft and edit text, explain code, and think through problems "
       "with you. ", "Your messages go through your own Atlas server, billed to your own key."]),
     ("Give me three tips for naming things in code.",
-     ["1. Name things for what they mean, not how they are stored.\n",
+     ["1. Name things for **what they mean**, not how they are stored.\n",
       "2. Prefer a longer clear name over a short puzzling one.\n",
-      "3. Keep one word per idea across the codebase."]),
+      "3. Keep one word per idea across the codebase, for example:\n\n",
+      "```python\ndef fetch_user(user_id: str) -> User:\n    ...\n```\n",
+      "See `fetch_user`, not `get_usr`."]),
 ]
 
 

@@ -2,9 +2,10 @@
 
 Three tasks share one ``Chat``: ``keep_connected`` owns the WebSocket (and reconnects with
 backoff when it drops, saying so), ``converse`` reads the user's lines and waits for each reply,
-``handle_signals`` turns Ctrl-C into ``agent:cancel`` during a reply and into leaving at the
-prompt. Whichever task ends first ends the session. Replies are printed by the connection task
-as frames arrive.
+``handle_signals`` turns Ctrl-C into ``agent:cancel`` during a reply and, at the prompt, into
+clearing the line typed or (on an empty line) leaving. Whichever task ends first ends the
+session. Replies are printed by the connection task as frames arrive. On a terminal, lines are
+read with editing and history (``lineedit.py``); otherwise as plain lines.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from atlas.cli.client import (
     open_connection,
     resolve_target,
 )
+from atlas.cli.lineedit import History, LineEditor, history_path
 
 CANCEL_WAIT_SECONDS = 5.0
 PREFS_WAIT_SECONDS = 10.0
@@ -41,18 +43,23 @@ Type a message and press Enter; the reply streams in as it is written.
   /prefs KEY=VALUE    set one (VALUE is JSON if it parses, else text; KEY=null deletes it)
   /new                start a new conversation
   /help               this help
-  /quit               leave (or Ctrl-D, or Ctrl-C at the prompt)
-Ctrl-C while a reply streams stops that reply and keeps the session."""
+  /quit               leave (or Ctrl-D, or Ctrl-C on an empty line)
+Ctrl-C while a reply streams stops that reply and keeps the session; on a line being typed it
+clears the line. Arrows, Home, End and the usual readline keys edit the line; Up and Down recall
+earlier lines (a line typed with a leading space is not kept), Ctrl-R searches them."""
+COMMANDS = ["/usage", "/prefs", "/new", "/help", "/quit"]
 
 
 class Terminal:
     """The screen: reply text, notices and errors, without mangling a prompt on display."""
 
-    def __init__(self, out: TextIO, stdin_fd: int) -> None:
+    def __init__(self, out: TextIO, stdin_fd: int, editor: LineEditor | None = None) -> None:
         self.out = out
         self.stdin_fd = stdin_fd
+        self.editor = editor
         self.color = out.isatty() and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
         self.prompt_text = self.style("you> ", "1;36")
+        self.editor_prompt = LineEditor.prompt("you> ", "1;36" if self.color else None)
         self.at_prompt = False
         self.mid_line = False
         self._buffer = b""
@@ -74,6 +81,12 @@ class Terminal:
 
     def notice(self, text: str, code: str = "2") -> None:
         """A line of its own; when the prompt is showing, it is redrawn below the line."""
+        if self.at_prompt and self.editor is not None:
+            self.editor.hide()
+            self.write(self.style(text, code) + "\n")
+            self.editor.show()
+            self.mid_line = True
+            return
         if self.at_prompt:
             self.write("\r\x1b[K" if self.color else "\n")
         else:
@@ -87,6 +100,8 @@ class Terminal:
 
     async def read_line(self) -> str | None:
         """Show the prompt and read one line; ``None`` at end of input (Ctrl-D)."""
+        if self.editor is not None:
+            return await self._edit_line(self.editor)
         if self._stream is None:
             self._stream = trio.lowlevel.FdStream(os.dup(self.stdin_fd))
         self.end_line()
@@ -106,7 +121,25 @@ class Terminal:
         self.mid_line = False  # the terminal echoed the newline
         return line.decode("utf-8", errors="replace")
 
+    async def _edit_line(self, editor: LineEditor) -> str | None:
+        self.end_line()
+        self.at_prompt = self.mid_line = True  # readline draws the prompt
+        try:
+            line = await editor.read_line(self.editor_prompt)
+        finally:
+            self.at_prompt = False
+        self.mid_line = False  # readline ended the line
+        if line is None:
+            self.write("\n")
+        return line
+
+    def discard_line(self) -> bool:
+        """Ctrl-C at the prompt: clear what was typed; False when there is nothing to clear."""
+        return self.at_prompt and self.editor is not None and self.editor.discard_line()
+
     async def aclose(self) -> None:
+        if self.editor is not None:
+            self.editor.close()
         if self._stream is not None:
             await self._stream.aclose()  # also restores the descriptor's blocking mode
 
@@ -137,7 +170,7 @@ class Chat:
         self._cancel_all = trio.CancelScope()
 
     async def run(self) -> None:
-        with trio.open_signal_receiver(signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
                 self._cancel_all = nursery.cancel_scope
                 nursery.start_soon(self._guard, self.keep_connected)
@@ -268,6 +301,10 @@ class Chat:
             f"Connected to {self.target.shown()} as {self.user}, talking to {agent}.\n"
             "/help for commands; Ctrl-C stops a reply; Ctrl-D leaves."
         )
+        if self.term.editor is not None:
+            self.term.editor.set_commands(COMMANDS)
+            if self.term.editor.history.problem:
+                self.term.notice(self.term.editor.history.problem, "33")
         if connection.ready.get("credentials") is False:
             self.term.notice(
                 "Note: this user has no provider key yet; replies will fail with no_credentials.", "33"
@@ -362,10 +399,14 @@ class Chat:
         return None
 
     async def handle_signals(self, signals: Any, nursery: trio.Nursery) -> None:
-        """Ctrl-C: during a reply, cancel it; at the prompt (or a second time), leave."""
-        async for _ in signals:
+        """Ctrl-C: during a reply, cancel it; at the prompt, clear the line typed, or leave when
+        there is none (a second Ctrl-C during a reply leaves too). SIGTERM and SIGHUP leave, so
+        that the terminal gets its modes back."""
+        async for signum in signals:
             reply = self.reply
-            if reply is None or reply.cancelling or reply.finished.is_set():
+            if signum == signal.SIGINT and self.term.discard_line():
+                continue
+            if signum != signal.SIGINT or reply is None or reply.cancelling or reply.finished.is_set():
                 self.term.end_line()
                 if self.term.at_prompt:
                     self.term.write("\n")
@@ -425,7 +466,8 @@ async def run(args: argparse.Namespace, term: Terminal) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    term = Terminal(sys.stdout, sys.stdin.fileno())
+    editor = LineEditor.open(sys.stdin, sys.stdout, History(history_path()))
+    term = Terminal(sys.stdout, sys.stdin.fileno(), editor)
     try:
         trio.run(run, args, term)
     except ClientError as exc:

@@ -122,6 +122,14 @@ async def party_http(services: Services, room_id: str, scope: dict[str, Any], re
         await send_denied(send, STORE_UNREADABLE)
 
 
+# The page runs only its own files: even if a reply ever reached the page as HTML, no script of
+# its own could run and nothing could be sent or loaded elsewhere. The icon is a data: URL.
+PAGE_POLICY = (
+    "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
+    "form-action 'self'; frame-ancestors 'none'"
+)
+
+
 def build_pages_app(services: Services) -> QuartTrio:
     # The page's files live in the package's top folder (atlas/web), not beside this module.
     pages = QuartTrio(
@@ -136,7 +144,9 @@ def build_pages_app(services: Services) -> QuartTrio:
         page = resources.files("atlas").joinpath("web/index.html")
         if not page.is_file():
             return Response("Atlas is running. The web page is not installed.", mimetype="text/plain")
-        return Response(page.read_text(encoding="utf-8"), mimetype="text/html")
+        response = Response(page.read_text(encoding="utf-8"), mimetype="text/html")
+        response.headers["Content-Security-Policy"] = PAGE_POLICY
+        return response
 
     @pages.get("/healthz")
     async def healthz() -> dict[str, Any]:

@@ -1,6 +1,8 @@
 // Atlas web chat: one WebSocket to the user's room, replies streamed as they arrive.
-// No build step and no dependencies. Reply text is only ever set with textContent, so a
-// reply that contains HTML or a script is shown as text.
+// No build step and no dependencies. No reply text ever reaches the page as HTML: the user's
+// messages are set with textContent, and replies are built from parsed Markdown with
+// createElement and textContent by markdown.js, so a reply that contains HTML or a script is
+// shown as text.
 "use strict";
 
 (() => {
@@ -34,6 +36,7 @@
     queue: [],           // frames sent while disconnected, flushed on the next ready
     history: [],         // [{role, text, status, id, meta}] mirrored in localStorage
     current: null,       // the reply streaming now: {id, entry, node}
+    frame: 0,            // the animation frame that will show the streaming reply's new text
   };
 
   // -- storage -------------------------------------------------------------------------------
@@ -88,7 +91,7 @@
     const bubble = document.createElement("div");
     bubble.className = "bubble";
     const body = document.createElement("div");
-    body.className = "text";
+    body.className = entry.role === "assistant" ? "text md" : "text";
     bubble.appendChild(body);
     const meta = document.createElement("div");
     meta.className = "meta";
@@ -102,7 +105,8 @@
   function updateNode(node, entry) {
     node.dataset.status = entry.status || "done";
     if (entry.id) node.dataset.id = entry.id;
-    node._parts.body.textContent = entry.text;   // never innerHTML: replies are untrusted text
+    if (entry.role === "assistant") AtlasMarkdown.renderInto(node._parts.body, entry.text);
+    else node._parts.body.textContent = entry.text;   // never innerHTML: all text is untrusted
     node._parts.meta.textContent = entry.meta || "";
     node._parts.meta.hidden = !entry.meta;
   }
@@ -115,6 +119,24 @@
     saveHistory();
     scrollToEnd(true);
     return node;
+  }
+
+  // A streaming reply is rendered again from its whole text (Markdown can change what came
+  // before, e.g. when a closing ``` arrives), at most once per frame however fast deltas come.
+  function scheduleUpdate() {
+    if (state.frame) return;
+    state.frame = requestAnimationFrame(() => {
+      state.frame = 0;
+      if (!state.current) return;
+      const stick = nearBottom();
+      updateNode(state.current.node, state.current.entry);
+      scrollToEnd(stick);
+    });
+  }
+
+  function cancelUpdate() {
+    cancelAnimationFrame(state.frame);
+    state.frame = 0;
   }
 
   function nearBottom() {
@@ -238,8 +260,7 @@
         if (state.current && frame.id === state.current.id) {
           state.current.entry.text += frame.text || "";
           state.current.entry.status = "streaming";
-          updateNode(state.current.node, state.current.entry);
-          scrollToEnd(false);
+          scheduleUpdate();
         }
         break;
       case "agent:done":
@@ -277,10 +298,12 @@
   function finishCurrent() {
     const current = state.current;
     state.current = null;
+    cancelUpdate();
+    const stick = nearBottom();
     updateNode(current.node, current.entry);
     saveHistory();
     setBusy(false);
-    scrollToEnd(false);
+    scrollToEnd(stick);
   }
 
   function interruptCurrent() {
