@@ -203,7 +203,8 @@ async def open_agent_service(
     """Load the agents (``ConfigError`` on a bad file) and own the provider HTTP client.
     ``agents`` skips the loading, for a caller that has already loaded (or built) them."""
     agents = load_agents(settings) if agents is None else agents
-    async with open_provider_transport(settings.provider_transport) as transport:
+    transport = open_provider_transport(settings.provider_transport, proxy=settings.provider_proxy)
+    async with transport:
         provider = ProviderClient(
             transport, RetryPolicy(retries=settings.provider_retries), timeout=settings.provider_timeout
         )

@@ -68,6 +68,15 @@ def parse_http_url(value: str) -> str:
     return normalize_url(text)
 
 
+def parse_proxy_url(value: str) -> str:
+    """An http:// proxy URL (credentials allowed: they are never printed)."""
+    text = value.strip()
+    parts = urlsplit(text)
+    if parts.scheme.lower() != "http" or not parts.hostname:
+        raise ValueError("expected an http:// proxy URL (HTTPS and SOCKS proxies are not supported)")
+    return text
+
+
 def normalize_url(url: str) -> str:
     """The form in which URLs are compared: scheme and host lower-case, default port and
     trailing slashes dropped."""
@@ -121,8 +130,10 @@ def parse_log_level(value: str) -> str:
 
 def parse_transport(value: str) -> str:
     choice = value.strip().lower()
-    if choice not in ("lean", "httpx"):
-        raise ValueError("expected lean (Atlas's own HTTP/1.1 transport) or httpx (httpcore)")
+    if choice == "lean":
+        return "atlas"  # the name of the first version of Atlas's own transport
+    if choice not in ("atlas", "httpx"):
+        raise ValueError("expected atlas (Atlas's own HTTP/1.1 transport, on h11) or httpx (httpcore)")
     return choice
 
 
@@ -153,7 +164,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("agent_url", ("ATLAS_AGENT_URL", "VOLTAGENT_URL"), "--agent-url", parse_http_url,
             "remote agent base URL (default: the agent runs in this process)"),
     Setting("agent_secret", ("ATLAS_AGENT_SECRET",), None, parse_secret,
-            "shared secret between the transport and a remote agent"),
+            "shared secret between the transport and a remote agent (default: none)"),
     Setting("provider_url", ("ATLAS_PROVIDER_URL",), "--provider-url", parse_http_url,
             "default OpenAI-compatible provider base URL, ending in /v1 (default: built-in dev provider)"),
     Setting("provider_urls", ("ATLAS_PROVIDER_URLS",), "--provider-urls", parse_url_list,
@@ -163,7 +174,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("provider_retries", ("ATLAS_PROVIDER_RETRIES",), "--provider-retries",
             parse_non_negative_int, "retries before the first token on 429/5xx/connect failures"),
     Setting("provider_transport", ("ATLAS_PROVIDER_TRANSPORT",), "--provider-transport",
-            parse_transport, "HTTP transport for provider calls: lean (default) or httpx"),
+            parse_transport, "HTTP transport for provider calls: atlas (h11) or httpx (httpcore)"),
+    Setting("provider_proxy", ("ATLAS_PROVIDER_PROXY",), None, parse_proxy_url,
+            "http:// proxy for every provider call (default: HTTPS_PROXY, HTTP_PROXY, ALL_PROXY "
+            "and NO_PROXY decide, as for every outbound call)"),
     Setting("agents_file", ("ATLAS_AGENTS_FILE",), "--agents-file", Path,
             "TOML file defining agents (default DATA_DIR/agents.toml when it exists)"),
     Setting("room_idle_seconds", ("ATLAS_ROOM_IDLE_SECONDS",), "--room-idle-seconds",
@@ -195,7 +209,8 @@ class Settings:
     provider_urls: tuple[str, ...] = ()
     provider_timeout: float = 60.0
     provider_retries: int = 2
-    provider_transport: str = "lean"
+    provider_transport: str = "atlas"
+    provider_proxy: str | None = None
     agents_file: Path | None = None
     room_idle_seconds: float = 60.0
     max_message_bytes: int = 1024 * 1024
@@ -234,7 +249,7 @@ def load_settings(
         try:
             values[setting.name] = raw if not isinstance(raw, str) else setting.parse(raw)
         except ValueError as exc:
-            shown = "<hidden>" if setting.flag is None else repr(raw)
+            shown = "<hidden>" if setting.flag is None else repr(raw)  # env-only: may hold a secret
             raise ConfigError(source or setting.name, f"{shown}: {exc}") from None
     return Settings(**values)
 
@@ -249,3 +264,16 @@ def prepare_data_dir(path: Path) -> Path:
     except OSError as exc:
         raise ConfigError("data directory", f"{str(path)!r}: {exc.strerror or exc}") from None
     return path
+
+
+def default_text(setting: Setting, *, default_bind: str) -> str | None:
+    """A setting's default as ``--help`` shows it; None where the help text says what unset means."""
+    if setting.name == "bind":
+        return default_bind
+    spec = Settings.__dataclass_fields__[setting.name]
+    value = spec.default if spec.default is not dataclasses.MISSING else None
+    if value is None or value == ():
+        return None
+    if isinstance(value, Path):
+        return f"./{value}"
+    return str(value)

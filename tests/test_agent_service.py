@@ -6,6 +6,7 @@ import pytest
 import trio
 import trio.testing
 from agent_fixtures import TEST_KEY, agent_settings
+from servers import free_port
 from fake_provider import Cut, Reply, Status, open_fake_provider
 
 from atlas.agent import (
@@ -158,7 +159,7 @@ async def test_a_key_with_a_line_break_is_refused_before_any_io(tmp_path):
     assert provider.requests == []
 
 
-@pytest.mark.parametrize("transport", ["lean", "httpx"])
+@pytest.mark.parametrize("transport", ["atlas", "httpx"])
 async def test_both_provider_transports_stream_and_fail_alike(tmp_path, transport):
     async with open_fake_provider() as provider:
         settings = agent_settings(provider.url, tmp_path, provider_transport=transport, provider_retries=0)
@@ -179,3 +180,29 @@ async def test_both_provider_transports_stream_and_fail_alike(tmp_path, transpor
     assert got[-1] == Finish("stop", Usage(11, 3, 14))
     assert codes == [("provider_rate_limited", 3.0), ("provider_error", None)]
     assert provider.requests[0].api_key == TEST_KEY
+
+
+@pytest.mark.parametrize("transport", ["atlas", "httpx"])
+async def test_provider_calls_follow_the_outbound_proxy_policy(tmp_path, transport, monkeypatch):
+    """Both transports send provider calls through the proxy the environment names (loopback is
+    not exempt unless NO_PROXY says so), and ATLAS_PROVIDER_PROXY overrides it."""
+    dead = f"http://127.0.0.1:{free_port()}"  # a proxy that refuses connections
+    creds = Credentials(api_key=TEST_KEY, api_url="", user_id="u")
+    for env, proxy_setting in (({"HTTP_PROXY": dead}, None), ({}, dead)):
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+            monkeypatch.delenv(name, raising=False)
+            monkeypatch.delenv(name.lower(), raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        async with open_fake_provider() as provider:
+            settings = agent_settings(
+                provider.url, tmp_path, provider_transport=transport, provider_retries=0,
+                provider_proxy=proxy_setting,
+            )
+            async with open_agent_service(settings, default_provider_url=provider.url) as service:
+                with pytest.raises(AgentError) as caught:
+                    async with service.open_stream("atlas-assistant", "hi", {}, creds) as events:
+                        async for _ in events:
+                            pass
+            assert caught.value.code == "provider_unreachable", (env, proxy_setting)
+            assert provider.requests == []  # it went to the proxy, not straight to the provider

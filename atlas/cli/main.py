@@ -12,25 +12,37 @@ import sys
 from collections.abc import Sequence
 
 from atlas import __version__
-from atlas.config import DEFAULT_AGENT_BIND, DEFAULT_SERVE_BIND, SETTINGS, ConfigError, load_settings
+from atlas.config import (
+    DEFAULT_AGENT_BIND, DEFAULT_SERVE_BIND, SETTINGS, ConfigError, default_text, load_settings,
+)
 
 # Settings each server command accepts as flags (names from config.SETTINGS).
 SERVE_SETTINGS = {s.name for s in SETTINGS}
 AGENT_SETTINGS = {
     "data_dir", "bind", "agent_secret", "provider_url", "provider_urls", "provider_timeout",
-    "provider_retries", "provider_transport", "agents_file", "log_level",
+    "provider_retries", "provider_transport", "provider_proxy", "agents_file", "log_level",
 }
 USER_SETTINGS = {"data_dir", "log_level"}
 
 
-def add_setting_flags(parser: argparse.ArgumentParser, names: set[str]) -> None:
+def add_setting_flags(parser: argparse.ArgumentParser, names: set[str], *, default_bind: str) -> None:
+    """A flag per setting, its help naming its variable and default; settings that may hold a
+    secret have no flag (a command line is visible to every user of the machine) and are listed
+    after the flags."""
+    env_only = []
     for setting in SETTINGS:
-        if setting.name in names and setting.flag:
-            env = " / ".join(setting.env)
-            parser.add_argument(
-                setting.flag, dest=setting.name, default=None, metavar="VALUE",
-                help=f"{setting.help} [env {env}]",
-            )
+        if setting.name not in names:
+            continue
+        default = default_text(setting, default_bind=default_bind)
+        described = f"{setting.help} [env {' / '.join(setting.env)}"
+        described += f"; default {default}]" if default is not None else "]"
+        if setting.flag:
+            parser.add_argument(setting.flag, dest=setting.name, default=None, metavar="VALUE", help=described)
+        else:
+            env_only.append(f"  {setting.env[0]}: {described.replace('%', '%%')}")
+    if env_only:
+        parser.epilog = "settings read only from the environment (they may hold secrets):\n" + "\n".join(env_only)
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,13 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve", help=f"run the transport and the agent in one process (default {DEFAULT_SERVE_BIND})"
     )
-    add_setting_flags(serve, SERVE_SETTINGS)
+    add_setting_flags(serve, SERVE_SETTINGS, default_bind=DEFAULT_SERVE_BIND)
     serve.set_defaults(handler="atlas.gateway.server:main", default_bind=DEFAULT_SERVE_BIND)
 
     agent = commands.add_parser(
         "agent", help=f"run the agent HTTP API alone (default {DEFAULT_AGENT_BIND})"
     )
-    add_setting_flags(agent, AGENT_SETTINGS)
+    add_setting_flags(agent, AGENT_SETTINGS, default_bind=DEFAULT_AGENT_BIND)
     agent.set_defaults(handler="atlas.agent_api.server:main", default_bind=DEFAULT_AGENT_BIND)
 
     user = commands.add_parser("user", help="manage built-in users (works while serve runs)")
@@ -69,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     rotate = user_commands.add_parser("rotate-token", help="issue a new token, revoke the old one")
     rotate.add_argument("user_id")
     for action in (add, user_commands.choices["list"], remove, set_key, rotate):
-        add_setting_flags(action, USER_SETTINGS)
+        add_setting_flags(action, USER_SETTINGS, default_bind=DEFAULT_SERVE_BIND)
     user.set_defaults(handler="atlas.cli.users:main", default_bind=DEFAULT_SERVE_BIND)
 
     for name, summary in (

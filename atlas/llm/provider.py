@@ -31,7 +31,7 @@ import msgspec
 import trio
 
 from atlas import __version__
-from atlas.llm.lean_http import LeanTransport
+from atlas.llm.transport import ProviderTransport, proxy_for
 from atlas.llm.types import AgentError, Finish, StreamEvent, TextDelta, Usage
 
 log = logging.getLogger("atlas.llm.provider")
@@ -132,20 +132,43 @@ class RetryPolicy:
         return random.uniform(backoff / 2, backoff)
 
 
-def open_provider_transport(kind: str = "lean") -> httpx.AsyncBaseTransport:
+def open_provider_transport(kind: str = "atlas", *, proxy: str | None = None) -> httpx.AsyncBaseTransport:
     """The process's one connection pool for provider calls (use it as an async context manager).
 
-    ``lean`` is Atlas's own HTTP/1.1 transport (``atlas.llm.lean_http``, measured much cheaper per
-    delta), ``httpx`` is httpx's default one (httpcore). Either way the calls go straight to the
-    transport rather than through an ``AsyncClient``, whose layers (redirects, auth flows,
-    cookies, event hooks, content decoding) provider calls never use. No proxy variables and no
-    ``.netrc`` credentials reach a provider call (``trust_env=False``)."""
-    if kind == "lean":
-        return LeanTransport()
-    return httpx.AsyncHTTPTransport(
-        limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
-        trust_env=False,
-    )
+    ``atlas`` is Atlas's own HTTP/1.1 transport on h11 (``atlas.llm.transport``, measured cheaper
+    per delta), ``httpx`` is httpx's default one (httpcore). Either way the calls go straight to
+    the transport rather than through an ``AsyncClient``, whose layers (redirects, auth flows,
+    cookies, event hooks, content decoding) provider calls never use. Both follow the outbound
+    policy of every Atlas client: the standard proxy variables as httpx reads them, and ``proxy``
+    (``ATLAS_PROVIDER_PROXY``) over them."""
+    if kind == "httpx":
+        return HttpxTransportWithProxies(proxy)
+    return ProviderTransport(proxy=proxy)
+
+
+class HttpxTransportWithProxies(httpx.AsyncBaseTransport):
+    """httpx's own transport, with the proxy picked per request as ``proxy_for`` says (httpx's
+    ``AsyncClient`` does the same with its mounts; a bare transport has none)."""
+
+    def __init__(self, override: str | None) -> None:
+        self._override = override
+        self._by_proxy: dict[str, httpx.AsyncHTTPTransport] = {}
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        proxy = proxy_for(request.url, override=self._override)
+        key = "" if proxy is None else str(proxy)
+        transport = self._by_proxy.get(key)
+        if transport is None:
+            transport = self._by_proxy[key] = httpx.AsyncHTTPTransport(
+                limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
+                proxy=None if proxy is None else httpx.Proxy(proxy),
+            )
+        return await transport.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        transports, self._by_proxy = list(self._by_proxy.values()), {}
+        for transport in transports:
+            await transport.aclose()
 
 
 class SseDataParser:

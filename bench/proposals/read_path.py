@@ -20,7 +20,7 @@ import httpx
 import trio
 
 from atlas.llm.provider import SseDataParser, _Reply
-from atlas.llm.lean_http import LeanTransport
+from bench.proposals.lean_http_baseline import LeanTransport
 
 REPO = Path(__file__).resolve().parents[2]
 RATE = 30

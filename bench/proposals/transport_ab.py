@@ -28,10 +28,7 @@ import trio
 
 from atlas.llm.transport import ProviderTransport
 
-try:
-    from atlas.llm.lean_http import LeanTransport
-except ImportError:  # before the move into atlas/llm/
-    from atlas.lean_http import LeanTransport  # type: ignore[no-redef]
+from bench.proposals.lean_http_baseline import LeanTransport  # the hand-parsing transport h11 replaced
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = httpx.Timeout(60.0).as_dict()

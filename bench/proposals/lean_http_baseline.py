@@ -1,4 +1,8 @@
-"""A lean HTTP/1.1 transport for provider calls, plugged into httpx as an ``AsyncBaseTransport``.
+"""BENCH BASELINE ONLY: the hand-parsing HTTP/1.1 transport Atlas used before ``atlas.llm.transport``
+(h11). Kept so ``bench.proposals.transport_ab`` can measure what the parser costs; never used by
+Atlas, and not hardened (crafted responses get through it; see issue 10).
+
+A lean HTTP/1.1 transport for provider calls, plugged into httpx as an ``AsyncBaseTransport``.
 
 Why not httpx's default transport (httpcore)? Measured on the bench machine (docs/benchmarks.md):
 
