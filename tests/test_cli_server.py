@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shlex
 import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import pytest
-from servers import SECRETS, atlas_command, connect, new_key, ready, start_atlas_process
+import trio
+from servers import PROCESS_LOGS, SECRETS, atlas_command, connect, new_key, ready, start_atlas_process
 from test_websocket import closed_with
 
 
@@ -18,6 +23,65 @@ def atlas(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
         atlas_command(*args), capture_output=True, text=True, timeout=30,
         env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL,
     )
+
+
+def assert_printed_command_works(output: str, url: str, token: str) -> None:
+    """The banner's Terminal line runs as printed, from a shell whose PATH has no virtualenv."""
+    line = next(line for line in output.splitlines() if "Terminal:" in line)
+    words = shlex.split(line.split("Terminal:", 1)[1])
+    prefix = words[: words.index("chat")]
+    env = {**os.environ, "PATH": "/usr/bin:/bin"}
+    asked = subprocess.run(
+        [*prefix, "ask", "--url", url, "--user", "demo", "--token", token, "hello"],
+        capture_output=True, text=True, timeout=30, env=env, stdin=subprocess.DEVNULL,
+    )
+    assert asked.returncode == 0 and asked.stdout.strip(), (prefix, asked.stderr)
+
+
+async def test_first_run_banner_names_the_installed_script_when_it_is_not_on_the_path(tmp_path):
+    script = Path(sys.executable).parent / "atlas"
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            [str(script), "serve", "--bind", "0.0.0.0:0", "--data-dir", str(tmp_path / "data")],
+            stdout=subprocess.PIPE, stderr=log_file, cwd=tmp_path, stdin=subprocess.DEVNULL,
+            env={**os.environ, "PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1"},
+        )
+    PROCESS_LOGS.append(log_path)
+    try:
+        with trio.fail_after(20):
+            while "listening on" not in log_path.read_text():
+                await trio.sleep(0.02)  # polling the log for the start-up line
+        listening = [line for line in log_path.read_text().splitlines() if "listening on" in line]
+        assert len(listening) == 1, listening  # said once
+        url = listening[0].split("listening on ", 1)[1].split()[0]
+        port = url.rsplit(":", 1)[1]
+        assert listening[0].endswith(f"(bound to 0.0.0.0:{port}: every interface)"), listening
+        output = ""
+        with trio.fail_after(20):
+            while "--token" not in output:
+                output += (await trio.to_thread.run_sync(process.stdout.readline)).decode()
+        token = re.search(r"--token (\S+)", output).group(1)
+        SECRETS.add(token)
+        assert f"{script} chat --url" in output  # the script by its path: PATH does not find it
+        assert_printed_command_works(output, url, token)
+    finally:
+        process.terminate()
+        process.wait(10)
+        process.stdout.close()
+
+
+def test_help_names_every_setting_with_its_variable_and_default():
+    from atlas.config import SETTINGS
+
+    serve_help = " ".join(atlas("serve", "--help").stdout.split())
+    for setting in SETTINGS:
+        assert setting.env[0] in serve_help, setting.name
+    for shown in ("ATLAS_PROVIDER_TIMEOUT; default 60.0", "ATLAS_BIND; default 127.0.0.1:1999",
+                  "ATLAS_DATA_DIR; default ./data", "ATLAS_AGENT_SECRET:"):
+        assert shown in serve_help, shown
+    agent_help = " ".join(atlas("agent", "--help").stdout.split())
+    assert "ATLAS_BIND; default 127.0.0.1:8788" in agent_help and "ATLAS_AGENT_SECRET:" in agent_help
 
 
 def test_version_and_help():
@@ -144,6 +208,7 @@ async def test_first_run_creates_demo_user_once_and_prints_three_ways_in(tmp_pat
         SECRETS.add(token)
         assert f"{server.url}/#user=demo&token={token}" in output
         assert f"atlas chat --url {server.url} --user demo --token {token}" in output
+        assert_printed_command_works(output, server.url, token)
         assert "curl " in output and "proxy=/agents/atlas-assistant/text" in output
         assert "dev provider" in output and "dev provider" in server.log()
         async with connect(server.url.replace("http://", "ws://") + f"/party/demo?token={token}") as ws:

@@ -13,15 +13,18 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
+import shutil
 import signal
 import sys
 from contextlib import AsyncExitStack
 from functools import partial
+from pathlib import Path
 
 import httpx
 import trio
 
-from atlas.config import Settings, prepare_data_dir
+from atlas.config import Bind, Settings, prepare_data_dir
 from atlas.gateway.app import build_app
 from atlas.gateway.auth import open_token_verifier
 from atlas.gateway.relay import Relay
@@ -55,7 +58,12 @@ async def serve_atlas(
     store.prepare()
     if shutdown is None:
         shutdown = trio.Event()
-    async with trio.open_nursery() as background, AsyncExitStack() as stack:
+    # Three layers, each ended before the one that outlives it: the room and sweep tasks
+    # (``background``) use the clients and the provider transport (``stack``), which call the
+    # dev provider (``providers``). Shutdown ends the users first, then what they use.
+    async with trio.open_nursery() as providers, AsyncExitStack() as stack, trio.open_nursery() as background:
+        # The stack's first callback runs last: once the clients are closed, the dev provider goes.
+        stack.callback(providers.cancel_scope.cancel)
         provider_url = settings.provider_url
         if provider_url is None and settings.agent_url:
             # A remote agent picks its own default provider when the header is empty.
@@ -63,7 +71,7 @@ async def serve_atlas(
         elif provider_url is None:
             from atlas.llm.devprovider import serve_dev_provider
 
-            provider_url = await background.start(serve_dev_provider)
+            provider_url = await providers.start(serve_dev_provider)
             log.warning(
                 "using the built-in dev provider at %s: replies are canned test text, not a model. "
                 "Set ATLAS_PROVIDER_URL to use a real provider.", provider_url,
@@ -112,9 +120,9 @@ async def serve_atlas(
                 # idle keep-alive connections, which need no long grace.
                 graceful_seconds=LEFTOVER_GRACE_SECONDS, app_handles_lifespan=True,
             ))
-            log.info("Atlas listening on %s (data directory %s)", url, store.data_dir)
+            log.info("ready on %s; store: %s", settings.bind, store.location)
             if settings.provider_url is None and settings.auth_url is None and not store.has_users():
-                announce_demo_user(store, url)
+                announce_demo_user(store, url, command_as_invoked())
             task_status.started(url)
             await shutdown.wait()
             log.info("shutting down: closing every connection with 1001")
@@ -128,14 +136,46 @@ async def serve_atlas(
     log.info("stopped")
 
 
-def announce_demo_user(store: Store, url: str) -> None:
-    """First run on the embedded defaults: create ``demo`` and print three ways in, once."""
+def command_as_invoked() -> str:
+    """How this shell runs ``atlas`` again: ``atlas`` when the PATH finds this very script, else
+    the script's path (a virtualenv's ``bin`` is usually not on the PATH), else ``python -m atlas``."""
+    script = Path(sys.argv[0])
+    if script.name == "atlas" and script.exists():
+        found = shutil.which("atlas")
+        if found and Path(found).resolve() == script.resolve():
+            return "atlas"
+        return shlex.quote(_shown_path(script))
+    return f"{shlex.quote(_shown_path(Path(sys.executable)))} -m atlas"
+
+
+def _shown_path(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it, else absolute."""
+    absolute = path.absolute()
+    try:
+        return str(absolute.relative_to(Path.cwd()))
+    except ValueError:
+        return str(absolute)
+
+
+def listening_line(bind: Bind, url: str, name: str = "Atlas") -> str:
+    """The one line saying where a server listens: a URL to use first (scripts take the first
+    word after "listening on"), and what the socket is bound to when that differs."""
+    line = f"{name} listening on {url}"
+    if bind.host in ("0.0.0.0", "::", ""):
+        port = url.rsplit(":", 1)[1]
+        line += f" (bound to {Bind(bind.host, int(port))}: every interface)"
+    return line
+
+
+def announce_demo_user(store: Store, url: str, atlas: str = "atlas") -> None:
+    """First run on the embedded defaults: create ``demo`` and print three ways in, once.
+    ``atlas``: the command that runs atlas in this shell."""
     token = create_user(store, DEMO_USER, DEMO_KEY, None)
     print(
         "\nFirst run: created the user 'demo' (billed to the dev provider, which needs no key).\n"
         "Its token is shown only this once. Three ways in:\n\n"
         f"  Web page:   {url}/#user={DEMO_USER}&token={token}\n"
-        f"  Terminal:   atlas chat --url {url} --user {DEMO_USER} --token {token}\n"
+        f"  Terminal:   {atlas} chat --url {url} --user {DEMO_USER} --token {token}\n"
         f"  curl:       curl -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' \\\n"
         f"                -d '{{\"input\": \"Hello\"}}' '{url}/party/{DEMO_USER}?proxy=/agents/atlas-assistant/text'\n",
         flush=True,
@@ -165,7 +205,7 @@ async def run_until_signal(settings: Settings, agents: dict[str, AgentSpec] | No
 
             nursery.start_soon(watch_signals)
             url = await nursery.start(serve)
-            print(f"Atlas listening on {url}", file=sys.stderr, flush=True)
+            print(listening_line(settings.bind, url), file=sys.stderr, flush=True)
 
 
 async def exit_if_stuck(seconds: float) -> None:
