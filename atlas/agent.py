@@ -149,6 +149,10 @@ class AgentService:
         self.allowed_provider_urls = frozenset(normalize_url(u) for u in allowed_provider_urls)
         self._provider = provider
 
+    async def default_agent_id(self) -> str:
+        """The agent a request without ``agentId`` goes to: the first one configured."""
+        return next(iter(self.agents))
+
     def get(self, agent_id: str) -> AgentSpec:
         agent = self.agents.get(agent_id)
         if agent is None:

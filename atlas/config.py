@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -66,6 +67,13 @@ def parse_http_url(value: str) -> str:
     if parts.username or parts.password:
         raise ValueError("put credentials in their own setting, not in the URL")
     return normalize_url(text)
+
+
+def parse_agent_id(value: str) -> str:
+    text = value.strip()
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", text):
+        raise ValueError("an agent id is 1-64 of A-Z a-z 0-9 . _ -")
+    return text
 
 
 def parse_proxy_url(value: str) -> str:
@@ -178,6 +186,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("provider_proxy", ("ATLAS_PROVIDER_PROXY",), None, parse_proxy_url,
             "http:// proxy for every provider call (default: HTTPS_PROXY, HTTP_PROXY, ALL_PROXY "
             "and NO_PROXY decide, as for every outbound call)"),
+    Setting("default_agent", ("ATLAS_DEFAULT_AGENT",), "--default-agent", parse_agent_id,
+            "agent for requests that name none (default: the first agent configured)"),
     Setting("agents_file", ("ATLAS_AGENTS_FILE",), "--agents-file", Path,
             "TOML file defining agents (default DATA_DIR/agents.toml when it exists)"),
     Setting("room_idle_seconds", ("ATLAS_ROOM_IDLE_SECONDS",), "--room-idle-seconds",
@@ -211,6 +221,7 @@ class Settings:
     provider_retries: int = 2
     provider_transport: str = "atlas"
     provider_proxy: str | None = None
+    default_agent: str | None = None
     agents_file: Path | None = None
     room_idle_seconds: float = 60.0
     max_message_bytes: int = 1024 * 1024

@@ -182,7 +182,7 @@ async def test_agent_secret(provider, tmp_path):
             if secret is not None:
                 headers["X-Atlas-Agent-Secret"] = secret
             response = await post(agent, provider, headers=headers)
-            assert error_of(response) == (401, "unauthorized")
+            assert error_of(response) == (401, "agent_secret_mismatch")
             assert (await agent.client.get("/agents", headers=headers)).status_code == 401
         assert provider.requests == []
         headers = {**credentials(provider.url), "X-Atlas-Agent-Secret": "s3cret"}

@@ -18,7 +18,8 @@ from atlas.agent import (
     Usage,
     open_agent_service,
 )
-from atlas.llm.provider import RetryPolicy, SseDataParser, parse_retry_after
+from atlas.llm.provider import RetryPolicy, parse_retry_after
+from atlas.llm.sse import SseDataParser, SseTooLong
 
 
 @pytest.fixture
@@ -129,9 +130,8 @@ def test_sse_parser_incremental():
 
 def test_sse_parser_rejects_endless_line():
     parser = SseDataParser()
-    with pytest.raises(AgentError) as caught:
+    with pytest.raises(SseTooLong):
         parser.feed(b"data: " + b"x" * (2 * 1024 * 1024))
-    assert caught.value.code == "provider_error"
 
 
 def test_retry_after_parsing_and_policy():

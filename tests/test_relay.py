@@ -275,7 +275,9 @@ async def test_request_limits_credentials_and_agent_choice(tmp_path, layout):
             await receive_json(ws)
             await send_json(ws, {"type": "agent:stream", "message": "x", "id": "g"})
             frames = await receive_until(ws, "agent:error")
-            assert frames[0]["agentId"] == "ghost" and frames[-1]["error"]["code"] == "unknown_agent"
+            # A refusal comes alone, without agent:start, and names the agent it looked for.
+            assert [f["type"] for f in frames] == ["agent:error"]
+            assert frames[0]["error"]["code"] == "unknown_agent" and "'ghost'" in frames[0]["error"]["message"]
         async with connect(gw.ws_url("nokey")) as ws:
             assert (await ready(ws))["credentials"] is False
             await send_json(ws, {"type": "agent:stream", "message": "x", "id": "n"})

@@ -135,7 +135,15 @@ class AgentApp:
             return
         given = headers.get("x-atlas-agent-secret", "").encode("latin-1")
         if not hmac.compare_digest(given, self.secret):
-            raise AgentError("unauthorized", "missing or wrong X-Atlas-Agent-Secret", 401)
+            log.warning(
+                "refused a request without the right X-Atlas-Agent-Secret: the gateway in front "
+                "of this agent must set the same ATLAS_AGENT_SECRET"
+            )
+            raise AgentError(
+                "agent_secret_mismatch",
+                "missing or wrong X-Atlas-Agent-Secret: the gateway and this agent must share ATLAS_AGENT_SECRET",
+                401,
+            )
 
     async def _generate(
         self,

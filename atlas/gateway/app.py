@@ -34,6 +34,7 @@ from atlas.gateway.proxy import (
     proxy_remote,
 )
 from atlas.gateway.relay import Relay
+from atlas.llm.types import AgentError
 from atlas.gateway.services import Services
 from atlas.gateway.ws import websocket_endpoint
 from atlas.rooms import RoomRegistry
@@ -113,9 +114,13 @@ async def party_http(services: Services, room_id: str, scope: dict[str, Any], re
                 await proxy_in_process(services.agent_app, scope, receive, send, path, headers)
             else:
                 assert services.agent_client is not None and services.settings.agent_url
-                sent = await proxy_remote(
-                    services.agent_client, services.settings.agent_url, scope, receive, send, path, headers
-                )
+                try:
+                    sent = await proxy_remote(
+                        services.agent_client, services.settings.agent_url, scope, receive, send, path, headers
+                    )
+                except AgentError as exc:  # raised before anything was sent
+                    await send_error(send, exc.status, exc.code, exc.message)
+                    return
                 if not sent:
                     await send_error(send, 502, "agent_unavailable", "the agent cannot be reached")
     except StoreError:

@@ -18,7 +18,9 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode
 
 import httpx
+import msgspec
 
+from atlas.agent_api.remote import secret_mismatch
 from atlas.llm.types import Credentials
 
 log = logging.getLogger("atlas.gateway.proxy")
@@ -132,6 +134,13 @@ async def proxy_remote(
         log.warning("remote agent unreachable: %s", type(exc).__name__)
         return False
     try:
+        refusal = None
+        if response.status_code == 401:
+            refusal = b"".join([chunk async for chunk in response.aiter_raw()])  # a small envelope
+            if not says_provider_auth(refusal):
+                # Not the user's token (the gateway checked it; the agent never sees it): the
+                # agent refused the gateway's secret. Passed on, it would look like a bad token.
+                raise secret_mismatch(base_url)
         await send({
             "type": "http.response.start", "status": response.status_code,
             "headers": [
@@ -140,11 +149,22 @@ async def proxy_remote(
             ],
         })
         try:
-            async for chunk in response.aiter_raw():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if refusal is not None:
+                await send({"type": "http.response.body", "body": refusal, "more_body": True})
+            else:
+                async for chunk in response.aiter_raw():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except httpx.HTTPError as exc:
             log.warning("remote agent stream broke: %s", type(exc).__name__)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
     finally:
         await response.aclose()
     return True
+
+
+def says_provider_auth(body: bytes) -> bool:
+    """Whether an agent's 401 is the provider refusing the user's key (``provider_auth``)."""
+    try:
+        return msgspec.json.decode(body).get("code") == "provider_auth"
+    except (msgspec.DecodeError, AttributeError):
+        return False

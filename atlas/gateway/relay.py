@@ -33,7 +33,6 @@ from atlas.store import Turn, UserGone
 
 log = logging.getLogger("atlas.gateway.relay")
 
-DEFAULT_AGENT_ID = "atlas-assistant"
 MAX_REQUEST_ID_LENGTH = 128
 
 # Codes of the agent API that the WebSocket protocol names differently.
@@ -41,6 +40,8 @@ WS_ERROR_CODES = {"bad_request": "bad_message"}
 
 
 class Agent(Protocol):
+    async def default_agent_id(self) -> str: ...
+
     def open_stream(
         self, agent_id: str, input: str | list[ChatMessage], options: dict[str, Any],
         credentials: Credentials,
@@ -49,9 +50,11 @@ class Agent(Protocol):
 
 class Relay:
     def __init__(
-        self, agent: Agent, *, default_provider_url: str, max_requests: int, conversation_turns: int
+        self, agent: Agent, *, default_provider_url: str, max_requests: int, conversation_turns: int,
+        default_agent: str | None = None,
     ) -> None:
         self.agent = agent
+        self.default_agent = default_agent  # ATLAS_DEFAULT_AGENT; else the agent's first one
         self.default_provider_url = default_provider_url
         self.max_requests = max_requests
         self.conversation_turns = conversation_turns
@@ -86,7 +89,13 @@ class Relay:
             await refuse("no_credentials", "this user has no virtual key; ask the operator to set one")
             return
         prefs = room.prefs
-        agent_id = message.agent_id or _string(prefs.get("agentId")) or DEFAULT_AGENT_ID
+        agent_id = message.agent_id or _string(prefs.get("agentId")) or self.default_agent
+        if agent_id is None:
+            try:
+                agent_id = await self.agent.default_agent_id()
+            except AgentError as exc:
+                await connection.send(encode_agent_error(request_id, exc))
+                return
         default_options = prefs.get("options")
         options = dict(default_options) if isinstance(default_options, dict) else {}
         options.update(message.options or {})
@@ -118,12 +127,14 @@ class Relay:
             agent_input.append(ChatMessage("user", message.message))
         try:
             with scope:
-                if streaming:
-                    await connection.send(encode(AgentStart(request_id, agent_id)))
                 parts: list[str] = []
                 finish = Finish("unknown", usage=AgentUsage())
                 buffer = DeltaBuffer(request_id)
                 async with self.agent.open_stream(agent_id, agent_input, options, credentials) as events:
+                    # Started once the agent took the request: a refusal (unknown agent, bad
+                    # options, a misconfigured agent secret, the provider's own) comes alone.
+                    if streaming:
+                        await connection.send(encode(AgentStart(request_id, agent_id)))
                     async for event in events:
                         if isinstance(event, TextDelta):
                             parts.append(event.text)

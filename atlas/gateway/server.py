@@ -106,7 +106,7 @@ async def serve_atlas(
             relay=Relay(
                 agent, default_provider_url=provider_url,
                 max_requests=settings.max_requests_per_connection,
-                conversation_turns=settings.conversation_turns,
+                conversation_turns=settings.conversation_turns, default_agent=settings.default_agent,
             ),
             default_provider_url=provider_url, agent_app=agent_app, agent_client=agent_client,
         )

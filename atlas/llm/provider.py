@@ -31,12 +31,12 @@ import msgspec
 import trio
 
 from atlas import __version__
+from atlas.llm.sse import SseDataParser, SseTooLong
 from atlas.llm.transport import ProviderTransport, proxy_for
 from atlas.llm.types import AgentError, Finish, StreamEvent, TextDelta, Usage
 
 log = logging.getLogger("atlas.llm.provider")
 
-MAX_SSE_LINE = 1024 * 1024
 USER_AGENT = f"atlas/{__version__}"
 DRAIN_SECONDS = 1.0  # how long to wait for the body's end after [DONE] before dropping the connection
 
@@ -171,45 +171,6 @@ class HttpxTransportWithProxies(httpx.AsyncBaseTransport):
             await transport.aclose()
 
 
-class SseDataParser:
-    """Incremental ``text/event-stream`` parser keeping only what OpenAI streams use: the ``data``
-    of each event. Comments, other fields and keep-alive blank lines are skipped."""
-
-    def __init__(self) -> None:
-        self._buffer = b""
-        self._data: list[bytes] = []
-
-    def feed(self, chunk: bytes) -> list[bytes]:
-        self._buffer += chunk
-        if b"\n" not in chunk:
-            if len(self._buffer) > MAX_SSE_LINE:
-                raise provider_error("the provider sent an over-long stream line")
-            return []
-        *lines, self._buffer = self._buffer.split(b"\n")
-        events: list[bytes] = []
-        for line in lines:
-            self._line(line.rstrip(b"\r"), events)
-        return events
-
-    def close(self) -> list[bytes]:
-        events: list[bytes] = []
-        if self._buffer:
-            self._line(self._buffer.rstrip(b"\r"), events)
-            self._buffer = b""
-        self._line(b"", events)
-        return events
-
-    def _line(self, line: bytes, events: list[bytes]) -> None:
-        if not line:
-            if self._data:
-                events.append(b"\n".join(self._data))
-                self._data = []
-            return
-        field, _, value = line.partition(b":")
-        if field == b"data":
-            self._data.append(value[1:] if value.startswith(b" ") else value)
-
-
 class ProviderClient:
     def __init__(
         self, transport: httpx.AsyncBaseTransport, policy: RetryPolicy, *, timeout: float
@@ -326,6 +287,8 @@ async def _events(response: httpx.Response) -> AsyncIterator[StreamEvent]:
                 raise provider_error("the provider's stream ended before the reply was complete")
     except httpx.TransportError as exc:
         raise transport_error(exc, streaming=True) from exc
+    except SseTooLong:
+        raise provider_error("the provider sent an over-long stream line") from None
     yield reply.finish()
     if done:  # read to the end of the body so the connection can go back to the pool
         with trio.move_on_after(DRAIN_SECONDS):

@@ -19,7 +19,8 @@ from pathlib import Path
 import httpx
 import trio
 
-from atlas.llm.provider import SseDataParser, _Reply
+from atlas.llm.provider import _Reply
+from atlas.llm.sse import SseDataParser
 from bench.proposals.lean_http_baseline import LeanTransport
 
 REPO = Path(__file__).resolve().parents[2]
