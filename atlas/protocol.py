@@ -15,6 +15,7 @@ import msgspec
 # Close codes (contract: "WebSocket").
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
+CLOSE_ABNORMAL = 1006  # never sent: what a client sees when the connection dropped without a close
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL = 1011
 CLOSE_TOO_SLOW = 1008

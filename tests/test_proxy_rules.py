@@ -39,11 +39,15 @@ def test_headers_lose_credentials_and_hop_by_hop_and_gain_the_rooms():
         (b"x-user-id", b"mallory"), (b"x-atlas-agent-secret", b"guess"), (b"cookie", b"s=1"),
         (b"connection", b"keep-alive, x-secret-hop"), (b"x-secret-hop", b"1"), (b"te", b"trailers"),
         (b"host", b"atlas"), (b"accept", b"text/event-stream"),
+        # Spellings some servers read as X-Provider-API-Key and X-User-ID, and a stranger.
+        (b"x_provider_api_key", b"spoof"), (b"x_user_id", b"mallory"), (b"x-custom", b"1"),
+        (b"traceparent", b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
     ]
     credentials = Credentials(api_key="sk-room", api_url="http://provider/v1", user_id="alice")
     headers = forwarded_headers(client_headers, credentials, "shared-secret")
     assert headers == [
         (b"content-type", b"application/json"), (b"accept", b"text/event-stream"),
+        (b"traceparent", b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
         (b"x-provider-api-key", b"sk-room"), (b"x-provider-api-url", b"http://provider/v1"),
         (b"x-user-id", b"alice"), (b"x-atlas-agent-secret", b"shared-secret"),
     ]

@@ -25,7 +25,8 @@ import msgspec
 import trio
 
 from atlas.agent import AgentService
-from atlas.agent_api.sse import FullStream, UIMessageStream
+from atlas.agent_api.sse import FullStream, UIMessageStream, usage_camel
+from atlas.asgi import BodyTooLarge, ClientGone, read_body
 from atlas.config import Settings
 from atlas.llm.types import AgentError, ChatMessage, Credentials, Finish, TextDelta, bad_request
 
@@ -192,11 +193,7 @@ async def _text(stream: Any, response: Response) -> None:
                 finish: Finish = event
     await response.json(200, {"success": True, "data": {
         "text": "".join(parts),
-        "usage": {
-            "promptTokens": finish.usage.prompt_tokens,
-            "completionTokens": finish.usage.completion_tokens,
-            "totalTokens": finish.usage.total_tokens,
-        },
+        "usage": usage_camel(finish.usage),
         "finishReason": finish.finish_reason,
         "toolCalls": [],
         "toolResults": [],
@@ -253,21 +250,14 @@ def _allow(method: str, allowed: str) -> None:
 
 
 async def _read_json(receive: Receive, limit: int) -> Any:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise bad_request("body: the client went away before sending it")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise AgentError("too_large", f"request body over {limit} bytes", 413)
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
     try:
-        return _decode(b"".join(chunks))
+        body = await read_body(receive, limit)
+    except ClientGone:
+        raise bad_request("body: the client went away before sending it") from None
+    except BodyTooLarge as exc:
+        raise AgentError("too_large", str(exc), 413) from None
+    try:
+        return _decode(body)
     except msgspec.DecodeError as exc:
         raise bad_request(f"body: not valid JSON ({exc})") from None
     except RecursionError:

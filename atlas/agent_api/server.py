@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import logging
-import signal
-import sys
-from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -15,6 +12,7 @@ from atlas.agent import open_agent_service
 from atlas.agent_api.app import AgentApp
 from atlas.config import Settings
 from atlas.http_server import serve_asgi
+from atlas.lifecycle import run_until_signal
 from atlas.llm.agents import AgentSpec, load_agents
 from atlas.llm.devprovider import serve_dev_provider
 from atlas.logs import setup_logging
@@ -26,11 +24,11 @@ async def serve_agent(
     settings: Settings,
     *,
     agents: dict[str, AgentSpec] | None = None,
-    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    shutdown: trio.Event | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the agent API on ``settings.bind`` (with the dev provider when no provider URL is
-    configured) until cancelled or ``shutdown_trigger`` returns. Reports the base URL once
+    configured) until cancelled or ``shutdown`` is set. Reports the base URL once
     listening. A bad agents file raises ``ConfigError`` before anything starts."""
     if agents is None:
         agents = load_agents(settings)
@@ -47,7 +45,7 @@ async def serve_agent(
         ) as service:
             app = AgentApp(service, settings)
             serve = partial(
-                serve_asgi, app, settings.bind, shutdown_trigger=shutdown_trigger,
+                serve_asgi, app, settings.bind, shutdown_trigger=None if shutdown is None else shutdown.wait,
                 max_message_bytes=settings.max_message_bytes,
                 graceful_seconds=settings.shutdown_seconds,
             )
@@ -59,24 +57,13 @@ async def serve_agent(
         nursery.cancel_scope.cancel()  # the server has stopped: stop the dev provider too
 
 
-async def run(settings: Settings, agents: dict[str, AgentSpec] | None = None) -> None:
-    stop = trio.Event()
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-            url = await nursery.start(partial(serve_agent, settings, agents=agents, shutdown_trigger=stop.wait))
-            print(f"Atlas agent listening on {url}", file=sys.stderr, flush=True)
-            async for signum in signals:
-                log.info("%s: shutting down (up to %.0fs for requests in flight)",
-                         signal.Signals(signum).name, settings.shutdown_seconds)
-                stop.set()
-                # Hypercorn drains for graceful_seconds; this is the hard deadline behind it.
-                nursery.cancel_scope.deadline = trio.current_time() + settings.shutdown_seconds + 1
-                break
-
-
 def main(args: Any) -> int:
     settings: Settings = args.settings
     setup_logging(settings.log_level)
     agents = load_agents(settings)  # a bad agents file stops here, as one line from the CLI
-    trio.run(run, settings, agents)
+    serve = partial(serve_agent, settings, agents=agents)
+    trio.run(partial(
+        run_until_signal, serve, name="Atlas agent", bind=settings.bind,
+        grace_seconds=settings.shutdown_seconds,
+    ))
     return 0

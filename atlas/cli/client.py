@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
+import itertools
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -33,13 +33,19 @@ from trio_websocket import (
     open_websocket_url,
 )
 
+from atlas.backoff import backoff_delay
+from atlas.protocol import (
+    CLOSE_ABNORMAL, CLOSE_BAD_ROOM, CLOSE_FORBIDDEN, CLOSE_GOING_AWAY, CLOSE_INTERNAL, CLOSE_NORMAL,
+    CLOSE_TOO_BIG, CLOSE_UNAUTHORIZED,
+)
+
 DEFAULT_URL = "http://127.0.0.1:1999"
 CONNECT_SECONDS = 10.0
 # Close codes after which reconnecting with the same token cannot succeed.
-FATAL_CLOSE_CODES = {4001: "unauthorized", 4003: "forbidden", 4400: "bad_room_id"}
+FATAL_CLOSE_CODES = {CLOSE_UNAUTHORIZED: "unauthorized", CLOSE_FORBIDDEN: "forbidden", CLOSE_BAD_ROOM: "bad_room_id"}
 CLOSE_CODE_NAMES = {
-    1000: "closed", 1001: "server shutting down", 1006: "connection dropped",
-    1009: "message too large", 1011: "server error",
+    CLOSE_NORMAL: "closed", CLOSE_GOING_AWAY: "server shutting down", CLOSE_ABNORMAL: "connection dropped",
+    CLOSE_TOO_BIG: "message too large", CLOSE_INTERNAL: "server error",
 }
 WS_SCHEMES = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}
 
@@ -282,9 +288,6 @@ async def open_connection(target: Target, user: str) -> AsyncIterator[Connection
 
 
 def backoff(first: float = 0.5, factor: float = 1.6, cap: float = 10.0) -> Iterator[float]:
-    """Reconnect delays: growing from ``first`` by ``factor`` up to ``cap``, with +-20% jitter
-    so that many clients do not all come back at the same instant after a restart."""
-    delay = first
-    while True:
-        yield delay * random.uniform(0.8, 1.2)
-        delay = min(cap, delay * factor)
+    """Reconnect delays, by the one backoff rule (``atlas.backoff``)."""
+    for attempt in itertools.count():
+        yield backoff_delay(attempt, first=first, factor=factor, cap=cap)

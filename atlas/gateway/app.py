@@ -14,18 +14,15 @@ The agent's own routes are never served on this port.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from importlib import resources
 from typing import Any
-from urllib.parse import parse_qsl
 
-import httpx
 import msgspec
 from quart import Response
 from quart_trio import QuartTrio
 
-from atlas.config import Settings
-from atlas.gateway.auth import STORE_UNREADABLE, AccessDenied, TokenVerifier, admit, builtin_me_app
+from atlas.asgi import query_param, send_json
+from atlas.gateway.auth import STORE_UNREADABLE, AccessDenied, admit, builtin_me_app
 from atlas.gateway.proxy import (
     ProxyRefused,
     agent_path,
@@ -33,28 +30,15 @@ from atlas.gateway.proxy import (
     proxy_in_process,
     proxy_remote,
 )
-from atlas.gateway.relay import Relay
-from atlas.llm.types import AgentError
 from atlas.gateway.services import Services
 from atlas.gateway.ws import websocket_endpoint
-from atlas.rooms import RoomRegistry
-from atlas.store import Store, StoreError, mask_key
+from atlas.llm.types import AgentError
+from atlas.store import StoreError, mask_key
 
 log = logging.getLogger("atlas.gateway.app")
 
 _encoder = msgspec.json.Encoder()
 ROOM_PREFIXES = ("/party/", "/parties/main/")
-
-
-Headers = Sequence[tuple[bytes, bytes]]
-
-
-async def send_json(send: Any, status: int, body: Any, headers: Headers = ()) -> None:
-    await send({
-        "type": "http.response.start", "status": status,
-        "headers": [(b"content-type", b"application/json"), (b"cache-control", b"no-store"), *headers],
-    })
-    await send({"type": "http.response.body", "body": _encoder.encode(body)})
 
 
 async def send_error(send: Any, status: int, code: str, message: str) -> None:
@@ -71,13 +55,6 @@ def room_id_of(path: str) -> str | None:
 async def send_denied(send: Any, denied: AccessDenied) -> None:
     headers = [(b"www-authenticate", b"Bearer")] if denied.status == 401 else []
     await send_json(send, denied.status, {"error": {"code": denied.code, "message": denied.message}}, headers)
-
-
-def query_param(scope: dict[str, Any], name: str) -> str | None:
-    for key, value in parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True):
-        if key == name:
-            return value
-    return None
 
 
 async def party_http(services: Services, room_id: str, scope: dict[str, Any], receive: Any, send: Any) -> None:

@@ -23,14 +23,15 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
-from urllib.parse import parse_qsl
 
 import httpx
 import msgspec
 import trio
 
+from atlas.asgi import query_param
 from atlas.config import Settings
-from atlas.store import Identity, Store, StoreError, hash_token, is_valid_user_id, mask_key
+from atlas.protocol import CLOSE_BAD_ROOM, CLOSE_FORBIDDEN, CLOSE_GOING_AWAY, CLOSE_INTERNAL, CLOSE_UNAUTHORIZED
+from atlas.store import Identity, Store, StoreError, hash_token, is_valid_user_id
 
 log = logging.getLogger("atlas.gateway.auth")
 
@@ -66,7 +67,7 @@ class AccessDenied(Exception):
 
 STORE_UNREADABLE = AccessDenied(
     "internal", "this room's stored state is unreadable; the server log names the file",
-    status=500, close_code=1011,
+    status=500, close_code=CLOSE_INTERNAL,
 )
 
 
@@ -81,12 +82,7 @@ def token_from_scope(scope: dict[str, Any]) -> str | None:
             scheme, _, credential = value.decode("latin-1").partition(" ")
             if scheme.lower() == "bearer" and credential.strip():
                 return credential.strip()
-    query = scope.get("query_string", b"").decode("latin-1")
-    if "token=" in query:
-        for key, value in parse_qsl(query, keep_blank_values=True):
-            if key == "token" and value:
-                return value
-    return None
+    return query_param(scope, "token") or None
 
 
 async def admit(
@@ -94,20 +90,20 @@ async def admit(
 ) -> Identity:
     """The identity of the room's user, if this request's token belongs to it."""
     if shutting_down:
-        raise AccessDenied("shutting_down", "the server is shutting down", status=503, close_code=1001)
+        raise AccessDenied("shutting_down", "the server is shutting down", status=503, close_code=CLOSE_GOING_AWAY)
     if not is_valid_user_id(room_id):
         raise AccessDenied(
-            "bad_room_id", "room ids are 1-128 of A-Z a-z 0-9 . _ @ -", status=400, close_code=4400
+            "bad_room_id", "room ids are 1-128 of A-Z a-z 0-9 . _ @ -", status=400, close_code=CLOSE_BAD_ROOM
         )
     try:
         identity = await verifier.verify(token_from_scope(scope))
     except Unauthorized as exc:
-        raise AccessDenied(exc.code, str(exc), status=401, close_code=4001) from None
+        raise AccessDenied(exc.code, str(exc), status=401, close_code=CLOSE_UNAUTHORIZED) from None
     except AuthUnavailable as exc:
-        raise AccessDenied(exc.code, str(exc), status=503, close_code=1011) from None
+        raise AccessDenied(exc.code, str(exc), status=503, close_code=CLOSE_INTERNAL) from None
     if identity.id != room_id:
         raise AccessDenied(
-            "forbidden", "this token belongs to another user's room", status=403, close_code=4003
+            "forbidden", "this token belongs to another user's room", status=403, close_code=CLOSE_FORBIDDEN
         )
     return identity
 
@@ -178,6 +174,9 @@ class TokenVerifier:
     async def verify(self, token: str | None) -> Identity:
         if not token:
             raise Unauthorized("missing token: pass ?token= or Authorization: Bearer")
+        if not token.isascii() or not token.isprintable():
+            # Never a token Atlas issues, and it cannot travel in the auth API's header.
+            raise Unauthorized("invalid token: a token is printable ASCII")
         key = hash_token(token)  # the cache never holds a token
         cached = self._cache.get(key)
         now = time.monotonic()

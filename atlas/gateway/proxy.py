@@ -1,8 +1,9 @@
 """``/party/{roomId}?proxy=/path``: forward an HTTP request to the agent with the room's credentials.
 
 The path must be an agent route (``/agents`` or below), judged after percent-decoding until
-nothing changes; anything else is refused with 400 before a byte is sent. Every client-sent
-credential or hop-by-hop header is dropped and the room's credentials are injected.
+nothing changes; anything else is refused with 400 before a byte is sent. Only the client headers
+an agent request needs go on (an allowlist: a denylist let ``X_Provider_API_Key`` through, which
+some servers read as ``X-Provider-API-Key``), and the room's credentials are injected.
 
 In-process, the request is handed to the agent's ASGI app with a rewritten scope and the very same
 ``receive``/``send``: body and response stream through without a copy or a buffer. With a remote
@@ -29,8 +30,12 @@ HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
     b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"host",
 })
-CREDENTIAL_HEADERS = frozenset({b"authorization", b"cookie", b"x-user-id"})
-CREDENTIAL_PREFIXES = (b"x-provider-", b"x-atlas-")
+# The client headers forwarded to the agent; every other one (credentials, cookies, hop-by-hop,
+# anything spelled to look like Atlas's own) stays behind.
+FORWARDED_HEADERS = frozenset({
+    b"accept", b"accept-language", b"cache-control", b"content-length", b"content-type",
+    b"last-event-id", b"traceparent", b"tracestate", b"user-agent", b"x-request-id",
+})
 AGENT_PATH = re.compile(r"/agents(/[A-Za-z0-9._~!$&'()*+,;=:@-]+)*/?")
 # Query parameters that belong to the transport and are never forwarded.
 TRANSPORT_PARAMS = frozenset({"proxy", "token", "_pk"})
@@ -79,8 +84,7 @@ def forwarded_headers(
     }
     kept = [
         (name, value) for name, value in headers
-        if name not in HOP_BY_HOP and name not in CREDENTIAL_HEADERS
-        and name not in connection_listed and not name.startswith(CREDENTIAL_PREFIXES)
+        if name in FORWARDED_HEADERS and name not in connection_listed
     ]
     if credentials is not None:
         kept.append((b"x-provider-api-key", credentials.api_key.encode("latin-1")))

@@ -63,6 +63,11 @@ class Relay:
         identity = room.identity
         if identity is None or not identity.virtual_key:
             return None
+        key = identity.virtual_key
+        if not key.isascii() or not key.isprintable() or " " in key:
+            # It goes into a header: the auth API gave a key no provider could have issued.
+            log.warning("user %s has a virtual key with characters a key cannot have", room.id)
+            return None
         return Credentials(
             api_key=identity.virtual_key,
             api_url=identity.provider_url or self.default_provider_url,

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shlex
 import shutil
-import signal
 import sys
 from contextlib import AsyncExitStack
 from functools import partial
@@ -24,7 +22,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from atlas.config import Bind, Settings, prepare_data_dir
+from atlas.config import Settings, prepare_data_dir
 from atlas.gateway.app import build_app
 from atlas.gateway.auth import open_token_verifier
 from atlas.gateway.relay import Relay
@@ -32,6 +30,7 @@ from atlas.gateway.revocation import serve_revocation_sweeps
 from atlas.gateway.services import Services
 from atlas.http_server import serve_asgi
 from atlas.llm.agents import AgentSpec, load_agents
+from atlas.lifecycle import run_until_signal
 from atlas.logs import setup_logging
 from atlas.protocol import CLOSE_GOING_AWAY
 from atlas.rooms import serve_rooms
@@ -157,16 +156,6 @@ def _shown_path(path: Path) -> str:
         return str(absolute)
 
 
-def listening_line(bind: Bind, url: str, name: str = "Atlas") -> str:
-    """The one line saying where a server listens: a URL to use first (scripts take the first
-    word after "listening on"), and what the socket is bound to when that differs."""
-    line = f"{name} listening on {url}"
-    if bind.host in ("0.0.0.0", "::", ""):
-        port = url.rsplit(":", 1)[1]
-        line += f" (bound to {Bind(bind.host, int(port))}: every interface)"
-    return line
-
-
 def announce_demo_user(store: Store, url: str, atlas: str = "atlas") -> None:
     """First run on the embedded defaults: create ``demo`` and print three ways in, once.
     ``atlas``: the command that runs atlas in this shell."""
@@ -182,47 +171,14 @@ def announce_demo_user(store: Store, url: str, atlas: str = "atlas") -> None:
     )
 
 
-async def run_until_signal(settings: Settings, agents: dict[str, AgentSpec] | None) -> None:
-    """Serve until SIGINT/SIGTERM, then shut down gracefully; a second signal stops at once."""
-    shutdown = trio.Event()
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-
-            async def watch_signals() -> None:
-                async for signum in signals:
-                    name = signal.Signals(signum).name
-                    if shutdown.is_set():
-                        log.warning("second %s: stopping now", name)
-                        logging.shutdown()
-                        os._exit(1)
-                    log.info("%s received: shutting down gracefully", name)
-                    shutdown.set()
-                    nursery.start_soon(exit_if_stuck, settings.shutdown_seconds + 5)
-
-            async def serve(task_status: trio.TaskStatus[str]) -> None:
-                await serve_atlas(settings, agents=agents, shutdown=shutdown, task_status=task_status)
-                nursery.cancel_scope.cancel()  # served and shut down: stop watching signals
-
-            nursery.start_soon(watch_signals)
-            url = await nursery.start(serve)
-            print(listening_line(settings.bind, url), file=sys.stderr, flush=True)
-
-
-async def exit_if_stuck(seconds: float) -> None:
-    """Last resort: Hypercorn shields socket writes from cancellation, so a client that stopped
-    reading can hold a connection past the grace period. Every acknowledged write is already on
-    disk, so leaving hard is safe."""
-    await trio.sleep(seconds)
-    log.error("shutdown did not finish within %.0f s; exiting now", seconds)
-    logging.shutdown()
-    os._exit(1)
-
-
 def main(args: argparse.Namespace) -> int:
     settings: Settings = args.settings
     # Bad settings stop here, before trio starts, as one line (exit status 2).
     prepare_data_dir(settings.data_dir)
     agents = None if settings.agent_url else load_agents(settings)
     setup_logging(settings.log_level)
-    trio.run(run_until_signal, settings, agents)
+    serve = partial(serve_atlas, settings, agents=agents)
+    trio.run(partial(
+        run_until_signal, serve, name="Atlas", bind=settings.bind, grace_seconds=settings.shutdown_seconds,
+    ))
     return 0

@@ -13,11 +13,11 @@ from __future__ import annotations
 import logging
 import secrets
 from typing import Any
-from urllib.parse import parse_qsl
 
 import msgspec
 import trio
 
+from atlas.asgi import query_param
 from atlas.gateway.auth import STORE_UNREADABLE, AccessDenied, AuthUnavailable, Unauthorized, admit, token_from_scope
 from atlas.gateway.connection import Connection
 from atlas.gateway.services import Services
@@ -50,9 +50,9 @@ CLOSE_WAIT_SECONDS = 2.0
 def connection_id_from_scope(scope: dict[str, Any]) -> str:
     """The client's ``_pk`` if it sent a sensible one, else a fresh id. Only a label: connections
     are told apart by their socket, never by this."""
-    for key, value in parse_qsl(scope.get("query_string", b"").decode("latin-1")):
-        if key == "_pk" and 0 < len(value) <= 128 and value.isprintable():
-            return value
+    value = query_param(scope, "_pk")
+    if value is not None and 0 < len(value) <= 128 and value.isprintable():
+        return value
     return secrets.token_hex(8)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import msgspec
 import trio
 
+from atlas.asgi import BodyTooLarge, ClientGone, Receive, Send, read_body, send_json
 from atlas.config import Bind
 from atlas.http_server import serve_asgi
 
@@ -28,8 +28,7 @@ DEFAULT_REPLY = (
     "Configure ATLAS_PROVIDER_URL to talk to a real one."
 )
 
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
+MAX_BODY = 4 * 1024 * 1024
 
 
 class _Message(msgspec.Struct):
@@ -89,23 +88,27 @@ class DevProviderApp:
         path, method = scope["path"].rstrip("/"), scope["method"]
         if path == "/v1/models" and method == "GET":
             models = {"object": "list", "data": [{"id": "atlas-dev", "object": "model"}]}
-            await _json(send, 200, models)
+            await send_json(send, 200, models)
             return
         if path != "/v1/chat/completions":
-            await _json(send, 404, _error("not found", "not_found"))
+            await send_json(send, 404, _error("not found", "not_found"))
             return
         if method != "POST":
-            await _json(send, 405, _error("use POST", "method_not_allowed"))
+            await send_json(send, 405, _error("use POST", "method_not_allowed"))
             return
         headers = dict(scope.get("headers", ()))
         if not headers.get(b"authorization", b"").startswith(b"Bearer "):
-            await _json(send, 401, _error("missing bearer API key", "invalid_api_key"))
+            await send_json(send, 401, _error("missing bearer API key", "invalid_api_key"))
             return
-        body = await _read_body(receive)
+        try:
+            body = await read_body(receive, MAX_BODY)
+        except (BodyTooLarge, ClientGone):
+            await send_json(send, 413, _error(f"bad request: body over {MAX_BODY} bytes or cut", "invalid_request_error"))
+            return
         try:
             request = _decode_request(body)
         except msgspec.DecodeError as exc:
-            await _json(send, 400, _error(f"bad request: {exc}", "invalid_request_error"))
+            await send_json(send, 400, _error(f"bad request: {exc}", "invalid_request_error"))
             return
         last_user = next(
             (_content_text(m.content) for m in reversed(request.messages) if m.role == "user"), ""
@@ -120,7 +123,7 @@ class DevProviderApp:
         if request.stream:
             await self._stream(send, request.model, reply, usage)
         else:
-            await _json(send, 200, {
+            await send_json(send, 200, {
                 "id": "chatcmpl-atlas-dev",
                 "object": "chat.completion",
                 "created": int(time.time()),
@@ -159,21 +162,6 @@ def _error(message: str, code: str) -> dict[str, Any]:
     return {"error": {"message": message, "type": code, "code": code}}
 
 
-async def _read_body(receive: Receive) -> bytes:
-    chunks = []
-    while True:
-        message = await receive()
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
-async def _json(send: Send, status: int, payload: Any) -> None:
-    data = _encode(payload)
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
-    ]})
-    await send({"type": "http.response.body", "body": data})
 
 
 async def serve_dev_provider(

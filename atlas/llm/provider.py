@@ -31,6 +31,7 @@ import msgspec
 import trio
 
 from atlas import __version__
+from atlas.backoff import backoff_delay
 from atlas.llm.sse import SseDataParser, SseTooLong
 from atlas.llm.transport import ProviderTransport, proxy_for
 from atlas.llm.types import AgentError, Finish, StreamEvent, TextDelta, Usage
@@ -128,8 +129,7 @@ class RetryPolicy:
             if retry_after > self.max_retry_after:
                 return None
             return retry_after + random.uniform(0, self.base_seconds)
-        backoff = min(self.max_seconds, self.base_seconds * 2**attempt)
-        return random.uniform(backoff / 2, backoff)
+        return backoff_delay(attempt, first=self.base_seconds, factor=2.0, cap=self.max_seconds)
 
 
 def open_provider_transport(kind: str = "atlas", *, proxy: str | None = None) -> httpx.AsyncBaseTransport:
