@@ -99,6 +99,9 @@ class JsonStore:
     def location(self) -> str:
         return f"data directory {self.data_dir}"
 
+    def close(self) -> None:
+        pass  # nothing held open between calls
+
     def prepare(self) -> None:
         for directory in (self.data_dir, self.users_dir, self.tokens_dir, self.rooms_dir):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -183,7 +186,7 @@ class JsonStore:
         return read_struct(self.token_path(token_hash), TokenRecord)
 
     def save_token(self, token_hash: str, user_id: str) -> None:
-        self._write(self.token_path(token_hash), TokenRecord(user_id=user_id))
+        self._write(self.token_path(token_hash), TokenRecord(user_id=user_id), owner=user_id)
 
     def delete_token(self, token_hash: str) -> None:
         self.token_path(token_hash).unlink(missing_ok=True)
