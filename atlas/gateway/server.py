@@ -5,7 +5,7 @@ the dev provider (when no provider is configured), the token verifier, the agent
 or a client for a remote one), the room registry, and the HTTP/WebSocket server. Shutdown (the
 ``shutdown`` event, set by SIGINT/SIGTERM in ``main``) stops new connections, closes every
 WebSocket with 1001, waits a bounded time for them to go, then stops the server. Every
-acknowledged write is already on disk, so nothing is left half-written.
+acknowledged write is already durable in the store, so nothing is left half-written.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from atlas.llm.agents import AgentSpec, load_agents
 from atlas.logs import setup_logging
 from atlas.protocol import CLOSE_GOING_AWAY
 from atlas.rooms import serve_rooms
-from atlas.store import Store, store_for
+from atlas.store import Store, StoreError, store_for
 from atlas.store.users import create_user
 
 log = logging.getLogger("atlas.gateway.server")
@@ -49,13 +49,34 @@ async def serve_atlas(
     settings: Settings,
     *,
     agents: dict[str, AgentSpec] | None = None,
+    store: Store | None = None,
     shutdown: trio.Event | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until ``shutdown`` is set (then shut down gracefully) or until cancelled.
-    ``agents``: already loaded agent definitions (else they are loaded from the settings)."""
+    ``agents``: already loaded agent definitions (else they are loaded from the settings).
+    ``store``: an already prepared store, which the caller closes (else one is opened from the
+    settings, prepared, and closed at the end)."""
+    if store is not None:
+        await _serve(settings, store, agents=agents, shutdown=shutdown, task_status=task_status)
+        return
     store = store_for(settings)
-    store.prepare()
+    try:
+        await trio.to_thread.run_sync(store.prepare)
+        await _serve(settings, store, agents=agents, shutdown=shutdown, task_status=task_status)
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(store.close)
+
+
+async def _serve(
+    settings: Settings,
+    store: Store,
+    *,
+    agents: dict[str, AgentSpec] | None,
+    shutdown: trio.Event | None,
+    task_status: trio.TaskStatus[str],
+) -> None:
     if shutdown is None:
         shutdown = trio.Event()
     # Three layers, each ended before the one that outlives it: the room and sweep tasks
@@ -182,7 +203,7 @@ def announce_demo_user(store: Store, url: str, atlas: str = "atlas") -> None:
     )
 
 
-async def run_until_signal(settings: Settings, agents: dict[str, AgentSpec] | None) -> None:
+async def run_until_signal(settings: Settings, agents: dict[str, AgentSpec] | None, store: Store) -> None:
     """Serve until SIGINT/SIGTERM, then shut down gracefully; a second signal stops at once."""
     shutdown = trio.Event()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -200,7 +221,9 @@ async def run_until_signal(settings: Settings, agents: dict[str, AgentSpec] | No
                     nursery.start_soon(exit_if_stuck, settings.shutdown_seconds + 5)
 
             async def serve(task_status: trio.TaskStatus[str]) -> None:
-                await serve_atlas(settings, agents=agents, shutdown=shutdown, task_status=task_status)
+                await serve_atlas(
+                    settings, agents=agents, store=store, shutdown=shutdown, task_status=task_status
+                )
                 nursery.cancel_scope.cancel()  # served and shut down: stop watching signals
 
             nursery.start_soon(watch_signals)
@@ -224,5 +247,16 @@ def main(args: argparse.Namespace) -> int:
     prepare_data_dir(settings.data_dir)
     agents = None if settings.agent_url else load_agents(settings)
     setup_logging(settings.log_level)
-    trio.run(run_until_signal, settings, agents)
+    # The store is opened (the database schema created or migrated) before anything listens;
+    # a store that cannot be opened is one line and exit status 1, not a traceback.
+    store = store_for(settings)
+    try:
+        try:
+            store.prepare()
+        except StoreError as exc:
+            print(f"atlas: cannot open the store: {exc}", file=sys.stderr)
+            return 1
+        trio.run(run_until_signal, settings, agents, store)
+    finally:
+        store.close()
     return 0
