@@ -25,7 +25,7 @@ from trio_websocket import WebSocketConnection, open_websocket_url
 
 from atlas.config import Settings, parse_bind
 from atlas.gateway.server import serve_atlas
-from atlas.store import store_for
+from atlas.store import Store, store_for
 from atlas.store.users import create_user
 
 SECRETS: set[str] = set()
@@ -84,11 +84,13 @@ class AtlasServer:
 
 @asynccontextmanager
 async def open_atlas(
-    tmp_path: Path, *, users: dict[str, str | None] | None = None, **overrides: Any
+    tmp_path: Path, *, users: dict[str, str | None] | None = None, store: Store | None = None,
+    **overrides: Any,
 ) -> AsyncIterator[AtlasServer]:
     """A real ``serve_atlas`` on 127.0.0.1:0, shut down gracefully at the end of the block.
     ``users`` maps user ids to virtual keys (None: a fresh test key) created before start-up, in
-    the store the settings name (``database_url=``: PostgreSQL)."""
+    the store the settings name (``database_url=``: PostgreSQL). ``store``: a prepared store for
+    the server to use (the caller closes it), else it opens its own from the settings."""
     data_dir = overrides.pop("data_dir", tmp_path / "data")
     tokens = {
         user_id: add_user(data_dir, user_id, key, database_url=overrides.get("database_url"))
@@ -97,7 +99,7 @@ async def open_atlas(
     settings = Settings(data_dir=data_dir, bind=parse_bind("127.0.0.1:0"), **overrides)
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
-        url = await nursery.start(partial(serve_atlas, settings, shutdown=shutdown))
+        url = await nursery.start(partial(serve_atlas, settings, store=store, shutdown=shutdown))
         server = AtlasServer(url, settings, shutdown, tokens)
         try:
             yield server

@@ -12,6 +12,7 @@ import time
 
 import psycopg
 import pytest
+import trio
 from servers import (
     SECRETS, atlas_command, connect, free_port, new_key, open_atlas, ready, receive_json,
     send_json, start_atlas_process,
@@ -262,3 +263,34 @@ async def test_atlas_serve_on_postgresql_logs_the_database_without_its_password(
     log = server.log()
     assert f"database {postgres_url}" in log  # where the data is, password left out
     assert PASSWORD not in log
+
+
+async def test_a_database_outage_is_store_unavailable_then_the_room_works_again(
+    tmp_path, postgres_url, postgres_cluster,
+):
+    store = PostgresStore(postgres_url, timeout=1.0)
+    store.prepare()
+    try:
+        async with open_atlas(
+            tmp_path, users={"alice": None}, database_url=postgres_url, store=store, auth_cache_seconds=60,
+        ) as server:
+            async with connect(server.ws_url("alice", server.tokens["alice"])) as ws:
+                await ready(ws)
+                await send_json(ws, {"type": "prefs:set", "prefs": {"a": 1}})
+                assert (await receive_json(ws))["prefs"] == {"a": 1}
+                await trio.to_thread.run_sync(postgres_cluster.stop)
+                try:
+                    await send_json(ws, {"type": "prefs:set", "prefs": {"a": 2}})
+                    frame = await receive_json(ws)
+                    assert frame["type"] == "error" and frame["error"]["code"] == "store_unavailable"
+                    assert PASSWORD not in frame["error"]["message"]
+                finally:
+                    await trio.to_thread.run_sync(postgres_cluster.start)
+                await send_json(ws, {"type": "prefs:set", "prefs": {"b": 3}})
+                # The failed write changed nothing; the next one lands.
+                assert (await receive_json(ws))["prefs"] == {"a": 1, "b": 3}
+    finally:
+        store.close()
+    with psycopg.connect(postgres_url) as conn:
+        stored = conn.execute("SELECT state->'prefs' FROM rooms WHERE id = 'alice'").fetchone()[0]
+    assert stored == {"a": 1, "b": 3}
