@@ -18,7 +18,10 @@ Driver: psycopg 3's sync API. The store interface blocks and is already called f
 threads (``trio.to_thread.run_sync``), so each call borrows a connection from a small bounded
 ``psycopg_pool.ConnectionPool`` for its duration. Callers beyond the pool's size wait in the
 pool's queue (at most ``timeout`` seconds); a borrowed connection is checked first, so the pool
-recovers by itself from a database restart.
+recovers by itself from a database restart. There is no trio ``CapacityLimiter`` sized like the
+pool in front of it: trio's default thread limiter (40) already bounds the threads, and the
+pool's queue is the bound on connections, shared by every caller (auth, rooms, sweeps) without
+each of them having to pass the same limiter.
 
 Atomicity, under PostgreSQL's default READ COMMITTED:
 - ``remove_user`` deletes the user row first (its tokens go with it, by the cascade), then the
@@ -38,6 +41,7 @@ default) means flushed to the write-ahead log.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -85,6 +89,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
 )
 
+_TOKEN_HASH = re.compile(r"[0-9a-f]{64}")
 _encoder = msgspec.json.Encoder()
 _room_decoder = msgspec.json.Decoder(RoomState)
 
@@ -121,7 +126,7 @@ def _check_id(value: str) -> str:
 
 
 def _check_token_hash(value: str) -> str:
-    if len(value) != 64 or value.strip("0123456789abcdef"):
+    if not _TOKEN_HASH.fullmatch(value):
         raise ValueError("not a token hash")
     return value
 
