@@ -108,6 +108,14 @@ def parse_url_list(value: str) -> tuple[str, ...]:
     return tuple(parse_http_url(url) for url in urls)
 
 
+def parse_database_url(value: str) -> str:
+    """A PostgreSQL URL (``postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE[?PARAMS]``)."""
+    text = value.strip()
+    if urlsplit(text).scheme.lower() not in ("postgresql", "postgres"):
+        raise ValueError("expected a postgresql:// URL, for example postgresql://atlas@db.example/atlas")
+    return text
+
+
 def parse_positive_float(value: str) -> float:
     number = float(value)
     if not number > 0:
@@ -158,10 +166,15 @@ class Setting:
     flag: str | None  # command-line flag, None for environment-only settings (secrets)
     parse: Callable[[str], Any]
     help: str
+    secret: bool = False  # may hold a password: an error about it never shows the value
 
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("data_dir", ("ATLAS_DATA_DIR",), "--data-dir", Path, "data directory (default ./data)"),
+    Setting("database_url", ("ATLAS_DATABASE_URL",), "--database-url", parse_database_url,
+            "PostgreSQL URL, postgresql://USER@HOST/DB, holding users, tokens and rooms for every "
+            "process that shares it (default: JSON files in the data directory); prefer the "
+            "environment variable for a URL with a password", secret=True),
     Setting("bind", ("ATLAS_BIND",), "--bind", parse_bind, "address to listen on, HOST:PORT"),
     Setting("auth_url", ("ATLAS_AUTH_URL",), "--auth-url", parse_http_url,
             "external auth API base URL (default: built-in auth from the data directory)"),
@@ -209,6 +222,7 @@ SETTINGS: tuple[Setting, ...] = (
 @dataclass(frozen=True)
 class Settings:
     data_dir: Path = Path("data")
+    database_url: str | None = None
     bind: Bind = field(default_factory=lambda: parse_bind(DEFAULT_SERVE_BIND))
     auth_url: str | None = None
     auth_cache_seconds: float = 5.0
@@ -260,7 +274,7 @@ def load_settings(
         try:
             values[setting.name] = raw if not isinstance(raw, str) else setting.parse(raw)
         except ValueError as exc:
-            shown = "<hidden>" if setting.flag is None else repr(raw)  # env-only: may hold a secret
+            shown = "<hidden>" if setting.flag is None or setting.secret else repr(raw)  # may hold a secret
             raise ConfigError(source or setting.name, f"{shown}: {exc}") from None
     return Settings(**values)
 

@@ -15,6 +15,8 @@ _SECRET_PATTERNS = (
     (re.compile(r"(?i)(bearer\s+)[^\s'\",]+"), r"\1***"),
     (re.compile(r"(?i)([?&]token=)[^&\s'\"]+"), r"\1***"),
     (re.compile(r"(?i)(x-provider-api-key['\"]?\s*[:=]\s*['\"]?)[^\s'\",]+"), r"\1***"),
+    (re.compile(r"(?i)(postgres(?:ql)?://[^:/@\s]*:)[^@\s]+@"), r"\1***@"),
+    (re.compile(r"(?i)(password=)[^&\s'\"]+"), r"\1***"),
 )
 
 
@@ -43,3 +45,5 @@ def setup_logging(level: str = "INFO") -> None:
     # httpx logs every request line at INFO; keep it to warnings.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
+    # psycopg's pool logs every connection it lends at INFO.
+    logging.getLogger("psycopg.pool").setLevel(logging.WARNING)

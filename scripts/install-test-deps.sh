@@ -5,7 +5,6 @@
 #   - partysocket and ws, into tests/partysocket/node_modules
 #   - haproxy (the scale-out tests put it in front of several Atlas processes)
 #   - PostgreSQL 15 server binaries (tests/pg_cluster.py starts a throwaway cluster from them)
-#   - psycopg 3, into the project's venv (until it is one of the package's own dependencies)
 # Safe to run repeatedly. Each step says what it does, and a failed step does not stop the others.
 #
 # What a failure means depends on where this runs:
@@ -67,13 +66,6 @@ if ! "$PYTHON" -c "import playwright" 2>/dev/null; then
     say "installing playwright for Python (no browser download)"
     PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 "$PYTHON" -m pip install -q playwright \
         || fail "playwright for Python, for the web tests"
-fi
-
-# TODO(issue 13): psycopg becomes a dependency in pyproject.toml with the PostgreSQL store backend.
-if ! "$PYTHON" -c "import psycopg" 2>/dev/null; then
-    say "installing psycopg for Python"
-    "$PYTHON" -m pip install -q 'psycopg[binary]>=3.1' \
-        || fail "psycopg for Python, for the PostgreSQL tests"
 fi
 
 if command -v npm >/dev/null 2>&1; then

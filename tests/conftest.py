@@ -13,7 +13,9 @@ import warnings
 import pytest
 from agent_fixtures import agent_settings, open_agent
 from fake_provider import open_fake_provider
+from pg_cluster import postgres_cluster, postgres_url  # noqa: F401  (fixtures)
 from servers import PROCESS_LOGS, SECRETS
+from store_backends import backend  # noqa: F401  (fixture)
 
 
 class _KeepEverything(logging.Handler):
@@ -39,6 +41,7 @@ def no_secret_in_any_log():
     # As in `atlas serve` (atlas.logs.setup_logging): the HTTP client libraries log at WARNING.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
+    logging.getLogger("psycopg.pool").setLevel(logging.WARNING)
     # The test clients' own chatter (every frame at DEBUG) is not Atlas's log.
     logging.getLogger("trio-websocket").setLevel(logging.INFO)
     yield handler

@@ -25,7 +25,7 @@ from trio_websocket import WebSocketConnection, open_websocket_url
 
 from atlas.config import Settings, parse_bind
 from atlas.gateway.server import serve_atlas
-from atlas.store import JsonStore
+from atlas.store import Store, store_for
 from atlas.store.users import create_user
 
 SECRETS: set[str] = set()
@@ -46,10 +46,17 @@ def new_key(label: str = "user") -> str:
     return key
 
 
-def add_user(data_dir: Path, user_id: str, key: str | None = None, provider_url: str | None = None) -> str:
-    store = JsonStore(data_dir)
-    store.prepare()
-    token = create_user(store, user_id, key if key is not None else new_key(user_id), provider_url)
+def add_user(
+    data_dir: Path, user_id: str, key: str | None = None, provider_url: str | None = None,
+    *, database_url: str | None = None,
+) -> str:
+    """Create a built-in user in the data directory's JSON store, or in the database."""
+    store = store_for(Settings(data_dir=data_dir, database_url=database_url))
+    try:
+        store.prepare()
+        token = create_user(store, user_id, key if key is not None else new_key(user_id), provider_url)
+    finally:
+        store.close()
     SECRETS.add(token)
     return token
 
@@ -70,23 +77,29 @@ class AtlasServer:
         return base + (f"?token={token}" if token is not None else "")
 
     def add_user(self, user_id: str, key: str | None = None, provider_url: str | None = None) -> str:
-        token = add_user(self.data_dir, user_id, key, provider_url)
+        token = add_user(self.data_dir, user_id, key, provider_url, database_url=self.settings.database_url)
         self.tokens[user_id] = token
         return token
 
 
 @asynccontextmanager
 async def open_atlas(
-    tmp_path: Path, *, users: dict[str, str | None] | None = None, **overrides: Any
+    tmp_path: Path, *, users: dict[str, str | None] | None = None, store: Store | None = None,
+    **overrides: Any,
 ) -> AsyncIterator[AtlasServer]:
     """A real ``serve_atlas`` on 127.0.0.1:0, shut down gracefully at the end of the block.
-    ``users`` maps user ids to virtual keys (None: a fresh test key) created before start-up."""
+    ``users`` maps user ids to virtual keys (None: a fresh test key) created before start-up, in
+    the store the settings name (``database_url=``: PostgreSQL). ``store``: a prepared store for
+    the server to use (the caller closes it), else it opens its own from the settings."""
     data_dir = overrides.pop("data_dir", tmp_path / "data")
-    tokens = {user_id: add_user(data_dir, user_id, key) for user_id, key in (users or {}).items()}
+    tokens = {
+        user_id: add_user(data_dir, user_id, key, database_url=overrides.get("database_url"))
+        for user_id, key in (users or {}).items()
+    }
     settings = Settings(data_dir=data_dir, bind=parse_bind("127.0.0.1:0"), **overrides)
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
-        url = await nursery.start(partial(serve_atlas, settings, shutdown=shutdown))
+        url = await nursery.start(partial(serve_atlas, settings, store=store, shutdown=shutdown))
         server = AtlasServer(url, settings, shutdown, tokens)
         try:
             yield server

@@ -20,7 +20,7 @@ import pytest
 
 from haproxy_proc import HAProxy, check_config, require_haproxy
 from optional import require_module
-from pg_cluster import PostgresCluster, postgres_cluster, postgres_url, require_bin_dir  # noqa: F401
+from pg_cluster import PostgresCluster, require_bin_dir
 from servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent

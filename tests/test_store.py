@@ -1,134 +1,305 @@
-"""The JSON store: atomic durable writes, permissions, corrupt files, and a kill -9 mid-write."""
+"""What every store backend guarantees (atlas/store/base.py), tested on each: the JSON files and
+PostgreSQL. Round trips, missing values, corrupt values, removal, the owner check, concurrent
+writers in threads and in two stores at once (two processes), and a crash in the middle of writes.
+Each backend's own details are in test_json_store.py and test_postgres_store.py.
+"""
 
 from __future__ import annotations
 
-import json
-import os
-import stat
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
-import trio
-from servers import (
-    add_user,
-    connect,
-    open_atlas,
-    ready,
-    receive_json,
-    send_json,
-    start_atlas_process,
-)
 
-from atlas.store import JsonStore, RoomState, StoreCorrupt, UserRecord, mask_key
+from atlas.store import RoomState, StoreCorrupt, TokenRecord, Turn, UserGone, UserRecord, hash_token, new_token
+from atlas.store.users import create_user
+
+WRITER = Path(__file__).with_name("store_writer.py")
+WAIT = 30.0
 
 
-def test_writes_are_private_and_leave_no_temporary_files(tmp_path):
-    store = JsonStore(tmp_path / "data")
-    store.prepare()
-    store.save_room("alice", RoomState(prefs={"a": 1}))
-    store.save_room("alice", RoomState(prefs={"a": 2}))
-    path = store.room_path("alice")
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    assert stat.S_IMODE(os.stat(store.data_dir).st_mode) == 0o700
-    assert os.listdir(store.rooms_dir) == ["alice.json"]
-    assert json.loads(path.read_bytes()) == {"prefs": {"a": 2}}
+def user(user_id: str, **fields) -> UserRecord:
+    fields.setdefault("virtual_key", f"sk-test-store-{user_id}-0123")
+    return UserRecord(id=user_id, **fields)
 
 
-def test_old_files_without_new_fields_still_load(tmp_path):
-    store = JsonStore(tmp_path / "data")
-    store.prepare()
-    store.user_path("old").write_text('{"id": "old", "virtualKey": "k"}')
-    store.room_path("old").write_text("{}")
-    assert store.load_user("old") == UserRecord(id="old", virtual_key="k")
-    assert store.load_room("old") == RoomState()
+# --- Round trips and missing values ------------------------------------------------------------
+
+def test_users_round_trip_and_missing_ones_are_none(backend):
+    store = backend.open_store()
+    assert store.load_user("alice") is None
+    assert store.user_ids() == [] and store.has_users() is False
+
+    alice = user("alice", provider_url="https://llm.example/v1", token_hash="a" * 64, created_at=1712.25)
+    store.save_user(alice)
+    store.save_user(user("Bob"))
+    store.save_user(user("_x.y@z-1"))
+    assert store.load_user("alice") == alice
+    assert store.load_user("Bob") == user("Bob")  # defaults: no provider URL, no token, time 0
+    assert store.user_ids() == sorted(["alice", "Bob", "_x.y@z-1"])  # byte order on both
+    assert store.has_users() is True
+
+    changed = user("alice", virtual_key="sk-test-store-new-4567", provider_url=None, created_at=1712.25)
+    store.save_user(changed)
+    assert store.load_user("alice") == changed
+    store.delete_user("alice")
+    store.delete_user("alice")  # already gone: no error
+    assert store.load_user("alice") is None
+    assert store.user_ids() == sorted(["Bob", "_x.y@z-1"])
 
 
-@pytest.mark.parametrize("content", [b"{not json", b'{"prefs": []}', b"\xff\xfe"])
-def test_corrupt_file_names_its_path_and_is_left_alone(tmp_path, content):
-    store = JsonStore(tmp_path / "data")
-    store.prepare()
-    path = store.room_path("alice")
-    path.write_bytes(content)
+def test_tokens_round_trip_and_need_their_user(backend):
+    store = backend.open_store()
+    token_hash = hash_token(new_token())
+    assert store.load_token(token_hash) is None
+    with pytest.raises(UserGone):
+        store.save_token(token_hash, "alice")  # no such user: refused, nothing written
+    assert store.load_token(token_hash) is None
+
+    store.save_user(user("alice", token_hash=token_hash))
+    store.save_token(token_hash, "alice")
+    store.save_token(token_hash, "alice")  # again: same result
+    assert store.load_token(token_hash) == TokenRecord(user_id="alice")
+    store.delete_token(token_hash)
+    store.delete_token(token_hash)
+    assert store.load_token(token_hash) is None
+
+
+def test_rooms_round_trip_and_a_missing_room_is_empty(backend):
+    store = backend.open_store()
+    assert store.load_room("alice") == RoomState()
+    state = RoomState(
+        prefs={"theme": "dark", "n": 3, "nested": {"a": [1, None, 2.5]}, "text": "é€😀 \u0000 \"q\""},
+        conversations={"c1": [Turn("user", "hi"), Turn("assistant", "hello\nthere")]},
+    )
+    store.save_room("alice", state)
+    assert store.load_room("alice") == state
+    store.save_room("alice", RoomState(prefs={"theme": "light"}))
+    assert store.load_room("alice") == RoomState(prefs={"theme": "light"})
+    store.delete_room("alice")
+    store.delete_room("alice")
+    assert store.load_room("alice") == RoomState()
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "", "x" * 129, "a b", "a'b"])
+def test_invalid_ids_are_refused_before_anything_is_touched(backend, bad):
+    store = backend.open_store()
+    for call in (store.load_user, store.load_room, store.delete_room, store.remove_user):
+        with pytest.raises(ValueError):
+            call(bad)
+    with pytest.raises(ValueError):
+        store.save_room(bad, RoomState())
+    with pytest.raises(ValueError):
+        store.load_token("not-a-hash")
+
+
+def test_a_second_store_on_the_same_data_sees_every_write(backend):
+    """Two stores on one data directory or database: the server and `atlas user`, or two servers."""
+    first, second = backend.open_store(), backend.open_store()
+    first.save_user(user("alice"))
+    first.save_room("alice", RoomState(prefs={"a": 1}))
+    assert second.load_user("alice") == user("alice")
+    assert second.load_room("alice").prefs == {"a": 1}
+    second.prepare()  # preparing again (another process starting) keeps everything
+    assert first.load_room("alice").prefs == {"a": 1}
+
+
+# --- Corrupt values ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("content", ['{"prefs": []}', '{"conversations": {"c": [{"role": 1}]}}', "[]"])
+def test_a_corrupt_room_names_where_it_is_and_is_left_alone(backend, content):
+    store = backend.open_store()
+    store.save_room("bob", RoomState(prefs={"ok": True}))
+    where = backend.corrupt_room("alice", content)
     with pytest.raises(StoreCorrupt) as caught:
         store.load_room("alice")
-    assert str(path) in str(caught.value)
-    assert path.read_bytes() == content
+    assert where in str(caught.value) and "unreadable" in str(caught.value)
+    assert backend.raw_room("alice") is not None  # not replaced or removed
+    with pytest.raises(StoreCorrupt):
+        store.load_room("alice")
+    assert store.load_room("bob").prefs == {"ok": True}  # other rooms unaffected
 
 
-def test_ids_cannot_escape_the_data_directory(tmp_path):
-    store = JsonStore(tmp_path / "data")
-    for bad in ("../x", "a/b", "", "x" * 129):
-        with pytest.raises(ValueError):
-            store.room_path(bad)
+# --- Removal and the owner check -----------------------------------------------------------------
+
+def test_remove_user_removes_everything_kept_for_them(backend):
+    store = backend.open_store()
+    token = create_user(store, "alice", "sk-test-store-alice-0123", None)
+    create_user(store, "bob", "sk-test-store-bob-0123", None)
+    store.save_room("alice", RoomState(prefs={"diary": "private"}), owner_must_exist=True)
+    store.save_room("bob", RoomState(prefs={"b": 1}), owner_must_exist=True)
+    assert backend.leftovers("alice")
+
+    store.remove_user("alice")
+
+    assert backend.leftovers("alice") == []
+    assert store.load_user("alice") is None and store.load_token(hash_token(token)) is None
+    assert store.load_room("alice") == RoomState()
+    assert store.load_room("bob").prefs == {"b": 1} and store.load_user("bob") is not None
+    store.remove_user("alice")  # again, and for a user who never existed: no error
+    store.remove_user("nobody")
 
 
-def test_mask_shows_only_the_last_four():
-    assert mask_key("sk-live-abcdef123456") == "…3456"
-    assert mask_key("short") == "…"
-    assert mask_key("") == ""
+def test_a_room_write_for_a_missing_user_is_refused_when_asked(backend):
+    store = backend.open_store()
+    with pytest.raises(UserGone):
+        store.save_room("ghost", RoomState(prefs={"diary": "private"}), owner_must_exist=True)
+    assert backend.raw_room("ghost") is None
+    # External auth keeps no user records: there, rooms are written without that check.
+    store.save_room("ghost", RoomState(prefs={"a": 1}))
+    assert store.load_room("ghost").prefs == {"a": 1}
 
 
-async def test_corrupt_room_file_fails_that_user_only(tmp_path):
-    async with open_atlas(tmp_path, users={"alice": None, "bob": None}) as server:
-        corrupt = server.data_dir / "rooms" / "alice.json"
-        corrupt.write_bytes(b'{"prefs": {"theme": "da')
-        async with connect(server.ws_url("alice", server.tokens["alice"])) as ws:
-            frame = await receive_json(ws)
-            assert frame["type"] == "error" and frame["error"]["code"] == "internal"
-            assert "unreadable" in frame["error"]["message"]
-        async with connect(server.ws_url("bob", server.tokens["bob"])) as ws:
-            await ready(ws)
-            await send_json(ws, {"type": "prefs:set", "prefs": {"ok": 1}})
-            assert (await receive_json(ws))["prefs"] == {"ok": 1}
-        assert corrupt.read_bytes() == b'{"prefs": {"theme": "da'
+# --- Concurrency ---------------------------------------------------------------------------------
+
+def test_concurrent_writers_to_different_and_the_same_rooms(backend):
+    """Many threads over two stores (two processes) at once: every write lands whole, each room's
+    last write wins, and the shared room holds one writer's last write."""
+    stores = [backend.open_store(), backend.open_store()]
+    writers, writes = 16, 25  # more threads than a PostgreSQL pool has connections
+
+    def write(w: int) -> None:
+        store = stores[w % 2]
+        for n in range(writes):
+            store.save_room(f"own{w}", RoomState(prefs={"w": w, "n": n}))
+            store.save_room("shared", RoomState(prefs={"w": w, "n": n, "pad": "p" * 500}))
+
+    with ThreadPoolExecutor(writers) as pool:
+        list(pool.map(write, range(writers)))
+
+    check = backend.open_store()
+    for w in range(writers):
+        assert check.load_room(f"own{w}").prefs == {"w": w, "n": writes - 1}
+    shared = check.load_room("shared").prefs
+    assert shared["n"] == writes - 1 and shared["w"] in range(writers)  # some writer's last
 
 
-async def test_kill_9_during_concurrent_prefs_writes_leaves_valid_files(tmp_path):
-    data_dir = tmp_path / "data"
-    users = [f"user{n}" for n in range(4)]
-    writers = [f"w{n}" for n in range(3)]  # each writer owns one prefs key of its user's room
-    tokens = {user: add_user(data_dir, user) for user in users}
-    atlas = await start_atlas_process(data_dir, "--provider-url", "http://127.0.0.1:9/v1")
-    acknowledged = {(user, writer): -1 for user in users for writer in writers}
-    sent = dict(acknowledged)
-    killed = trio.Event()
+@pytest.mark.parametrize("round_", range(4))
+def test_a_removal_racing_writes_never_leaves_anything_of_the_user(backend, round_):
+    """The server writes the room (checking its owner) and tokens while `atlas user remove` runs
+    in another process: afterwards nothing of the user is left, and no room or token is without
+    its user. A write either landed before the removal (and went with it) or was refused."""
+    server, operator = backend.open_store(), backend.open_store()
+    create_user(operator, "alice", "sk-test-store-alice-0123", None)
+    started = threading.Barrier(5)
+    some_written = threading.Event()
+    refused: list[str] = []
 
-    async def write_forever(user: str, writer: str) -> None:
-        url = atlas.url.replace("http://", "ws://") + f"/party/{user}?token={tokens[user]}"
-        try:
-            async with connect(url) as ws:
-                await ready(ws)
-                for n in range(1_000_000):
-                    sent[user, writer] = n
-                    await send_json(ws, {"type": "prefs:set", "prefs": {writer: n, "pad": "p" * 2000}})
-                    reply = await receive_json(ws)
-                    acknowledged[user, writer] = reply["prefs"][writer]
-        except Exception:
-            if not killed.is_set():
-                raise
+    def write_room(w: int) -> None:
+        started.wait()
+        for n in range(10_000):
+            try:
+                server.save_room("alice", RoomState(prefs={"w": w, "n": n}), owner_must_exist=True)
+            except UserGone:
+                refused.append("room")
+                return
+            if n == 3:
+                some_written.set()
+        raise AssertionError("the removal never took effect")
 
-    async with trio.open_nursery() as nursery:
-        for user in users:
-            for writer in writers:
-                nursery.start_soon(write_forever, user, writer)
-        with trio.fail_after(30):
-            while min(acknowledged.values()) < 50:
-                await trio.sleep(0.01)  # until every writer has had many durable writes
-        atlas.process.kill()  # SIGKILL, mid-write
-        killed.set()
-        atlas.process.wait()
-        nursery.cancel_scope.cancel()
+    def write_tokens() -> None:
+        started.wait()
+        while True:
+            try:
+                server.save_token(hash_token(new_token()), "alice")
+            except UserGone:
+                refused.append("token")
+                return
 
-    for user in users:
-        state = json.loads((data_dir / "rooms" / f"{user}.json").read_bytes())  # valid JSON
-        for writer in writers:
-            # Never older than what the server acknowledged, never newer than what was sent.
-            assert acknowledged[user, writer] <= state["prefs"][writer] <= sent[user, writer]
-            assert acknowledged[user, writer] >= 50
+    def remove() -> None:
+        started.wait()
+        some_written.wait(WAIT)
+        operator.remove_user("alice")
+
+    with ThreadPoolExecutor(5) as pool:
+        futures = [pool.submit(write_room, w) for w in range(3)]
+        futures += [pool.submit(write_tokens), pool.submit(remove)]
+        for future in futures:
+            future.result(timeout=WAIT)
+
+    assert sorted(refused) == ["room", "room", "room", "token"]
+    assert backend.leftovers("alice") == []
+    assert backend.orphans() == []
+    assert server.load_room("alice") == RoomState()
 
 
-def test_records_holding_keys_never_show_them_in_repr():
-    from atlas.store import Identity
+def test_a_user_that_survives_the_race_keeps_a_room_that_is_theirs(backend):
+    """Writes racing the removal of *another* user, and a re-creation under the same id: the
+    invariant holds at every step (a room only with its user)."""
+    store = backend.open_store()
+    for round_ in range(5):
+        create_user(store, "alice", "sk-test-store-alice-0123", None)
+        create_user(store, "bob", "sk-test-store-bob-0123", None)
 
-    key = "sk-test-repr-0123456789abcdef"
-    for record in (UserRecord(id="a", virtual_key=key), Identity(id="a", virtual_key=key)):
-        assert key not in repr(record) and key not in str(record) and "…cdef" in repr(record)
+        def write(room: str) -> None:
+            for n in range(20):
+                try:
+                    store.save_room(room, RoomState(prefs={"n": n}), owner_must_exist=True)
+                except UserGone:
+                    return
+
+        with ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(write, "alice"), pool.submit(write, "bob")]
+            futures.append(pool.submit(store.remove_user, "bob"))
+            for future in futures:
+                future.result(timeout=WAIT)
+        assert backend.orphans() == []
+        assert store.load_room("alice").prefs == {"n": 19}  # alice was never touched
+        assert backend.leftovers("bob") == []
+        store.remove_user("alice")
+
+
+# --- A crash in the middle of writes -------------------------------------------------------------
+
+def test_a_crash_mid_write_keeps_every_acknowledged_write(backend, request):
+    """JSON: the writing process is killed (kill -9) mid-write. PostgreSQL: the database server is
+    (SIGKILL of the postmaster and every backend), then recovers. Either way every write the store
+    acknowledged is there afterwards, and every room holds one whole write."""
+    store = backend.open_store()  # creates the directories or the schema
+    target = backend.database_url or str(backend.data_dir)
+    rooms = [f"room{n}" for n in range(4)]
+    writer = subprocess.Popen(
+        [sys.executable, str(WRITER), backend.name, target, *rooms],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    sent = {room: -1 for room in rooms}
+    acknowledged = dict(sent)
+
+    def read() -> None:
+        for line in writer.stdout:
+            what, room, n = line.split()
+            (sent if what == "sent" else acknowledged)[room] = int(n)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        deadline = time.monotonic() + WAIT
+        while min(acknowledged.values()) < 30:  # many durable writes in every room
+            assert time.monotonic() < deadline, f"too few writes: {acknowledged}"
+            assert writer.poll() is None, "the writer stopped"
+            time.sleep(0.01)  # polling another process's progress
+        if backend.database_url is not None:
+            cluster = request.getfixturevalue("postgres_cluster")
+            cluster.kill()  # mid-write, with transactions in flight
+            writer.kill()
+            writer.wait(WAIT)
+            reader.join(WAIT)
+            cluster.start()  # crash recovery
+        else:
+            writer.kill()
+            writer.wait(WAIT)
+            reader.join(WAIT)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait(WAIT)
+
+    after = backend.open_store()
+    for room in rooms:
+        n = after.load_room(room).prefs["n"]  # decodes: one whole write
+        assert acknowledged[room] <= n <= sent[room], (room, acknowledged[room], n, sent[room])
+    store.close()

@@ -22,7 +22,7 @@ AGENT_SETTINGS = {
     "data_dir", "bind", "agent_secret", "provider_url", "provider_urls", "provider_timeout",
     "provider_retries", "provider_transport", "provider_proxy", "agents_file", "log_level",
 }
-USER_SETTINGS = {"data_dir", "log_level"}
+USER_SETTINGS = {"data_dir", "database_url", "log_level"}
 
 
 def add_setting_flags(parser: argparse.ArgumentParser, names: set[str], *, default_bind: str) -> None:

@@ -1,8 +1,9 @@
-"""``atlas user add|list|remove|set-key|rotate-token``: built-in users in the data directory.
+"""``atlas user add|list|remove|set-key|rotate-token``: built-in users in the store (the data
+directory's JSON files, or the PostgreSQL database of ``--database-url``).
 
-These commands only touch ``users/`` and ``tokens/``, which a running ``atlas serve`` reads but
-never writes, so they are safe while the server runs; the server sees a change once its auth
-cache entry expires. A new token is printed once, alone on the last line of standard output.
+These commands are safe while ``atlas serve`` runs on the same store: every write is atomic, and
+a removal is atomic with the server's room writes. The server sees a change once its auth cache
+entry expires. A new token is printed once, alone on the last line of standard output.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 import sys
 
 from atlas.config import ConfigError, parse_http_url
-from atlas.store import StoreError, is_valid_user_id, mask_key, store_for
+from atlas.store import Store, StoreError, is_valid_user_id, mask_key, store_for
 from atlas.store.users import UserCommandError, create_user, existing_user, remove_user, rotate_token, set_key
 
 
@@ -26,7 +27,17 @@ def checked_provider_url(value: str | None) -> str | None:
 
 def main(args: argparse.Namespace) -> int:
     store = store_for(args.settings)
-    store.prepare()
+    try:
+        store.prepare()
+        return run(args, store)
+    except StoreError as exc:
+        print(f"atlas: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+
+
+def run(args: argparse.Namespace, store: Store) -> int:
     action = args.user_command
     user_id = getattr(args, "user_id", None)
     if user_id is not None and not is_valid_user_id(user_id):

@@ -22,7 +22,7 @@ from quart import Response
 from quart_trio import QuartTrio
 
 from atlas.asgi import query_param, send_json
-from atlas.gateway.auth import STORE_UNREADABLE, AccessDenied, admit, builtin_me_app
+from atlas.gateway.auth import AccessDenied, admit, builtin_me_app, store_denial
 from atlas.gateway.proxy import (
     ProxyRefused,
     agent_path,
@@ -100,8 +100,8 @@ async def party_http(services: Services, room_id: str, scope: dict[str, Any], re
                     return
                 if not sent:
                     await send_error(send, 502, "agent_unavailable", "the agent cannot be reached")
-    except StoreError:
-        await send_denied(send, STORE_UNREADABLE)
+    except StoreError as exc:
+        await send_denied(send, store_denial(exc))
 
 
 # The page runs only its own files: even if a reply ever reached the page as HTML, no script of

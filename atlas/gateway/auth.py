@@ -31,7 +31,9 @@ import trio
 from atlas.asgi import query_param
 from atlas.config import Settings
 from atlas.protocol import CLOSE_BAD_ROOM, CLOSE_FORBIDDEN, CLOSE_GOING_AWAY, CLOSE_INTERNAL, CLOSE_UNAUTHORIZED
-from atlas.store import Identity, Store, StoreError, hash_token, is_valid_user_id
+from atlas.store import (
+    Identity, Store, StoreError, StoreUnavailable, hash_token, is_valid_user_id,
+)
 
 log = logging.getLogger("atlas.gateway.auth")
 
@@ -69,6 +71,17 @@ STORE_UNREADABLE = AccessDenied(
     "internal", "this room's stored state is unreadable; the server log names the file",
     status=500, close_code=CLOSE_INTERNAL,
 )
+
+
+STORE_UNAVAILABLE = AccessDenied(
+    "store_unavailable", "the store (database) is unavailable; try again shortly",
+    status=503, close_code=CLOSE_INTERNAL,
+)
+
+
+def store_denial(exc: StoreError) -> AccessDenied:
+    """What a client is told when the store fails it: down for now, or a value unreadable."""
+    return STORE_UNAVAILABLE if isinstance(exc, StoreUnavailable) else STORE_UNREADABLE
 
 
 _identity_decoder = msgspec.json.Decoder(Identity)
@@ -141,6 +154,10 @@ def builtin_me_app(store: Store):
             try:
                 # Two small file reads; in a thread, so a cold page cache never stalls the server.
                 identity = await trio.to_thread.run_sync(lookup_builtin_user, store, token)
+            except StoreUnavailable as exc:
+                log.error("built-in auth: %s", exc)
+                identity, status = None, 503
+                body = _error_body("store_unavailable", "the store is unavailable")
             except StoreError as exc:
                 log.error("built-in auth: %s", exc)
                 identity, status = None, 500

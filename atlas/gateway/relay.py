@@ -29,7 +29,7 @@ from atlas.protocol import (
     error_frame,
 )
 from atlas.rooms import Room
-from atlas.store import Turn, UserGone
+from atlas.store import StoreUnavailable, Turn, UserGone
 
 log = logging.getLogger("atlas.gateway.relay")
 
@@ -163,6 +163,11 @@ class Relay:
             await connection.send(encode_agent_error(request_id, exc))
         except UserGone:
             pass  # the room was revoked: its connections were told and are closing
+        except StoreUnavailable as exc:
+            log.error("agent request %s in room %s: conversation not saved: %s", request_id, room.id, exc)
+            await connection.send(error_frame(
+                "store_unavailable", "the conversation could not be saved now; try again shortly", request_id
+            ))
         except Exception:
             # A bug or a failed write (disk full): the request fails, its room and connection live.
             log.exception("agent request %s in room %s failed", request_id, room.id)

@@ -5,7 +5,7 @@ the dev provider (when no provider is configured), the token verifier, the agent
 or a client for a remote one), the room registry, and the HTTP/WebSocket server. Shutdown (the
 ``shutdown`` event, set by SIGINT/SIGTERM in ``main``) stops new connections, closes every
 WebSocket with 1001, waits a bounded time for them to go, then stops the server. Every
-acknowledged write is already on disk, so nothing is left half-written.
+acknowledged write is already durable in the store, so nothing is left half-written.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from atlas.lifecycle import run_until_signal
 from atlas.logs import setup_logging
 from atlas.protocol import CLOSE_GOING_AWAY
 from atlas.rooms import serve_rooms
-from atlas.store import Store, store_for
+from atlas.store import Store, StoreError, store_for
 from atlas.store.users import create_user
 
 log = logging.getLogger("atlas.gateway.server")
@@ -48,13 +48,34 @@ async def serve_atlas(
     settings: Settings,
     *,
     agents: dict[str, AgentSpec] | None = None,
+    store: Store | None = None,
     shutdown: trio.Event | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until ``shutdown`` is set (then shut down gracefully) or until cancelled.
-    ``agents``: already loaded agent definitions (else they are loaded from the settings)."""
+    ``agents``: already loaded agent definitions (else they are loaded from the settings).
+    ``store``: an already prepared store, which the caller closes (else one is opened from the
+    settings, prepared, and closed at the end)."""
+    if store is not None:
+        await _serve(settings, store, agents=agents, shutdown=shutdown, task_status=task_status)
+        return
     store = store_for(settings)
-    store.prepare()
+    try:
+        await trio.to_thread.run_sync(store.prepare)
+        await _serve(settings, store, agents=agents, shutdown=shutdown, task_status=task_status)
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(store.close)
+
+
+async def _serve(
+    settings: Settings,
+    store: Store,
+    *,
+    agents: dict[str, AgentSpec] | None,
+    shutdown: trio.Event | None,
+    task_status: trio.TaskStatus[str],
+) -> None:
     if shutdown is None:
         shutdown = trio.Event()
     # Three layers, each ended before the one that outlives it: the room and sweep tasks
@@ -177,8 +198,19 @@ def main(args: argparse.Namespace) -> int:
     prepare_data_dir(settings.data_dir)
     agents = None if settings.agent_url else load_agents(settings)
     setup_logging(settings.log_level)
-    serve = partial(serve_atlas, settings, agents=agents)
-    trio.run(partial(
-        run_until_signal, serve, name="Atlas", bind=settings.bind, grace_seconds=settings.shutdown_seconds,
-    ))
+    # The store is opened (the database schema created or migrated) before anything listens;
+    # a store that cannot be opened is one line and exit status 1, not a traceback.
+    store = store_for(settings)
+    try:
+        try:
+            store.prepare()
+        except StoreError as exc:
+            print(f"atlas: cannot open the store: {exc}", file=sys.stderr)
+            return 1
+        serve = partial(serve_atlas, settings, agents=agents, store=store)
+        trio.run(partial(
+            run_until_signal, serve, name="Atlas", bind=settings.bind, grace_seconds=settings.shutdown_seconds,
+        ))
+    finally:
+        store.close()
     return 0

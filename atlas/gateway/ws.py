@@ -18,7 +18,7 @@ import msgspec
 import trio
 
 from atlas.asgi import query_param
-from atlas.gateway.auth import STORE_UNREADABLE, AccessDenied, AuthUnavailable, Unauthorized, admit, token_from_scope
+from atlas.gateway.auth import AccessDenied, AuthUnavailable, Unauthorized, admit, store_denial, token_from_scope
 from atlas.gateway.connection import Connection
 from atlas.gateway.services import Services
 from atlas.protocol import (
@@ -39,7 +39,7 @@ from atlas.protocol import (
     error_frame,
 )
 from atlas.rooms import PrefsTooLarge, Room
-from atlas.store import StoreError, UserGone
+from atlas.store import StoreError, StoreUnavailable, UserGone
 
 log = logging.getLogger("atlas.gateway.ws")
 
@@ -79,8 +79,8 @@ async def websocket_endpoint(
     try:
         async with services.rooms.open_room(room_id, identity) as room:
             await serve_connection(services, room, connection, receive, send)
-    except StoreError:
-        await reject(STORE_UNREADABLE)
+    except StoreError as exc:
+        await reject(store_denial(exc))
         return
     if connection.close_code is not None:
         with trio.move_on_after(CLOSE_WAIT_SECONDS) as scope_:
@@ -171,6 +171,12 @@ async def handle_frame(services: Services, room: Room, connection: Connection, f
                 return
             except UserGone:
                 return  # the room was revoked: this connection was told and is closing
+            except StoreUnavailable as exc:
+                log.error("room %s: prefs not saved: %s", room.id, exc)
+                await connection.send(error_frame(
+                    "store_unavailable", "the preferences could not be saved now; try again shortly"
+                ))
+                return
             except OSError as exc:
                 log.error("room %s: prefs not saved: %s", room.id, exc)
                 await connection.send(error_frame("internal", "the preferences could not be saved"))

@@ -1,5 +1,5 @@
 """The store: its interface (``base.Store``), what it keeps (``records``), its backends
-(``json_store``), and the user operations built on it (``users``)."""
+(``json_store``, ``postgres``), and the user operations built on it (``users``)."""
 
 from typing import TYPE_CHECKING
 
@@ -10,6 +10,7 @@ from atlas.store.records import (
     RoomState,
     StoreCorrupt,
     StoreError,
+    StoreUnavailable,
     TokenRecord,
     Turn,
     UserGone,
@@ -24,13 +25,19 @@ if TYPE_CHECKING:
     from atlas.config import Settings
 
 __all__ = [
-    "Identity", "JsonStore", "RoomState", "Store", "StoreCorrupt", "StoreError", "TokenRecord", "Turn",
-    "UserGone", "UserRecord", "hash_token", "is_valid_user_id", "mask_key", "new_token", "store_for",
+    "Identity", "JsonStore", "RoomState", "Store", "StoreCorrupt", "StoreError", "StoreUnavailable",
+    "TokenRecord", "Turn", "UserGone", "UserRecord", "hash_token", "is_valid_user_id", "mask_key", "new_token", "store_for",
 ]
 
 
 def store_for(settings: "Settings") -> Store:
-    """The store the settings name: the JSON files under the data directory (the default)."""
+    """The store the settings name: PostgreSQL when a database URL is set, else the JSON files
+    under the data directory (the embedded default). Call ``prepare()`` before using it, and
+    ``close()`` when done."""
+    if settings.database_url:
+        from atlas.store.postgres import PostgresStore  # psycopg is imported only when used
+
+        return PostgresStore(settings.database_url)
     from atlas.config import prepare_data_dir
 
     return JsonStore(prepare_data_dir(settings.data_dir))

@@ -1,7 +1,8 @@
 """The store interface: everything Atlas keeps between runs, behind one ``Protocol``.
 
-Rooms, auth and the CLI use only this interface, so a backend is added beside the JSON one
-(``json_store``) without touching them. Its methods block (file or database I/O); async callers
+Rooms, auth and the CLI use only this interface, so a backend is added beside the others
+(``json_store``, the embedded default; ``postgres``, for several processes sharing one database)
+without touching them. Its methods block (file or database I/O); async callers
 run them in a worker thread with ``trio.to_thread.run_sync``.
 
 Guarantees every backend gives:
@@ -9,7 +10,8 @@ Guarantees every backend gives:
   leaves the old value or the new one, never a mix;
 - a stored value that cannot be decoded raises ``StoreCorrupt`` naming where it is, and is never
   overwritten silently;
-- removing a user removes everything kept for them.
+- removing a user removes everything kept for them;
+- a store that cannot be reached raises ``StoreUnavailable`` (nothing written, try again later).
 """
 
 from __future__ import annotations
@@ -26,19 +28,31 @@ class Store(Protocol):
         ...
 
     def prepare(self) -> None:
-        """Create what the store needs and clean up what a crash left behind."""
+        """Create (or migrate) what the store needs and clean up what a crash left behind."""
+        ...
+
+    def close(self) -> None:
+        """Release what the store holds open (database connections). Safe to call again."""
         ...
 
     # Users (built-in auth)
     def load_user(self, user_id: str) -> UserRecord | None: ...
     def save_user(self, user: UserRecord) -> None: ...
-    def delete_user(self, user_id: str) -> None: ...
+    def delete_user(self, user_id: str) -> None:
+        """The user's record (a backend may drop its token hashes with it); ``remove_user``
+        removes everything."""
+        ...
+
     def user_ids(self) -> list[str]: ...
     def has_users(self) -> bool: ...
 
     # Token hashes (built-in auth): the token itself is never stored
     def load_token(self, token_hash: str) -> TokenRecord | None: ...
-    def save_token(self, token_hash: str, user_id: str) -> None: ...
+    def save_token(self, token_hash: str, user_id: str) -> None:
+        """Raises ``UserGone`` and writes nothing when the user does not exist (save the user
+        first), atomically with ``remove_user``: a token never outlives its user."""
+        ...
+
     def delete_token(self, token_hash: str) -> None: ...
 
     # Rooms: preferences and conversations

@@ -99,6 +99,9 @@ class JsonStore:
     def location(self) -> str:
         return f"data directory {self.data_dir}"
 
+    def close(self) -> None:
+        pass  # nothing held open between calls
+
     def prepare(self) -> None:
         for directory in (self.data_dir, self.users_dir, self.tokens_dir, self.rooms_dir):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -183,7 +186,7 @@ class JsonStore:
         return read_struct(self.token_path(token_hash), TokenRecord)
 
     def save_token(self, token_hash: str, user_id: str) -> None:
-        self._write(self.token_path(token_hash), TokenRecord(user_id=user_id))
+        self._write(self.token_path(token_hash), TokenRecord(user_id=user_id), owner=user_id)
 
     def delete_token(self, token_hash: str) -> None:
         self.token_path(token_hash).unlink(missing_ok=True)
@@ -208,6 +211,20 @@ class JsonStore:
 
     # Removal
 
+    def _delete_tokens_of(self, user_id: str) -> None:
+        """Every token file naming the user, not only the current one: a rotation that a crash
+        interrupted can leave another. Reads every token file; removals are rare."""
+        for path in self.tokens_dir.glob("*.json"):
+            if path.name.startswith("."):
+                continue
+            try:
+                record = read_struct(path, TokenRecord)
+            except StoreCorrupt:
+                continue  # whose it is cannot be told; the lookup refuses it anyway
+            if record is not None and record.user_id == user_id:
+                path.unlink(missing_ok=True)
+        fsync_directory(self.tokens_dir)
+
     def remove_user(self, user_id: str) -> None:
         with self._locked(exclusive=True):
             try:
@@ -216,6 +233,7 @@ class JsonStore:
                 user = None  # removed all the same; a token file left behind names no user
             if user is not None and user.token_hash:
                 self.delete_token(user.token_hash)
+            self._delete_tokens_of(user_id)
             self.delete_user(user_id)
             self.delete_room(user_id)
             for directory in (self.users_dir, self.rooms_dir):

@@ -30,11 +30,18 @@ class UserGone(Exception):
 
 
 class StoreCorrupt(StoreError):
-    """A stored file exists but cannot be used. The message names the file."""
+    """A stored value exists but cannot be used. The message names where it is: a file's path
+    (JSON backend), or a table and a key (PostgreSQL)."""
 
-    def __init__(self, path: Path, reason: str) -> None:
-        super().__init__(f"stored file {path} is unreadable: {reason}")
-        self.path = path
+    def __init__(self, where: Path | str, reason: str) -> None:
+        shown = f"file {where}" if isinstance(where, Path) else where
+        super().__init__(f"stored {shown} is unreadable: {reason}")
+        self.where = where
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached now (a database that is down or unreachable). Nothing was
+    written; the same call may succeed later. The message never holds a password."""
 
 
 class Turn(msgspec.Struct, frozen=True):

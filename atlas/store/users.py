@@ -24,13 +24,16 @@ def create_user(store: Store, user_id: str, virtual_key: str, provider_url: str 
         raise UserCommandError(f"user {user_id!r} already exists (use set-key or rotate-token)")
     token = new_token()
     token_hash = hash_token(token)
-    store.save_token(token_hash, user_id)
+    # The user record first: a token is only stored for an existing user (a database backend
+    # enforces it with a foreign key). A crash in between leaves a user whose token never
+    # existed, so nothing works with it; `rotate-token` gives it one.
     store.save_user(
         UserRecord(
             id=user_id, virtual_key=virtual_key, provider_url=provider_url,
             token_hash=token_hash, created_at=time.time(),
         )
     )
+    store.save_token(token_hash, user_id)
     return token
 
 

@@ -1,0 +1,355 @@
+"""PostgreSQL store (``ATLAS_DATABASE_URL``): one database shared by any number of processes.
+
+    schema_version  the one row saying which of ``MIGRATIONS`` are applied
+    users           id, virtual_key, provider_url, token_hash, created_at, limits (jsonb, unused yet)
+    tokens          hash -> user_id, a foreign key to users (ON DELETE CASCADE)
+    rooms           id -> state: the room's ``RoomState`` as msgspec encodes it, in a ``json`` column
+
+A room's state is one value, not a column per field: ``RoomState`` evolves in its struct (a new
+field gets a default) with no migration, both backends decode it with the same struct, and a
+value that does not fit raises ``StoreCorrupt`` naming the table and the key. The column is
+``json`` (checked, stored verbatim), not ``jsonb``: jsonb refuses ``\\u0000`` in strings, which a
+client's prefs may hold and the JSON backend keeps; nothing queries inside the state.
+
+``prepare()`` creates or migrates the schema on a connection of its own, in one transaction under
+a transaction-level advisory lock, so processes starting together apply each migration once.
+
+Driver: psycopg 3's sync API. The store interface blocks and is already called from trio worker
+threads (``trio.to_thread.run_sync``), so each call borrows a connection from a small bounded
+``psycopg_pool.ConnectionPool`` for its duration. Callers beyond the pool's size wait in the
+pool's queue (at most ``timeout`` seconds); a borrowed connection is checked first, so the pool
+recovers by itself from a database restart. There is no trio ``CapacityLimiter`` sized like the
+pool in front of it: trio's default thread limiter (40) already bounds the threads, and the
+pool's queue is the bound on connections, shared by every caller (auth, rooms, sweeps) without
+each of them having to pass the same limiter.
+
+Atomicity, under PostgreSQL's default READ COMMITTED:
+- ``remove_user`` deletes the user row first (its tokens go with it, by the cascade), then the
+  room, in one transaction;
+- ``save_room(owner_must_exist=True)`` is one statement that takes a ``FOR KEY SHARE`` lock on
+  the user's row and writes the room only if that row exists. The lock conflicts with the
+  removal's delete: a write either commits first (and the removal, waiting for it, deletes the
+  room after it) or waits for the removal and finds no user (``UserGone``, nothing written);
+- ``save_token`` for a missing user fails on the foreign key (``UserGone``).
+
+Errors: a database that cannot be reached (a connection that fails, or none free within the
+timeout) raises ``StoreUnavailable``; no message holds the password, and ``location`` shows the
+URL without it. A write that returns is committed, which with ``synchronous_commit`` on (the
+default) means flushed to the write-ahead log.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+
+import msgspec
+import psycopg
+from psycopg import errors
+from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
+
+from atlas.store.records import (
+    RoomState, StoreCorrupt, StoreError, StoreUnavailable, TokenRecord, UserGone, UserRecord,
+    is_valid_user_id,
+)
+
+log = logging.getLogger("atlas.store.postgres")
+
+POOL_SIZE = 10  # connections per process, at most; one is kept open while idle
+POOL_TIMEOUT = 5.0  # seconds a call waits for a working connection before StoreUnavailable
+CONNECT_TIMEOUT = 5  # seconds for one connection attempt (libpq's connect_timeout), unless the URL says
+SCHEMA_LOCK = 0x41746C6173  # the advisory lock key that migrations hold ("Atlas")
+
+# Each entry is one schema version: its statements, applied in order. Append only; never edit one
+# that has shipped.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (  # 1: users, token hashes, rooms
+        """CREATE TABLE users (
+            id text PRIMARY KEY,
+            virtual_key text NOT NULL,
+            provider_url text,
+            token_hash text NOT NULL,
+            created_at double precision NOT NULL,
+            limits jsonb
+        )""",
+        """CREATE TABLE tokens (
+            hash text PRIMARY KEY,
+            user_id text NOT NULL REFERENCES users (id) ON DELETE CASCADE
+        )""",
+        "CREATE INDEX tokens_user_id ON tokens (user_id)",
+        """CREATE TABLE rooms (
+            id text PRIMARY KEY,
+            state json NOT NULL
+        )""",
+    ),
+)
+
+_TOKEN_HASH = re.compile(r"[0-9a-f]{64}")
+_encoder = msgspec.json.Encoder()
+_room_decoder = msgspec.json.Decoder(RoomState)
+
+
+def database_password(url: str) -> str | None:
+    """The password a ``postgresql://`` URL carries (in its user info or as ``?password=``)."""
+    parts = urlsplit(url)
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    if at and ":" in userinfo:
+        return unquote(userinfo.partition(":")[2])
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key == "password":
+            return value
+    return None
+
+
+def redact_database_url(url: str) -> str:
+    """The URL as it may be shown: no password, wherever the URL put it."""
+    parts = urlsplit(url)
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    netloc = f"{userinfo.partition(':')[0]}@{hosts}" if at else hosts
+    query = urlencode([
+        (key, "***" if key == "password" else value)
+        for key, value in parse_qsl(parts.query, keep_blank_values=True)
+    ])
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def _check_id(value: str) -> str:
+    # The JSON backend refuses the same ids; both backends accept exactly the same keys.
+    if not is_valid_user_id(value):
+        raise ValueError(f"invalid id {value!r}")
+    return value
+
+
+def _check_token_hash(value: str) -> str:
+    if not _TOKEN_HASH.fullmatch(value):
+        raise ValueError("not a token hash")
+    return value
+
+
+class PostgresStore:
+    """The shared backend: users, token hashes and rooms in one PostgreSQL database."""
+
+    def __init__(self, url: str, *, pool_size: int = POOL_SIZE, timeout: float = POOL_TIMEOUT) -> None:
+        self._url = url
+        self._timeout = timeout
+        self._location = f"database {redact_database_url(url)}"
+        password = database_password(url)
+        # As given and as decoded: an error message may quote either.
+        raw = urlsplit(url).netloc.rpartition("@")[0].partition(":")[2]
+        self._secrets = sorted({s for s in (password, raw) if s}, key=len, reverse=True)
+        self._pool = ConnectionPool(
+            url, min_size=1, max_size=pool_size, open=False, timeout=timeout, name="atlas",
+            kwargs=self._connection_options(), check=ConnectionPool.check_connection,
+            # The pool retries a failed connection with a doubling delay until this long has
+            # passed; the next call then starts afresh. Kept short, so that a database that
+            # comes back is used within a second or two, not after a minute-long backoff.
+            reconnect_timeout=timeout,
+        )
+        self._open_lock = threading.Lock()
+        self._opened = False
+
+    @property
+    def location(self) -> str:
+        return self._location
+
+    def _connection_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"autocommit": True}
+        given = {key for key, _ in parse_qsl(urlsplit(self._url).query)}
+        if "connect_timeout" not in given:
+            options["connect_timeout"] = CONNECT_TIMEOUT
+        if "application_name" not in given:
+            options["application_name"] = "atlas"
+        return options
+
+    # Errors
+
+    def _scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def _unavailable(self, exc: BaseException) -> StoreUnavailable:
+        first_line = self._scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        return StoreUnavailable(f"{self.location} is unavailable: {first_line}")
+
+    @contextmanager
+    def _mapped_errors(self) -> Iterator[None]:
+        """psycopg's and the pool's exceptions as the store's (``from None``: a chained
+        exception could show the connection string)."""
+        try:
+            yield
+        except PoolTimeout:
+            raise StoreUnavailable(
+                f"{self.location} is unavailable: no working connection within {self._timeout:g} s"
+            ) from None
+        except PoolClosed:
+            raise StoreError(f"{self.location}: the store is closed") from None
+        except psycopg.OperationalError as exc:
+            raise self._unavailable(exc) from None
+        except psycopg.Error as exc:
+            primary = exc.diag.message_primary or type(exc).__name__  # DETAIL may quote values
+            raise StoreError(f"{self.location}: {self._scrub(primary)} ({exc.sqlstate})") from None
+
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        self._open()
+        with self._mapped_errors(), self._pool.connection() as conn:
+            yield conn
+
+    def _open(self) -> None:
+        if not self._opened:
+            with self._open_lock:
+                if not self._opened:
+                    self._pool.open(wait=False)
+                    self._opened = True
+
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._connection() as conn:
+            return conn.execute(sql, params).fetchall()
+
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        with self._connection() as conn:
+            return conn.execute(sql, params).rowcount
+
+    # Life cycle
+
+    def prepare(self) -> None:
+        """Create or migrate the schema, on a connection of its own (one clear error when the
+        database cannot be reached), then let the pool fill in the background."""
+        with self._mapped_errors():
+            with psycopg.connect(self._url, **self._connection_options()) as conn:
+                with conn.transaction():
+                    self._migrate(conn)
+        self._open()
+
+    def _migrate(self, conn: psycopg.Connection[Any]) -> None:
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version ("
+            " one boolean PRIMARY KEY DEFAULT true CHECK (one), version integer NOT NULL)"
+        )
+        row = conn.execute("SELECT version FROM schema_version").fetchone()
+        current, latest = (row[0] if row else 0), len(MIGRATIONS)
+        if current > latest:
+            raise StoreError(
+                f"{self.location} has schema version {current}, newer than this Atlas knows "
+                f"({latest}): upgrade Atlas"
+            )
+        if current == latest:
+            return
+        for statements in MIGRATIONS[current:]:
+            for statement in statements:
+                conn.execute(statement)
+        conn.execute(
+            "INSERT INTO schema_version (version) VALUES (%s)"
+            " ON CONFLICT (one) DO UPDATE SET version = EXCLUDED.version", (latest,),
+        )
+        log.info("%s: schema migrated from version %d to %d", self.location, current, latest)
+
+    def close(self) -> None:
+        with self._open_lock:
+            if self._opened:
+                self._pool.close()
+                self._opened = False
+
+    # Users (built-in auth)
+
+    def load_user(self, user_id: str) -> UserRecord | None:
+        rows = self._rows(
+            "SELECT virtual_key, provider_url, token_hash, created_at FROM users WHERE id = %s",
+            (_check_id(user_id),),
+        )
+        if not rows:
+            return None
+        virtual_key, provider_url, token_hash, created_at = rows[0]
+        return UserRecord(
+            id=user_id, virtual_key=virtual_key, provider_url=provider_url,
+            token_hash=token_hash, created_at=created_at,
+        )
+
+    def save_user(self, user: UserRecord) -> None:
+        self._execute(
+            "INSERT INTO users (id, virtual_key, provider_url, token_hash, created_at)"
+            " VALUES (%s, %s, %s, %s, %s)"
+            " ON CONFLICT (id) DO UPDATE SET virtual_key = EXCLUDED.virtual_key,"
+            " provider_url = EXCLUDED.provider_url, token_hash = EXCLUDED.token_hash,"
+            " created_at = EXCLUDED.created_at",
+            (_check_id(user.id), user.virtual_key, user.provider_url, user.token_hash, user.created_at),
+        )
+
+    def delete_user(self, user_id: str) -> None:
+        self._execute("DELETE FROM users WHERE id = %s", (_check_id(user_id),))
+
+    def user_ids(self) -> list[str]:
+        # Byte order, as Python's sorted() gives for the JSON backend, whatever the collation.
+        return [row[0] for row in self._rows('SELECT id FROM users ORDER BY id COLLATE "C"')]
+
+    def has_users(self) -> bool:
+        return bool(self._rows("SELECT EXISTS (SELECT 1 FROM users)")[0][0])
+
+    # Token hashes (built-in auth)
+
+    def load_token(self, token_hash: str) -> TokenRecord | None:
+        rows = self._rows("SELECT user_id FROM tokens WHERE hash = %s", (_check_token_hash(token_hash),))
+        return TokenRecord(user_id=rows[0][0]) if rows else None
+
+    def save_token(self, token_hash: str, user_id: str) -> None:
+        params = (_check_token_hash(token_hash), _check_id(user_id))
+        with self._connection() as conn:
+            try:
+                conn.execute(
+                    "INSERT INTO tokens (hash, user_id) VALUES (%s, %s)"
+                    " ON CONFLICT (hash) DO UPDATE SET user_id = EXCLUDED.user_id", params,
+                )
+            except errors.ForeignKeyViolation:
+                raise UserGone(user_id) from None
+
+    def delete_token(self, token_hash: str) -> None:
+        self._execute("DELETE FROM tokens WHERE hash = %s", (_check_token_hash(token_hash),))
+
+    # Rooms
+
+    def load_room(self, room_id: str) -> RoomState:
+        rows = self._rows("SELECT state::text FROM rooms WHERE id = %s", (_check_id(room_id),))
+        if not rows:
+            return RoomState()
+        try:
+            return _room_decoder.decode(rows[0][0])
+        except msgspec.DecodeError as exc:
+            raise StoreCorrupt(f"row {room_id!r} of table rooms", str(exc)) from None
+
+    def save_room(self, room_id: str, state: RoomState, *, owner_must_exist: bool = False) -> None:
+        data = _encoder.encode(state).decode()
+        if not owner_must_exist:
+            self._execute(
+                "INSERT INTO rooms (id, state) VALUES (%s, %s::json)"
+                " ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state",
+                (_check_id(room_id), data),
+            )
+            return
+        written = self._execute(
+            "WITH owner AS (SELECT id FROM users WHERE id = %s FOR KEY SHARE)"
+            " INSERT INTO rooms (id, state) SELECT id, %s::json FROM owner"
+            " ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state",
+            (_check_id(room_id), data),
+        )
+        if written == 0:
+            raise UserGone(room_id)
+
+    def delete_room(self, room_id: str) -> None:
+        self._execute("DELETE FROM rooms WHERE id = %s", (_check_id(room_id),))
+
+    # Removal
+
+    def remove_user(self, user_id: str) -> None:
+        _check_id(user_id)
+        with self._connection() as conn, conn.transaction():
+            # The user's row first: from here on, room writes that check their owner wait for
+            # this transaction and then find no user. Tokens go with it (ON DELETE CASCADE).
+            conn.execute("DELETE FROM users WHERE id = %s", (user_id,))
+            conn.execute("DELETE FROM rooms WHERE id = %s", (user_id,))
