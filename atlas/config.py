@@ -182,6 +182,13 @@ SETTINGS: tuple[Setting, ...] = (
             float, "how long a verified token is trusted before asking the auth API again"),
     Setting("auth_timeout", ("ATLAS_AUTH_TIMEOUT",), "--auth-timeout", parse_positive_float,
             "seconds to wait for the auth API"),
+    Setting("auth_max_concurrent", ("ATLAS_AUTH_MAX_CONCURRENT",), "--auth-max-concurrent",
+            parse_positive_int, "auth API calls in flight at once (more wait their turn)"),
+    Setting("auth_failures_per_minute", ("ATLAS_AUTH_FAILURES_PER_MINUTE",), "--auth-failures-per-minute",
+            parse_non_negative_int,
+            "failed token checks allowed per client address and minute before 429 (0: no limit)"),
+    Setting("backlog", ("ATLAS_BACKLOG",), "--backlog", parse_positive_int,
+            "connections the kernel may queue before they are accepted"),
     Setting("agent_url", ("ATLAS_AGENT_URL", "VOLTAGENT_URL"), "--agent-url", parse_http_url,
             "remote agent base URL (default: the agent runs in this process)"),
     Setting("agent_secret", ("ATLAS_AGENT_SECRET",), None, parse_secret,
@@ -227,6 +234,9 @@ class Settings:
     auth_url: str | None = None
     auth_cache_seconds: float = 5.0
     auth_timeout: float = 5.0
+    auth_max_concurrent: int = 32
+    auth_failures_per_minute: int = 30
+    backlog: int = 1024
     agent_url: str | None = None
     agent_secret: str | None = None
     provider_url: str | None = None

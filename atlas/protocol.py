@@ -19,6 +19,7 @@ CLOSE_ABNORMAL = 1006  # never sent: what a client sees when the connection drop
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL = 1011
 CLOSE_TOO_SLOW = 1008
+CLOSE_POLICY = 1008  # policy violation: too many failed token checks from one address
 CLOSE_UNAUTHORIZED = 4001
 CLOSE_FORBIDDEN = 4003
 CLOSE_BAD_ROOM = 4400

@@ -5,6 +5,7 @@
         auth.users["token"] = {"id": "alice", "virtualKey": "sk-..."}
         auth.mode = "down"                # answer 500; "stall": never answer; "ok": normal
         auth.calls                        # how many /api/me requests it has answered
+        auth.gate = trio.Event()          # calls wait for it (auth.max_in_flight: most at once)
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ class FakeAuth:
     users: dict[str, dict[str, Any]] = field(default_factory=dict)
     mode: str = "ok"
     calls: int = 0
+    gate: trio.Event | None = None
+    in_flight: int = 0
+    max_in_flight: int = 0
 
     async def app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -36,6 +40,13 @@ class FakeAuth:
         self.calls += 1
         if self.mode == "stall":
             await trio.sleep_forever()
+        if self.gate is not None:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            try:
+                await self.gate.wait()
+            finally:
+                self.in_flight -= 1
         if scope["path"] != "/api/me":
             status, body = 404, {"error": "not found"}
         elif self.mode == "down":

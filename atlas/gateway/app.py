@@ -14,6 +14,7 @@ The agent's own routes are never served on this port.
 from __future__ import annotations
 
 import logging
+import math
 from importlib import resources
 from typing import Any
 
@@ -54,6 +55,8 @@ def room_id_of(path: str) -> str | None:
 
 async def send_denied(send: Any, denied: AccessDenied) -> None:
     headers = [(b"www-authenticate", b"Bearer")] if denied.status == 401 else []
+    if denied.retry_after is not None:
+        headers.append((b"retry-after", str(max(1, math.ceil(denied.retry_after))).encode()))
     await send_json(send, denied.status, {"error": {"code": denied.code, "message": denied.message}}, headers)
 
 

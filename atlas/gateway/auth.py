@@ -20,7 +20,7 @@ import hmac
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -30,7 +30,9 @@ import trio
 
 from atlas.asgi import query_param
 from atlas.config import Settings
-from atlas.protocol import CLOSE_BAD_ROOM, CLOSE_FORBIDDEN, CLOSE_GOING_AWAY, CLOSE_INTERNAL, CLOSE_UNAUTHORIZED
+from atlas.protocol import (
+    CLOSE_BAD_ROOM, CLOSE_FORBIDDEN, CLOSE_GOING_AWAY, CLOSE_INTERNAL, CLOSE_POLICY, CLOSE_UNAUTHORIZED,
+)
 from atlas.store import (
     Identity, Store, StoreError, StoreUnavailable, hash_token, is_valid_user_id,
 )
@@ -56,15 +58,71 @@ class AuthUnavailable(AuthError):
     status = 503
 
 
+class TooManyFailures(AuthError):
+    code = "rate_limited"
+    status = 429
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__("too many failed token checks from this address; try again later")
+        self.retry_after = retry_after
+
+
 class AccessDenied(Exception):
     """A request may not use a room. ``code``/``message`` go to the client in the error body."""
 
-    def __init__(self, code: str, message: str, *, status: int, close_code: int) -> None:
+    def __init__(
+        self, code: str, message: str, *, status: int, close_code: int, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.status = status
         self.close_code = close_code
+        self.retry_after = retry_after
+
+
+class _Lookup:
+    """One auth call that concurrent verifications of the same token wait for."""
+
+    __slots__ = ("done", "result", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.result: Identity | None = None
+        self.error: AuthError | None = None
+
+
+class FailureLimiter:
+    """Failed token checks per client address: ``burst`` allowed at once, refilled at ``burst``
+    per minute; an address with none left is refused (429, ``Retry-After``) without an auth call.
+    ``burst`` 0 turns it off. At most ``MAX_ADDRESSES`` addresses are remembered (oldest first
+    out), so an attacker with many addresses cannot grow it without bound."""
+
+    MAX_ADDRESSES = 10_000
+
+    def __init__(self, burst: int, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.burst = burst
+        self._clock = clock
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # address -> (tokens, at)
+
+    def _tokens(self, address: str) -> float:
+        tokens, at = self._buckets.get(address, (float(self.burst), self._clock()))
+        return min(float(self.burst), tokens + (self._clock() - at) * self.burst / 60.0)
+
+    def check(self, address: str) -> None:
+        if self.burst <= 0 or address not in self._buckets:
+            return
+        tokens = self._tokens(address)
+        if tokens < 1.0:
+            raise TooManyFailures(retry_after=(1.0 - tokens) * 60.0 / self.burst)
+
+    def record(self, address: str) -> None:
+        if self.burst <= 0:
+            return
+        self._buckets[address] = (self._tokens(address) - 1.0, self._clock())
+        self._buckets.move_to_end(address)
+        while len(self._buckets) > self.MAX_ADDRESSES:
+            self._buckets.popitem(last=False)
 
 
 STORE_UNREADABLE = AccessDenied(
@@ -98,6 +156,13 @@ def token_from_scope(scope: dict[str, Any]) -> str | None:
     return query_param(scope, "token") or None
 
 
+def client_address(scope: dict[str, Any]) -> str | None:
+    """The address a request came from, as the socket says (a balancer in front shows as itself;
+    see docs/scaling.md)."""
+    client = scope.get("client")
+    return str(client[0]) if client else None
+
+
 async def admit(
     verifier: TokenVerifier, room_id: str, scope: dict[str, Any], *, shutting_down: bool
 ) -> Identity:
@@ -109,7 +174,11 @@ async def admit(
             "bad_room_id", "room ids are 1-128 of A-Z a-z 0-9 . _ @ -", status=400, close_code=CLOSE_BAD_ROOM
         )
     try:
-        identity = await verifier.verify(token_from_scope(scope))
+        identity = await verifier.verify(token_from_scope(scope), client=client_address(scope))
+    except TooManyFailures as exc:
+        raise AccessDenied(
+            exc.code, str(exc), status=429, close_code=CLOSE_POLICY, retry_after=exc.retry_after
+        ) from None
     except Unauthorized as exc:
         raise AccessDenied(exc.code, str(exc), status=401, close_code=CLOSE_UNAUTHORIZED) from None
     except AuthUnavailable as exc:
@@ -180,15 +249,41 @@ def _error_body(code: str, message: str) -> bytes:
 
 
 class TokenVerifier:
-    """Verifies tokens against ``/api/me``, caching results for ``cache_seconds``."""
+    """Verifies tokens against ``/api/me``, caching answers for ``cache_seconds``.
 
-    def __init__(self, client: httpx.AsyncClient, *, cache_seconds: float, timeout: float) -> None:
+    What keeps a burst of requests from becoming a burst of auth calls:
+    - a refused token is cached too (a negative cache), so a bad token costs one call per period;
+    - concurrent first requests for one token share one call (single flight);
+    - at most ``max_concurrent`` calls are in flight at once; the rest wait their turn within
+      the auth timeout, so a slow auth API is not flooded;
+    - a client address whose tokens keep failing is refused for a while (``FailureLimiter``)."""
+
+    def __init__(
+        self, client: httpx.AsyncClient, *, cache_seconds: float, timeout: float,
+        max_concurrent: int = 32, failures: FailureLimiter | None = None,
+    ) -> None:
         self._client = client
         self._cache_seconds = cache_seconds
         self._timeout = timeout
-        self._cache: OrderedDict[str, tuple[float, Identity]] = OrderedDict()
+        # token hash -> (expiry, identity, or None for a refused token)
+        self._cache: OrderedDict[str, tuple[float, Identity | None]] = OrderedDict()
+        self._in_flight: dict[str, _Lookup] = {}
+        self._calls = trio.CapacityLimiter(max_concurrent)
+        self.failures = failures or FailureLimiter(0)
 
-    async def verify(self, token: str | None) -> Identity:
+    async def verify(self, token: str | None, *, client: str | None = None) -> Identity:
+        """The token's identity; ``client`` (the caller's address) is counted against when the
+        token is refused, and refused outright (``TooManyFailures``) once it failed too often."""
+        if client is not None:
+            self.failures.check(client)
+        try:
+            return await self._verify(token)
+        except Unauthorized:
+            if client is not None:
+                self.failures.record(client)
+            raise
+
+    async def _verify(self, token: str | None) -> Identity:
         if not token:
             raise Unauthorized("missing token: pass ?token= or Authorization: Bearer")
         if not token.isascii() or not token.isprintable():
@@ -196,20 +291,47 @@ class TokenVerifier:
             raise Unauthorized("invalid token: a token is printable ASCII")
         key = hash_token(token)  # the cache never holds a token
         cached = self._cache.get(key)
-        now = time.monotonic()
-        if cached is not None and cached[0] > now:
+        if cached is not None and cached[0] > time.monotonic():
             self._cache.move_to_end(key)
+            if cached[1] is None:
+                raise Unauthorized("invalid or revoked token")
             return cached[1]
-        identity = await self._ask(token)
-        if self._cache_seconds > 0:
-            self._cache[key] = (now + self._cache_seconds, identity)
-            self._cache.move_to_end(key)
-            while len(self._cache) > CACHE_LIMIT:
-                self._cache.popitem(last=False)
-        return identity
+        lookup = self._in_flight.get(key)
+        if lookup is None:
+            lookup = self._in_flight[key] = _Lookup()
+            try:
+                lookup.result = await self._ask_within_cap(token)
+            except AuthError as exc:
+                lookup.error = exc
+            finally:
+                del self._in_flight[key]
+                lookup.done.set()
+            if isinstance(lookup.error, Unauthorized) or lookup.result is not None:
+                self._remember(key, lookup.result)
+        else:
+            await lookup.done.wait()
+        if lookup.error is not None:
+            raise type(lookup.error)(str(lookup.error))
+        assert lookup.result is not None
+        return lookup.result
+
+    def _remember(self, key: str, identity: Identity | None) -> None:
+        if self._cache_seconds <= 0:
+            return
+        self._cache[key] = (time.monotonic() + self._cache_seconds, identity)
+        self._cache.move_to_end(key)
+        while len(self._cache) > CACHE_LIMIT:
+            self._cache.popitem(last=False)
 
     def forget(self) -> None:
         self._cache.clear()
+
+    async def _ask_within_cap(self, token: str) -> Identity:
+        with trio.move_on_after(self._timeout):
+            async with self._calls:
+                return await self._ask(token)
+        log.warning("auth API busy: no call slot within %.1f s", self._timeout)
+        raise AuthUnavailable("the auth API did not answer in time")
 
     async def _ask(self, token: str) -> Identity:
         response = None
@@ -250,5 +372,7 @@ async def open_token_verifier(settings: Settings, store: Store) -> AsyncIterator
         )
     async with client:
         yield TokenVerifier(
-            client, cache_seconds=settings.auth_cache_seconds, timeout=settings.auth_timeout
+            client, cache_seconds=settings.auth_cache_seconds, timeout=settings.auth_timeout,
+            max_concurrent=settings.auth_max_concurrent,
+            failures=FailureLimiter(settings.auth_failures_per_minute),
         )

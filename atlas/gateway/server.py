@@ -138,7 +138,7 @@ async def _serve(
                 max_message_bytes=settings.max_message_bytes,
                 # Atlas drains its own work (below) before Hypercorn stops; what is left then is
                 # idle keep-alive connections, which need no long grace.
-                graceful_seconds=LEFTOVER_GRACE_SECONDS, app_handles_lifespan=True,
+                graceful_seconds=LEFTOVER_GRACE_SECONDS, app_handles_lifespan=True, backlog=settings.backlog,
             ))
             log.info("ready on %s; store: %s", settings.bind, store.location)
             if settings.provider_url is None and settings.auth_url is None and not store.has_users():
