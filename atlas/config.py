@@ -8,6 +8,7 @@ the setting, which the CLI prints as one line before exiting with status 2.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import secrets
@@ -67,6 +68,18 @@ def parse_http_url(value: str) -> str:
     if parts.username or parts.password:
         raise ValueError("put credentials in their own setting, not in the URL")
     return normalize_url(text)
+
+
+def parse_address_list(value: str) -> tuple[str, ...]:
+    addresses = []
+    for part in (p.strip() for p in value.split(",")):
+        if not part:
+            continue
+        try:
+            addresses.append(str(ipaddress.ip_address(part)))
+        except ValueError:
+            raise ValueError(f"{part!r} is not an IP address") from None
+    return tuple(addresses)
 
 
 def parse_agent_id(value: str) -> str:
@@ -187,6 +200,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("auth_failures_per_minute", ("ATLAS_AUTH_FAILURES_PER_MINUTE",), "--auth-failures-per-minute",
             parse_non_negative_int,
             "failed token checks allowed per client address and minute before 429 (0: no limit)"),
+    Setting("trusted_proxies", ("ATLAS_TRUSTED_PROXIES",), "--trusted-proxies", parse_address_list,
+            "comma-separated addresses of balancers whose X-Forwarded-For names the client (default: none)"),
     Setting("backlog", ("ATLAS_BACKLOG",), "--backlog", parse_positive_int,
             "connections the kernel may queue before they are accepted"),
     Setting("agent_url", ("ATLAS_AGENT_URL", "VOLTAGENT_URL"), "--agent-url", parse_http_url,
@@ -236,6 +251,7 @@ class Settings:
     auth_timeout: float = 5.0
     auth_max_concurrent: int = 32
     auth_failures_per_minute: int = 30
+    trusted_proxies: tuple[str, ...] = ()
     backlog: int = 1024
     agent_url: str | None = None
     agent_secret: str | None = None

@@ -121,3 +121,12 @@ async def test_credentials_no_token_or_key_can_hold_are_refused_cleanly(tmp_path
                 error = await receive_json(ws)
             assert error["type"] == "agent:error" and error["error"]["code"] == "no_credentials"
     assert provider.requests == []
+
+
+def test_the_client_address_is_the_peer_unless_the_peer_is_a_trusted_balancer():
+    from atlas.gateway.auth import client_address
+
+    scope = {"client": ("10.0.0.5", 5000), "headers": [(b"x-forwarded-for", b"6.6.6.6, 203.0.113.7")]}
+    assert client_address(scope) == "10.0.0.5"  # nobody trusted: a header proves nothing
+    assert client_address(scope, frozenset({"10.0.0.5"})) == "203.0.113.7"  # what the balancer saw
+    assert client_address({"client": ("10.0.0.5", 1), "headers": []}, frozenset({"10.0.0.5"})) == "10.0.0.5"

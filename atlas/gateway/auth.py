@@ -156,11 +156,19 @@ def token_from_scope(scope: dict[str, Any]) -> str | None:
     return query_param(scope, "token") or None
 
 
-def client_address(scope: dict[str, Any]) -> str | None:
-    """The address a request came from, as the socket says (a balancer in front shows as itself;
-    see docs/scaling.md)."""
+def client_address(scope: dict[str, Any], trusted_proxies: frozenset[str] = frozenset()) -> str | None:
+    """The address a request came from: the socket's peer, or, when that peer is a trusted proxy
+    (``ATLAS_TRUSTED_PROXIES``: a balancer in front), the last address it added to
+    ``X-Forwarded-For``. Never a header from anyone else: a client could write any address."""
     client = scope.get("client")
-    return str(client[0]) if client else None
+    peer = str(client[0]) if client else None
+    if peer is None or peer not in trusted_proxies:
+        return peer
+    for name, value in reversed(scope.get("headers", ())):
+        if name == b"x-forwarded-for":
+            forwarded = value.decode("latin-1").rsplit(",", 1)[-1].strip()
+            return forwarded or peer
+    return peer
 
 
 async def admit(
@@ -174,7 +182,9 @@ async def admit(
             "bad_room_id", "room ids are 1-128 of A-Z a-z 0-9 . _ @ -", status=400, close_code=CLOSE_BAD_ROOM
         )
     try:
-        identity = await verifier.verify(token_from_scope(scope), client=client_address(scope))
+        identity = await verifier.verify(
+            token_from_scope(scope), client=client_address(scope, verifier.trusted_proxies)
+        )
     except TooManyFailures as exc:
         raise AccessDenied(
             exc.code, str(exc), status=429, close_code=CLOSE_POLICY, retry_after=exc.retry_after
@@ -261,7 +271,9 @@ class TokenVerifier:
     def __init__(
         self, client: httpx.AsyncClient, *, cache_seconds: float, timeout: float,
         max_concurrent: int = 32, failures: FailureLimiter | None = None,
+        trusted_proxies: frozenset[str] = frozenset(),
     ) -> None:
+        self.trusted_proxies = trusted_proxies
         self._client = client
         self._cache_seconds = cache_seconds
         self._timeout = timeout
@@ -375,4 +387,5 @@ async def open_token_verifier(settings: Settings, store: Store) -> AsyncIterator
             client, cache_seconds=settings.auth_cache_seconds, timeout=settings.auth_timeout,
             max_concurrent=settings.auth_max_concurrent,
             failures=FailureLimiter(settings.auth_failures_per_minute),
+            trusted_proxies=frozenset(settings.trusted_proxies),
         )
