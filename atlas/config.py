@@ -202,6 +202,10 @@ SETTINGS: tuple[Setting, ...] = (
             "failed token checks allowed per client address and minute before 429 (0: no limit)"),
     Setting("trusted_proxies", ("ATLAS_TRUSTED_PROXIES",), "--trusted-proxies", parse_address_list,
             "comma-separated addresses of balancers whose X-Forwarded-For names the client (default: none)"),
+    Setting("write_timeout_seconds", ("ATLAS_WRITE_TIMEOUT_SECONDS",), "--write-timeout-seconds",
+            parse_positive_float, "seconds a client may leave what it was sent unread before it is disconnected"),
+    Setting("max_connections_per_user", ("ATLAS_MAX_CONNECTIONS_PER_USER",), "--max-connections-per-user",
+            parse_positive_int, "WebSocket connections one user may hold open at once"),
     Setting("backlog", ("ATLAS_BACKLOG",), "--backlog", parse_positive_int,
             "connections the kernel may queue before they are accepted"),
     Setting("agent_url", ("ATLAS_AGENT_URL", "VOLTAGENT_URL"), "--agent-url", parse_http_url,
@@ -253,6 +257,8 @@ class Settings:
     auth_failures_per_minute: int = 30
     trusted_proxies: tuple[str, ...] = ()
     backlog: int = 1024
+    write_timeout_seconds: float = 30.0
+    max_connections_per_user: int = 32
     agent_url: str | None = None
     agent_secret: str | None = None
     provider_url: str | None = None

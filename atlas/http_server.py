@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
 from hypercorn.config import Config
+from hypercorn.events import Closed, RawData
 from hypercorn.trio import serve
 
 from atlas.config import Bind
@@ -71,11 +73,14 @@ def contain_connection_failures() -> None:
     the connection down, sits in ``send_eof``'s checkpoint: trio raises ``BusyResourceError``
     in the reading task, and the server dies.
 
-    Two changes, installed once by replacing the class in ``hypercorn.trio.run`` (the worker
+    Three changes, installed once by replacing the class in ``hypercorn.trio.run`` (the worker
     looks it up there for every connection), as ``decline_permessage_deflate`` does:
-    ``_close`` takes the send lock like every other write (so the race cannot happen), and
-    ``run`` logs and contains any ``Exception`` of its connection (so whatever else Hypercorn
-    or the app raises costs that connection only). Cancellation still propagates."""
+    ``_close`` takes the send lock like every other write (so the race cannot happen), ``run``
+    logs and contains any ``Exception`` of its connection (so whatever else Hypercorn or the app
+    raises costs that connection only; cancellation still propagates), and a write that a client
+    leaves unread for ``write_timeout`` seconds ends that connection (Hypercorn shields its writes
+    from cancellation, so a client that stopped reading held its socket, its task and every
+    frame queued for it for as long as TCP kept the connection up)."""
     run_module = importlib.import_module("hypercorn.trio.run")
     base = getattr(run_module, "TCPServer")
     if getattr(base, "atlas_contains_failures", False):
@@ -93,6 +98,25 @@ def contain_connection_failures() -> None:
                     "connection from %s failed and was dropped; the server goes on", peer,
                     exc_info=failures,
                 )
+
+        async def protocol_send(self, event: Any) -> None:
+            if not isinstance(event, RawData):
+                await super().protocol_send(event)
+                return
+            async with self.send_lock:
+                stalled = False
+                try:
+                    with trio.CancelScope(shield=True):  # shielded as upstream, but bounded
+                        with trio.move_on_after(getattr(self.config, "atlas_write_timeout", math.inf)) as scope:
+                            await self.stream.send_all(event.data)
+                        stalled = scope.cancelled_caught
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self.protocol.handle(Closed())
+                    return
+            if stalled:
+                log.info("a client left %s unread too long; its connection is closed", _peer_of(self.stream))
+                await self.stream.aclose()
+                await self.protocol.handle(Closed())
 
         async def _close(self) -> None:
             # Upstream's _close, with send_eof under the send lock. The wait for the lock is
@@ -129,6 +153,7 @@ def _peer_of(stream: Any) -> str:
 
 def hypercorn_config(
     bind: Bind, *, max_message_bytes: int = 1024 * 1024, graceful_seconds: float = 5.0, backlog: int = 1024,
+    write_timeout: float = math.inf,
 ) -> Config:
     decline_permessage_deflate()
     contain_connection_failures()
@@ -144,6 +169,7 @@ def hypercorn_config(
     # Hypercorn's default (100) dropped connections of a 2,000-client reconnect wave (SYN
     # retransmits); the kernel caps it at net.core.somaxconn in any case.
     config.backlog = backlog
+    config.atlas_write_timeout = write_timeout  # read by ContainedTCPServer.protocol_send
     return config
 
 
@@ -179,6 +205,7 @@ async def serve_asgi(
     graceful_seconds: float = 5.0,
     app_handles_lifespan: bool = False,
     backlog: int = 1024,
+    write_timeout: float = math.inf,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` until ``shutdown_trigger`` returns or the caller is cancelled. Reports the
@@ -187,7 +214,8 @@ async def serve_asgi(
     if not app_handles_lifespan:
         app = with_lifespan(app)
     config = hypercorn_config(
-        bind, max_message_bytes=max_message_bytes, graceful_seconds=graceful_seconds, backlog=backlog
+        bind, max_message_bytes=max_message_bytes, graceful_seconds=graceful_seconds, backlog=backlog,
+        write_timeout=write_timeout,
     )
 
     async def run_hypercorn(*, task_status: trio.TaskStatus[list[str]]) -> None:

@@ -139,6 +139,7 @@ async def _serve(
                 # Atlas drains its own work (below) before Hypercorn stops; what is left then is
                 # idle keep-alive connections, which need no long grace.
                 graceful_seconds=LEFTOVER_GRACE_SECONDS, app_handles_lifespan=True, backlog=settings.backlog,
+                write_timeout=settings.write_timeout_seconds,
             ))
             log.info("ready on %s; store: %s", settings.bind, store.location)
             if settings.provider_url is None and settings.auth_url is None and not store.has_users():

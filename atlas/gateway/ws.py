@@ -22,6 +22,7 @@ from atlas.gateway.auth import AccessDenied, AuthUnavailable, Unauthorized, admi
 from atlas.gateway.connection import Connection
 from atlas.gateway.services import Services
 from atlas.protocol import (
+    CLOSE_POLICY,
     CLOSE_UNAUTHORIZED,
     AgentCancel,
     AgentStream,
@@ -78,6 +79,13 @@ async def websocket_endpoint(
     connection = Connection(connection_id_from_scope(scope), token=token_from_scope(scope))
     try:
         async with services.rooms.open_room(room_id, identity) as room:
+            limit = services.settings.max_connections_per_user
+            if len(room.connections) >= limit:
+                await reject(AccessDenied(
+                    "too_many_connections", f"this user already has {limit} connections open",
+                    status=429, close_code=CLOSE_POLICY,
+                ))
+                return
             await serve_connection(services, room, connection, receive, send)
     except StoreError as exc:
         await reject(store_denial(exc))
