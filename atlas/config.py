@@ -82,6 +82,13 @@ def parse_address_list(value: str) -> tuple[str, ...]:
     return tuple(addresses)
 
 
+def parse_log_format(value: str) -> str:
+    choice = value.strip().lower()
+    if choice not in ("text", "json"):
+        raise ValueError("expected text or json")
+    return choice
+
+
 def parse_agent_id(value: str) -> str:
     text = value.strip()
     if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", text):
@@ -242,6 +249,8 @@ SETTINGS: tuple[Setting, ...] = (
             parse_positive_float, "grace period for connections at shutdown"),
     Setting("log_level", ("ATLAS_LOG_LEVEL",), "--log-level", parse_log_level,
             "debug, info, warning or error"),
+    Setting("log_format", ("ATLAS_LOG_FORMAT",), "--log-format", parse_log_format,
+            "text (for people) or json (one object per line, for machines)"),
 )
 
 
@@ -275,6 +284,7 @@ class Settings:
     conversation_turns: int = 40
     shutdown_seconds: float = 5.0
     log_level: str = "INFO"
+    log_format: str = "text"
 
     def allowed_provider_urls(self, default_provider_url: str) -> tuple[str, ...]:
         """The provider URLs the agent may call: the configured list, else the default one."""

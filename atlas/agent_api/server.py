@@ -59,7 +59,7 @@ async def serve_agent(
 
 def main(args: Any) -> int:
     settings: Settings = args.settings
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     agents = load_agents(settings)  # a bad agents file stops here, as one line from the CLI
     serve = partial(serve_agent, settings, agents=agents)
     trio.run(partial(

@@ -24,6 +24,7 @@ from quart_trio import QuartTrio
 
 from atlas.asgi import query_param, send_json
 from atlas.gateway.auth import AccessDenied, admit, builtin_me_app, store_denial
+from atlas.gateway.metrics import CONTENT_TYPE
 from atlas.gateway.proxy import (
     ProxyRefused,
     agent_path,
@@ -144,6 +145,15 @@ def build_pages_app(services: Services) -> QuartTrio:
     return pages
 
 
+async def send_metrics(services: Services, send: Any) -> None:
+    body = services.metrics.exposition()
+    await send({"type": "http.response.start", "status": 200, "headers": [
+        (b"content-type", CONTENT_TYPE.encode()), (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-store"),
+    ]})
+    await send({"type": "http.response.body", "body": body})
+
+
 def build_app(services: Services):
     pages = build_pages_app(services)
     builtin_me = None if services.settings.auth_url else builtin_me_app(services.store)
@@ -167,6 +177,9 @@ def build_app(services: Services):
             return
         if path == "/api/me" and builtin_me is not None:
             await builtin_me(scope, receive, send)
+            return
+        if path == "/metrics" and kind == "http":
+            await send_metrics(services, send)
             return
         await pages(scope, receive, send)
 

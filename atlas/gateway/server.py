@@ -130,6 +130,9 @@ async def _serve(
             ),
             default_provider_url=provider_url, agent_app=agent_app, agent_client=agent_client,
         )
+        services.metrics.track_live(
+            connections=lambda: len(rooms.connections()), rooms=lambda: len(rooms.rooms)
+        )
         stop_listening = trio.Event()
         async with trio.open_nursery() as server:
             url = await server.start(partial(
@@ -198,7 +201,7 @@ def main(args: argparse.Namespace) -> int:
     # Bad settings stop here, before trio starts, as one line (exit status 2).
     prepare_data_dir(settings.data_dir)
     agents = None if settings.agent_url else load_agents(settings)
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     # The store is opened (the database schema created or migrated) before anything listens;
     # a store that cannot be opened is one line and exit status 1, not a traceback.
     store = store_for(settings)
