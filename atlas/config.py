@@ -143,6 +143,13 @@ def parse_positive_float(value: str) -> float:
     return number
 
 
+def parse_non_negative_float(value: str) -> float:
+    number = float(value)
+    if not number >= 0:
+        raise ValueError("must be 0 or more")
+    return number
+
+
 def parse_positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
@@ -155,6 +162,24 @@ def parse_non_negative_int(value: str) -> int:
     if number < 0:
         raise ValueError("must be 0 or more")
     return number
+
+
+def parse_origins(value: str) -> tuple[str, ...]:
+    """Browser origins (``scheme://host[:port]``, as a browser sends them in ``Origin``), or ``*``."""
+    origins = []
+    for item in (part.strip() for part in value.split(",")):
+        if not item:
+            continue
+        if item == "*":
+            origins.append(item)
+            continue
+        parts = urlsplit(item)
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{item!r} is not an origin: expected scheme://host[:port]")
+        if parts.path.strip("/") or parts.query or parts.fragment or parts.username:
+            raise ValueError(f"{item!r}: an origin has no path, query or user name")
+        origins.append(normalize_url(item))
+    return tuple(origins)
 
 
 def parse_log_level(value: str) -> str:
@@ -251,6 +276,23 @@ SETTINGS: tuple[Setting, ...] = (
             "debug, info, warning or error"),
     Setting("log_format", ("ATLAS_LOG_FORMAT",), "--log-format", parse_log_format,
             "text (for people) or json (one object per line, for machines)"),
+    Setting("limit_tokens_per_day", ("ATLAS_LIMIT_TOKENS_PER_DAY",), "--limit-tokens-per-day",
+            parse_non_negative_int, "default tokens per user per UTC day (default: unlimited)"),
+    Setting("limit_tokens_per_month", ("ATLAS_LIMIT_TOKENS_PER_MONTH",), "--limit-tokens-per-month",
+            parse_non_negative_int, "default tokens per user per UTC month (default: unlimited)"),
+    Setting("limit_requests_per_minute", ("ATLAS_LIMIT_REQUESTS_PER_MINUTE",),
+            "--limit-requests-per-minute", parse_non_negative_int,
+            "default agent requests per user per minute (default: unlimited)"),
+    Setting("limit_concurrent_requests", ("ATLAS_LIMIT_CONCURRENT_REQUESTS",),
+            "--limit-concurrent-requests", parse_non_negative_int,
+            "default agent requests per user in flight at once (default: unlimited)"),
+    Setting("default_output_tokens", ("ATLAS_DEFAULT_OUTPUT_TOKENS",), "--default-output-tokens",
+            parse_positive_int,
+            "output cap reserved and sent for a request that sets none, when a token limit applies"),
+    Setting("limit_wait_seconds", ("ATLAS_LIMIT_WAIT_SECONDS",), "--limit-wait-seconds",
+            parse_non_negative_float, "how long a request may wait for budget held by requests in flight"),
+    Setting("cors_origins", ("ATLAS_CORS_ORIGINS",), "--cors-origins", parse_origins,
+            "comma-separated browser origins allowed to call /v1/* and /party/* (default: none)"),
 )
 
 
@@ -285,6 +327,23 @@ class Settings:
     shutdown_seconds: float = 5.0
     log_level: str = "INFO"
     log_format: str = "text"
+    limit_tokens_per_day: int | None = None
+    limit_tokens_per_month: int | None = None
+    limit_requests_per_minute: int | None = None
+    limit_concurrent_requests: int | None = None
+    default_output_tokens: int = 4096
+    limit_wait_seconds: float = 3.0
+    cors_origins: tuple[str, ...] = ()
+
+    def default_limits(self) -> dict[str, int | None]:
+        """The limits every user has unless ``atlas user limit`` or the auth API says otherwise
+        (``atlas.store.Limits`` field names; None: unlimited)."""
+        return {
+            "tokens_per_day": self.limit_tokens_per_day,
+            "tokens_per_month": self.limit_tokens_per_month,
+            "requests_per_minute": self.limit_requests_per_minute,
+            "concurrent_requests": self.limit_concurrent_requests,
+        }
 
     def allowed_provider_urls(self, default_provider_url: str) -> tuple[str, ...]:
         """The provider URLs the agent may call: the configured list, else the default one."""

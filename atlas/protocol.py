@@ -25,9 +25,14 @@ CLOSE_FORBIDDEN = 4003
 CLOSE_BAD_ROOM = 4400
 
 
-class ErrorBody(msgspec.Struct):
+class ErrorBody(msgspec.Struct, rename="camel", omit_defaults=True):
     code: str
     message: str
+    # quota_exceeded: when the limit that refused starts a new period (ISO 8601 UTC), its name
+    reset_at: str | None = None
+    limit: str | None = None
+    # rate_limited: seconds after which a retry may be admitted
+    retry_after: int | None = None
 
 
 class ProtocolError(Exception):
@@ -80,10 +85,17 @@ class Ping(_ClientMessage, tag="ping"):
     pass
 
 
-ClientMessage = Union[AgentStream, AgentText, AgentCancel, PrefsGet, PrefsSet, Broadcast, Ping]
-CLIENT_TYPES = frozenset(
-    ("agent:stream", "agent:text", "agent:cancel", "prefs:get", "prefs:set", "broadcast", "ping")
-)
+class UsageGet(_ClientMessage, tag="usage:get"):
+    since: str | None = None  # YYYY-MM-DD; default: the last 31 days
+
+
+ClientMessage = Union[
+    AgentStream, AgentText, AgentCancel, PrefsGet, PrefsSet, Broadcast, Ping, UsageGet
+]
+CLIENT_TYPES = frozenset((
+    "agent:stream", "agent:text", "agent:cancel", "prefs:get", "prefs:set", "broadcast", "ping",
+    "usage:get",
+))
 
 
 class _Envelope(msgspec.Struct):
@@ -186,9 +198,40 @@ class ErrorMessage(_ServerMessage, tag="error"):
     error: ErrorBody
 
 
+class UsageDay(msgspec.Struct, rename="camel"):
+    date: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class UsageLimits(msgspec.Struct, rename="camel", omit_defaults=True):
+    """Absent: unlimited."""
+
+    tokens_per_day: int | None = None
+    tokens_per_month: int | None = None
+    requests_per_minute: int | None = None
+    concurrent_requests: int | None = None
+
+
+class UsageRemaining(msgspec.Struct, rename="camel", omit_defaults=True):
+    """What the token limits leave after the settled usage. Absent: unlimited."""
+
+    tokens_today: int | None = None
+    tokens_this_month: int | None = None
+
+
+class UsageMessage(_ServerMessage, tag="usage"):
+    user_id: str
+    days: list[UsageDay]
+    limits: UsageLimits
+    remaining: UsageRemaining
+
+
 ServerMessage = Union[
     Ready, AgentStart, AgentDelta, AgentDone, AgentErrorMessage, PrefsMessage, BroadcastMessage,
-    Pong, ErrorMessage,
+    Pong, ErrorMessage, UsageMessage,
 ]
 
 _encoder = msgspec.json.Encoder()
@@ -198,7 +241,15 @@ def encode(message: ServerMessage) -> str:
     return _encoder.encode(message).decode()
 
 
-def error_frame(code: str, message: str, request_id: str | None = None) -> str:
+def error_frame(code: str, message: str, request_id: str | None = None, **fields: Any) -> str:
+    """An ``agent:error`` (with a request id) or an ``error``; ``fields`` are ErrorBody's extras
+    (``reset_at``, ``limit``, ``retry_after``)."""
+    body = ErrorBody(code, message, **fields)
     if request_id is not None:
-        return encode(AgentErrorMessage(request_id, ErrorBody(code, message)))
-    return encode(ErrorMessage(ErrorBody(code, message)))
+        return encode(AgentErrorMessage(request_id, body))
+    return encode(ErrorMessage(body))
+
+
+def usage_message(report: dict[str, Any]) -> UsageMessage:
+    """The ``usage`` frame for a usage report (``atlas.store.usage.report``'s object)."""
+    return msgspec.convert({"type": "usage", **report}, UsageMessage)

@@ -3,16 +3,19 @@
 
 from typing import TYPE_CHECKING
 
-from atlas.store.base import Store
+from atlas.store.base import Charge, Hold, Ledger, Store
 from atlas.store.json_store import JsonStore
 from atlas.store.records import (
     Identity,
+    Limits,
     RoomState,
     StoreCorrupt,
     StoreError,
     StoreUnavailable,
     TokenRecord,
     Turn,
+    UsageDay,
+    UsageRecord,
     UserGone,
     UserRecord,
     hash_token,
@@ -25,8 +28,9 @@ if TYPE_CHECKING:
     from atlas.config import Settings
 
 __all__ = [
-    "Identity", "JsonStore", "RoomState", "Store", "StoreCorrupt", "StoreError", "StoreUnavailable",
-    "TokenRecord", "Turn", "UserGone", "UserRecord", "hash_token", "is_valid_user_id", "mask_key", "new_token", "store_for",
+    "Charge", "Hold", "Identity", "JsonStore", "Ledger", "Limits", "RoomState", "Store", "StoreCorrupt",
+    "StoreError", "StoreUnavailable", "TokenRecord", "Turn", "UsageDay", "UsageRecord", "UserGone",
+    "UserRecord", "hash_token", "is_valid_user_id", "mask_key", "new_token", "store_for",
 ]
 
 

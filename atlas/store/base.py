@@ -12,13 +12,74 @@ Guarantees every backend gives:
   overwritten silently;
 - removing a user removes everything kept for them;
 - a store that cannot be reached raises ``StoreUnavailable`` (nothing written, try again later).
+
+The usage ledger has two faces. The blocking methods (``load_usage`` and friends) serve the
+operator's commands. A server process takes one ``Ledger`` (``usage_ledger()``): the live ledger,
+async, that reserves budget for requests in flight and settles them with their real usage. Its
+``reserve`` is one check-and-hold (``atlas.store.usage.plan``), which a database backend does in
+one conditional ``UPDATE``, so that limits hold across processes; the embedded backend does it in
+memory under the event loop, one process being the only writer of its files.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
-from atlas.store.records import RoomState, TokenRecord, UserRecord
+import trio
+
+from atlas.store.records import RoomState, TokenRecord, UsageRecord, UserRecord
+from atlas.store.usage import Busy, OverQuota, ResolvedLimits
+
+
+@dataclass(frozen=True)
+class Hold:
+    """Tokens reserved for one request in flight, against the limits of ``day`` (and its month).
+    ``cap`` is the output cap per choice the request may send. ``tokens == 0``: nothing was
+    reserved (the user has no token limit); the hold still says where the usage is recorded."""
+
+    user_id: str
+    day: str
+    tokens: int
+    cap: int
+    id: int = 0
+
+
+@dataclass(frozen=True)
+class Charge:
+    """What a finished request costs: the provider's usage, or Atlas's upper-bound estimate."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    requests: int = 1
+
+
+class Ledger(Protocol):
+    async def reserve(
+        self, user_id: str, day: str, limits: ResolvedLimits, *, prompt: int, output: int,
+        choices: int = 1,
+    ) -> Hold | OverQuota | Busy:
+        """Check the token limits and, when the worst case fits, hold it (atomically)."""
+        ...
+
+    async def settle(self, hold: Hold, charge: Charge | None) -> None:
+        """Drop the hold and add ``charge`` (None: the request cost nothing) to the hold's day.
+        Durable on return; the new totals count for every reservation after the call."""
+        ...
+
+    def next_settlement(self, user_id: str) -> trio.Event:
+        """Set at the next settlement of this user: take it before ``reserve`` so a ``Busy``
+        answer can wait for room without missing one."""
+        ...
+
+    async def usage(self, user_id: str) -> UsageRecord:
+        """The user's settled usage, as it is durable."""
+        ...
+
+    def held(self, user_id: str) -> int:
+        """Tokens this process holds for the user's requests in flight."""
+        ...
 
 
 class Store(Protocol):
@@ -67,6 +128,19 @@ class Store(Protocol):
     def delete_room(self, room_id: str) -> None: ...
 
     def remove_user(self, user_id: str) -> None:
-        """Remove the user and everything kept for them (token hash, room, leftovers of
-        interrupted writes), for good."""
+        """Remove the user and everything kept for them (token hash, room, usage ledger,
+        leftovers of interrupted writes), for good."""
+        ...
+
+    # Usage ledger (per user and UTC day)
+    def load_usage(self, user_id: str) -> UsageRecord: ...
+    def save_usage(self, user_id: str, record: UsageRecord, *, owner_must_exist: bool = False) -> None:
+        """``owner_must_exist``: as for ``save_room``."""
+        ...
+
+    def usage_user_ids(self) -> list[str]: ...
+    def usage_ledger(self, *, owner_must_exist: bool = False) -> Ledger:
+        """The live ledger of a server process (take one per process). With
+        ``owner_must_exist`` (built-in auth), usage of a user removed meanwhile is dropped, not
+        written back (``UserGone``, as for a room)."""
         ...

@@ -4,6 +4,7 @@
       users/{userId}.json          built-in auth: the user's virtual key, provider URL, token hash
       tokens/{sha256(token)}.json  built-in auth: which user a token hash belongs to
       rooms/{roomId}.json          a room's state: preferences and conversations
+      usage/{userId}.json          the user's usage ledger: one entry per UTC day (bounded)
 
 Nothing is read at start-up: a file is read the first time its user is used, so start-up cost does
 not grow with the number of users. Every write is atomic and durable: a uniquely named temporary
@@ -36,7 +37,17 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from atlas.store.records import RoomState, StoreCorrupt, TokenRecord, UserGone, UserRecord, is_valid_user_id
+from atlas.store.base import Ledger
+from atlas.store.ledger import ProcessLedger
+from atlas.store.records import (
+    RoomState,
+    StoreCorrupt,
+    TokenRecord,
+    UsageRecord,
+    UserGone,
+    UserRecord,
+    is_valid_user_id,
+)
 
 T = TypeVar("T")
 
@@ -94,6 +105,7 @@ class JsonStore:
         self.users_dir = data_dir / "users"
         self.tokens_dir = data_dir / "tokens"
         self.rooms_dir = data_dir / "rooms"
+        self.usage_dir = data_dir / "usage"
 
     @property
     def location(self) -> str:
@@ -103,10 +115,10 @@ class JsonStore:
         pass  # nothing held open between calls
 
     def prepare(self) -> None:
-        for directory in (self.data_dir, self.users_dir, self.tokens_dir, self.rooms_dir):
+        for directory in (self.data_dir, self.users_dir, self.tokens_dir, self.rooms_dir, self.usage_dir):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         with self._locked(exclusive=True):
-            for directory in (self.users_dir, self.tokens_dir, self.rooms_dir):
+            for directory in (self.users_dir, self.tokens_dir, self.rooms_dir, self.usage_dir):
                 self._remove_leftovers(directory, "*")
 
     @contextmanager
@@ -161,11 +173,7 @@ class JsonStore:
         fsync_directory(self.users_dir)
 
     def user_ids(self) -> list[str]:
-        if not self.users_dir.is_dir():
-            return []
-        return sorted(
-            path.stem for path in self.users_dir.glob("*.json") if not path.name.startswith(".")
-        )
+        return _ids_in(self.users_dir)
 
     def has_users(self) -> bool:
         if not self.users_dir.is_dir():
@@ -236,6 +244,34 @@ class JsonStore:
             self._delete_tokens_of(user_id)
             self.delete_user(user_id)
             self.delete_room(user_id)
-            for directory in (self.users_dir, self.rooms_dir):
+            usage = self.usage_path(user_id)
+            if usage.exists():
+                usage.unlink(missing_ok=True)
+                fsync_directory(self.usage_dir)
+            for directory in (self.users_dir, self.rooms_dir, self.usage_dir):
                 # User ids hold no glob characters (USER_ID_PATTERN).
                 self._remove_leftovers(directory, user_id)
+
+    # Usage ledger: written by the one server process on this data directory (``usage_ledger``),
+    # read by ``atlas usage``.
+
+    def usage_path(self, user_id: str) -> Path:
+        return self._file(self.usage_dir, user_id)
+
+    def load_usage(self, user_id: str) -> UsageRecord:
+        return read_struct(self.usage_path(user_id), UsageRecord) or UsageRecord()
+
+    def save_usage(self, user_id: str, record: UsageRecord, *, owner_must_exist: bool = False) -> None:
+        self._write(self.usage_path(user_id), record, owner=user_id if owner_must_exist else None)
+
+    def usage_user_ids(self) -> list[str]:
+        return _ids_in(self.usage_dir)
+
+    def usage_ledger(self, *, owner_must_exist: bool = False) -> Ledger:
+        return ProcessLedger(self, owner_must_exist=owner_must_exist)
+
+
+def _ids_in(directory: Path) -> list[str]:
+    if not directory.is_dir():
+        return []
+    return sorted(path.stem for path in directory.glob("*.json") if not path.name.startswith("."))

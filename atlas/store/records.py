@@ -10,9 +10,10 @@ import hashlib
 import re
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
+from msgspec import UNSET, UnsetType
 
 USER_ID_PATTERN = re.compile(r"[A-Za-z0-9._@-]{1,128}")
 
@@ -49,6 +50,22 @@ class Turn(msgspec.Struct, frozen=True):
     content: str
 
 
+LimitValue = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class Limits(msgspec.Struct, rename="camel", frozen=True, forbid_unknown_fields=True):
+    """Limits from one source (defaults, ``atlas user limit``, the auth API). A field left unset
+    inherits from the source before; ``None`` (JSON ``null``) means unlimited, overriding it."""
+
+    tokens_per_day: LimitValue | None | UnsetType = UNSET
+    tokens_per_month: LimitValue | None | UnsetType = UNSET
+    requests_per_minute: LimitValue | None | UnsetType = UNSET
+    concurrent_requests: LimitValue | None | UnsetType = UNSET
+
+    def is_empty(self) -> bool:
+        return all(getattr(self, name) is UNSET for name in self.__struct_fields__)
+
+
 class UserRecord(msgspec.Struct, rename="camel", omit_defaults=True):
     """A built-in user. New fields must have defaults (schema evolution)."""
 
@@ -57,6 +74,7 @@ class UserRecord(msgspec.Struct, rename="camel", omit_defaults=True):
     provider_url: str | None = None
     token_hash: str = ""
     created_at: float = 0.0
+    limits: Limits | None = None  # set with `atlas user limit`
 
     def __repr__(self) -> str:  # the key never reaches a log line, not even by accident
         return f"UserRecord(id={self.id!r}, virtual_key={mask_key(self.virtual_key)!r})"
@@ -92,6 +110,22 @@ def mask_key(key: str) -> str:
     return "…" + key[-4:] if len(key) > 8 else "…"
 
 
+class UsageDay(msgspec.Struct, rename="camel"):
+    """One user's settled usage on one UTC day (``date`` is ``YYYY-MM-DD``)."""
+
+    date: str
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class UsageRecord(msgspec.Struct, rename="camel", omit_defaults=True):
+    """A user's usage ledger: one entry per UTC day with usage, oldest first, bounded."""
+
+    days: list[UsageDay] = msgspec.field(default_factory=list)
+
+
 class Identity(msgspec.Struct, rename="camel", frozen=True, omit_defaults=True):
     """What ``/api/me`` says about a token's user (extra fields are ignored)."""
 
@@ -101,6 +135,7 @@ class Identity(msgspec.Struct, rename="camel", frozen=True, omit_defaults=True):
     # When this user was created (built-in auth): a user removed and added again under the same
     # id is another person, and must not inherit the loaded room of the first.
     created_at: float | None = None
+    limits: Limits | None = None
 
     def __repr__(self) -> str:  # the key never reaches a log line, not even by accident
         return f"Identity(id={self.id!r}, virtual_key={mask_key(self.virtual_key or '')!r})"

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import time
 
+from msgspec import UNSET, structs
+
 from atlas.store.base import Store
-from atlas.store.records import UserRecord, hash_token, new_token
+from atlas.store.records import Limits, UserRecord, hash_token, new_token
 
 
 class UserCommandError(Exception):
@@ -60,7 +62,7 @@ def rotate_token(store: Store, user_id: str) -> str:
 
 
 def remove_user(store: Store, user_id: str) -> None:
-    """Delete the user, its token and its room's stored prefs and conversations."""
+    """Delete the user, its token, its room's stored prefs and conversations, and its usage."""
     existing_user(store, user_id)
     store.remove_user(user_id)
 
@@ -70,5 +72,31 @@ def set_key(store: Store, user_id: str, virtual_key: str, provider_url: str | No
     user.virtual_key = virtual_key
     if provider_url is not None:
         user.provider_url = provider_url or None
+    store.save_user(user)
+    return user
+
+
+INHERIT = "default"  # a limit value that forgets the user's own, so the server default applies
+
+
+def set_limits(
+    store: Store, user_id: str, changes: dict[str, int | None | str], *, clear: bool = False
+) -> UserRecord:
+    """Change a user's stored limits (``Limits`` field names). ``clear`` drops them all first;
+    then each change sets a number, ``None`` (unlimited for this user, whatever the defaults) or
+    ``INHERIT`` (back to the server's default). The server sees it within its auth cache time."""
+    user = existing_user(store, user_id)
+    values = {} if clear or user.limits is None else {
+        name: value for name, value in structs.asdict(user.limits).items() if value is not UNSET
+    }
+    for name, value in changes.items():
+        if name not in Limits.__struct_fields__:
+            raise UserCommandError(f"unknown limit {name!r}")
+        if value == INHERIT:
+            values.pop(name, None)
+        else:
+            values[name] = value
+    limits = Limits(**values)
+    user.limits = None if limits.is_empty() else limits
     store.save_user(user)
     return user
