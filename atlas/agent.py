@@ -25,6 +25,7 @@ from atlas.config import Settings, normalize_url
 from atlas.llm.agents import AgentSpec, SamplingOptions, load_agents
 from atlas.llm.provider import ProviderClient, RetryPolicy, open_provider_transport
 from atlas.llm.types import (
+    AgentBudget,
     AgentError,
     ChatMessage,
     Credentials,
@@ -36,7 +37,7 @@ from atlas.llm.types import (
 )
 
 __all__ = [
-    "AgentError", "AgentService", "AgentSpec", "ChatMessage", "Credentials", "Finish",
+    "AgentBudget", "AgentError", "AgentService", "AgentSpec", "ChatMessage", "Credentials", "Finish",
     "StreamEvent", "TextDelta", "Usage", "open_agent_service",
 ]
 
@@ -147,7 +148,7 @@ class AgentService:
         self.agents = agents
         self.default_provider_url = normalize_url(default_provider_url)
         self.allowed_provider_urls = frozenset(normalize_url(u) for u in allowed_provider_urls)
-        self._provider = provider
+        self.provider = provider  # shared with the transport's OpenAI-compatible endpoint
 
     async def default_agent_id(self) -> str:
         """The agent a request without ``agentId`` goes to: the first one configured."""
@@ -158,6 +159,10 @@ class AgentService:
         if agent is None:
             raise AgentError("unknown_agent", f"no agent with id {agent_id!r}", 404)
         return agent
+
+    async def budget(self, agent_id: str) -> AgentBudget:
+        """The agent's prompt overhead and output cap, for admission (``unknown_agent``)."""
+        return self.get(agent_id).budget()
 
     def provider_url(self, credentials: Credentials) -> str:
         """The URL the request will go to (normalised: no user-info, query or fragment), or
@@ -193,7 +198,7 @@ class AgentService:
             )
         url = self.provider_url(credentials)
         log.debug("agent %s: user %r -> %s", agent.id, credentials.user_id, url)
-        async with self._provider.open_completion(url, key, body) as events:
+        async with self.provider.open_completion(url, key, body) as events:
             yield events
 
 

@@ -14,6 +14,7 @@ never sees it) unless it says ``provider_auth``: it means the gateway and the ag
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -23,7 +24,16 @@ import httpx
 import msgspec
 
 from atlas.llm.sse import SseDataParser, SseTooLong
-from atlas.llm.types import AgentError, ChatMessage, Credentials, Finish, StreamEvent, TextDelta, Usage
+from atlas.llm.types import (
+    AgentBudget,
+    AgentError,
+    ChatMessage,
+    Credentials,
+    Finish,
+    StreamEvent,
+    TextDelta,
+    Usage,
+)
 
 log = logging.getLogger("atlas.agent_api.remote")
 
@@ -65,7 +75,22 @@ class _AgentList(msgspec.Struct):
 
 
 _agents_decoder = msgspec.json.Decoder(_AgentList)
+
+
+class _Described(msgspec.Struct):
+    budget: AgentBudget | None = None
+
+
+class _DescribeEnvelope(msgspec.Struct):
+    data: _Described
+
+
+# A VoltAgent server that does not say how much its agent adds to a prompt: assume this much.
+UNKNOWN_INSTRUCTIONS_BYTES = 8192
+BUDGET_CACHE_SECONDS = 60.0
+
 _event_decoder = msgspec.json.Decoder(_Event)
+_describe_decoder = msgspec.json.Decoder(_DescribeEnvelope)
 _envelope_decoder = msgspec.json.Decoder(_Envelope)
 _encoder = msgspec.json.Encoder()
 
@@ -88,6 +113,7 @@ class RemoteAgent:
         self._base_url = base_url.rstrip("/")
         self._secret = secret
         self._default_agent: str | None = None
+        self._budgets: dict[str, tuple[float, AgentBudget]] = {}
 
     async def default_agent_id(self) -> str:
         """The first agent the remote agent lists (asked once, then remembered)."""
@@ -108,6 +134,35 @@ class RemoteAgent:
                 raise AgentError("unknown_agent", "the agent service has no agents", 404)
             self._default_agent = agents[0].id
         return self._default_agent
+
+    async def budget(self, agent_id: str) -> AgentBudget:
+        """The agent's prompt overhead and output cap from ``GET /agents/{id}`` (cached)."""
+        cached = self._budgets.get(agent_id)
+        now = time.monotonic()
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        url = f"{self._base_url}/agents/{quote(agent_id, safe='')}"
+        headers = {"X-Atlas-Agent-Secret": self._secret} if self._secret else {}
+        try:
+            response = await self._client.get(url, headers=headers)
+        except httpx.HTTPError as exc:
+            log.warning("remote agent unreachable: %s", type(exc).__name__)
+            raise AgentError("agent_unavailable", "the agent service cannot be reached", 502) from None
+        if response.status_code != 200:
+            raise _envelope_error(response.status_code, response.content, self._base_url)
+        try:
+            described = _describe_decoder.decode(response.content).data
+        except msgspec.DecodeError:
+            described = _Described()
+        budget = described.budget
+        if budget is None:
+            log.warning("agent %s does not describe its prompt size; assuming %d bytes",
+                        agent_id, UNKNOWN_INSTRUCTIONS_BYTES)
+            budget = AgentBudget(UNKNOWN_INSTRUCTIONS_BYTES, None)
+        if len(self._budgets) > 1000:
+            self._budgets.clear()
+        self._budgets[agent_id] = (now + BUDGET_CACHE_SECONDS, budget)
+        return budget
 
     def _headers(self, credentials: Credentials) -> dict[str, str]:
         headers = {

@@ -2,8 +2,13 @@
 
     /party/{roomId}, /parties/main/{roomId}   WebSocket: ws.websocket_endpoint (raw ASGI)
                                               HTTP: room status, or ?proxy= to the agent
+    /party/{roomId}/usage (and /parties/main/) HTTP: the user's usage ledger and limits
+    /v1/chat/completions, /v1/models          the OpenAI-compatible endpoint (v1.py)
     /api/me                                   built-in auth (only without ATLAS_AUTH_URL)
     everything else                           Quart: the web page, /static, /healthz
+
+CORS (``ATLAS_CORS_ORIGINS``) applies to the HTTP routes under ``/party``, ``/parties`` and
+``/v1`` (cors.py); a preflight is answered before any token is asked for.
 
 The hot paths (WebSocket frames, proxied streams) are raw ASGI: Quart's per-message overhead and
 its response timeout are measured costs there (see STYLE.md), and the in-process proxy hands the
@@ -25,6 +30,8 @@ from quart_trio import QuartTrio
 from atlas.asgi import query_param, send_json
 from atlas.gateway.auth import AccessDenied, admit, builtin_me_app, store_denial
 from atlas.gateway.metrics import CONTENT_TYPE
+from atlas.gateway.cors import Cors
+from atlas.gateway.metered import billable_route, proxy_billable
 from atlas.gateway.proxy import (
     ProxyRefused,
     agent_path,
@@ -33,9 +40,11 @@ from atlas.gateway.proxy import (
     proxy_remote,
 )
 from atlas.gateway.services import Services
+from atlas.gateway.v1 import v1_endpoint
 from atlas.gateway.ws import websocket_endpoint
 from atlas.llm.types import AgentError
 from atlas.store import StoreError, mask_key
+from atlas.store.usage import parse_day
 
 log = logging.getLogger("atlas.gateway.app")
 
@@ -62,6 +71,13 @@ async def send_denied(send: Any, denied: AccessDenied) -> None:
 
 
 async def party_http(services: Services, room_id: str, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    room_id, slash, sub = room_id.partition("/")
+    if slash:
+        if sub != "usage":
+            await send_error(send, 404, "not_found", "no such route: rooms have /party/{id} and /party/{id}/usage")
+            return
+        await party_usage(services, room_id, scope, send)
+        return
     requested = query_param(scope, "proxy")
     if requested is None and scope["method"] not in ("GET", "HEAD"):
         await send_error(send, 405, "method_not_allowed", "use GET for the room status, or ?proxy=/agents/...")
@@ -86,26 +102,68 @@ async def party_http(services: Services, room_id: str, scope: dict[str, Any], re
                     "virtualKey": mask_key(identity.virtual_key or ""),
                     "providerUrl": identity.provider_url or services.default_provider_url or None,
                     "prefs": room.prefs, "connections": len(room.connections),
+                    "usageToday": await services.admission.usage_today(identity.id),
                 })
                 return
             headers = forwarded_headers(
                 scope["headers"], services.relay.credentials(room), services.settings.agent_secret
             )
-            if services.agent_app is not None:
-                await proxy_in_process(services.agent_app, scope, receive, send, path, headers)
-            else:
+
+            async def forward(body: bytes | None, receive: Any, send: Any) -> None:
+                forwarded = headers
+                if body is not None:  # the body was read (and maybe changed): its own length
+                    forwarded = [(k, v) for k, v in headers if k != b"content-length"]
+                    forwarded.append((b"content-length", str(len(body)).encode()))
+                if services.agent_app is not None:
+                    await proxy_in_process(services.agent_app, scope, receive, send, path, forwarded)
+                    return
                 assert services.agent_client is not None and services.settings.agent_url
                 try:
                     sent = await proxy_remote(
-                        services.agent_client, services.settings.agent_url, scope, receive, send, path, headers
+                        services.agent_client, services.settings.agent_url, scope, receive, send, path,
+                        forwarded,
                     )
                 except AgentError as exc:  # raised before anything was sent
                     await send_error(send, exc.status, exc.code, exc.message)
                     return
                 if not sent:
                     await send_error(send, 502, "agent_unavailable", "the agent cannot be reached")
+
+            billable = billable_route(scope["method"], path)
+            if billable is None or services.relay.credentials(room) is None:
+                # Not a provider call (or no key: the agent refuses it before any provider call).
+                await forward(None, receive, send)
+            else:
+                agent_id, route = billable
+                await proxy_billable(services, identity, agent_id, route, receive, send, forward)
     except StoreError as exc:
         await send_denied(send, store_denial(exc))
+
+
+async def party_usage(services: Services, room_id: str, scope: dict[str, Any], send: Any) -> None:
+    """``GET /party/{roomId}/usage[?since=YYYY-MM-DD]``: the user's ledger, limits and what is left."""
+    if scope["method"] not in ("GET", "HEAD"):
+        await send_error(send, 405, "method_not_allowed", "use GET for the usage")
+        return
+    try:
+        identity = await admit(services.verifier, room_id, scope, shutting_down=services.shutting_down)
+    except AccessDenied as denied:
+        await send_denied(send, denied)
+        return
+    since = query_param(scope, "since")
+    if since is not None:
+        try:
+            since = parse_day(since)
+        except ValueError as exc:
+            await send_error(send, 400, "bad_request", f"since: {exc}")
+            return
+    admission = services.admission
+    try:
+        body = await admission.report(identity.id, admission.limits_for(identity), since)
+    except StoreError as exc:
+        await send_denied(send, store_denial(exc))
+        return
+    await send_json(send, 200, body)
 
 
 # The page runs only its own files: even if a reply ever reached the page as HTML, no script of
@@ -157,6 +215,7 @@ async def send_metrics(services: Services, send: Any) -> None:
 def build_app(services: Services):
     pages = build_pages_app(services)
     builtin_me = None if services.settings.auth_url else builtin_me_app(services.store)
+    cors = Cors(services.settings.cors_origins) if services.settings.cors_origins else None
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         kind = scope["type"]
@@ -165,11 +224,20 @@ def build_app(services: Services):
             return
         path = scope["path"]
         room_id = room_id_of(path)
-        if room_id is not None:
-            if kind == "websocket":
-                await websocket_endpoint(services, room_id, scope, receive, send)
+        is_v1 = path == "/v1" or path.startswith("/v1/")
+        if kind == "http" and (room_id is not None or is_v1):
+            if cors is not None:
+                if cors.is_preflight(scope):
+                    await cors.preflight(scope, send)
+                    return
+                send = cors.wrap(scope, send)
+            if is_v1:
+                await v1_endpoint(services, scope, receive, send)
             else:
                 await party_http(services, room_id, scope, receive, send)
+            return
+        if room_id is not None:
+            await websocket_endpoint(services, room_id, scope, receive, send)
             return
         if kind == "websocket":
             # Refused before the upgrade: the client sees HTTP 403 for an unknown WebSocket path.

@@ -10,8 +10,9 @@ Errors:
     ├── Unauthorized      401 / WebSocket 4001: missing, unknown or revoked token
     └── AuthUnavailable   503 / WebSocket 1011: the auth API is down, slow or answers nonsense
 
-``admit`` is the one door to a room, for WebSocket and HTTP alike: it raises ``AccessDenied``
-carrying both the HTTP status and the WebSocket close code of the refusal.
+``admit`` is the one door to a room, for WebSocket and HTTP alike (``authenticate`` is the same
+door for the ``/v1`` routes, which name no room): it raises ``AccessDenied`` carrying both the
+HTTP status and the WebSocket close code of the refusal.
 """
 
 from __future__ import annotations
@@ -171,18 +172,23 @@ def client_address(scope: dict[str, Any], trusted_proxies: frozenset[str] = froz
     return peer
 
 
-async def admit(
-    verifier: TokenVerifier, room_id: str, scope: dict[str, Any], *, shutting_down: bool
+SHUTTING_DOWN = AccessDenied(
+    "shutting_down", "the server is shutting down", status=503, close_code=CLOSE_GOING_AWAY
+)
+
+
+async def authenticate(
+    verifier: TokenVerifier, scope: dict[str, Any], *, shutting_down: bool
 ) -> Identity:
-    """The identity of the room's user, if this request's token belongs to it."""
+    """The identity of this request's token (the ``/v1`` routes have no room in their path)."""
     if shutting_down:
-        raise AccessDenied("shutting_down", "the server is shutting down", status=503, close_code=CLOSE_GOING_AWAY)
-    if not is_valid_user_id(room_id):
-        raise AccessDenied(
-            "bad_room_id", "room ids are 1-128 of A-Z a-z 0-9 . _ @ -", status=400, close_code=CLOSE_BAD_ROOM
-        )
+        raise SHUTTING_DOWN
+    return await _verify(verifier, scope)
+
+
+async def _verify(verifier: TokenVerifier, scope: dict[str, Any]) -> Identity:
     try:
-        identity = await verifier.verify(
+        return await verifier.verify(
             token_from_scope(scope), client=client_address(scope, verifier.trusted_proxies)
         )
     except TooManyFailures as exc:
@@ -193,6 +199,19 @@ async def admit(
         raise AccessDenied(exc.code, str(exc), status=401, close_code=CLOSE_UNAUTHORIZED) from None
     except AuthUnavailable as exc:
         raise AccessDenied(exc.code, str(exc), status=503, close_code=CLOSE_INTERNAL) from None
+
+
+async def admit(
+    verifier: TokenVerifier, room_id: str, scope: dict[str, Any], *, shutting_down: bool
+) -> Identity:
+    """The identity of the room's user, if this request's token belongs to it."""
+    if shutting_down:
+        raise SHUTTING_DOWN
+    if not is_valid_user_id(room_id):
+        raise AccessDenied(
+            "bad_room_id", "room ids are 1-128 of A-Z a-z 0-9 . _ @ -", status=400, close_code=CLOSE_BAD_ROOM
+        )
+    identity = await _verify(verifier, scope)
     if identity.id != room_id:
         raise AccessDenied(
             "forbidden", "this token belongs to another user's room", status=403, close_code=CLOSE_FORBIDDEN
@@ -214,6 +233,7 @@ def lookup_builtin_user(store: Store, token: str) -> Identity | None:
     return Identity(
         id=user.id, virtual_key=user.virtual_key or None, provider_url=user.provider_url,
         created_at=user.created_at or None,
+        limits=user.limits,
     )
 
 
@@ -366,8 +386,9 @@ class TokenVerifier:
             raise AuthUnavailable(f"the auth API answered {response.status_code}")
         try:
             identity = _identity_decoder.decode(response.content)
-        except msgspec.DecodeError:
-            log.warning("auth API answered 200 without a usable user object")
+        except msgspec.DecodeError as exc:
+            # msgspec names the field at fault (e.g. a malformed `limits`), never a value.
+            log.warning("auth API answered 200 without a usable user object: %s", exc)
             raise AuthUnavailable("the auth API answered with an unusable user object") from None
         return identity
 

@@ -5,6 +5,10 @@ connection's ``requests`` so that ``agent:cancel`` and the connection's end both
 the agent's stream context closes the provider request at once. The agent is anything with
 ``open_stream(agent_id, input, options, credentials)``: the in-process ``AgentService`` (direct
 calls, no HTTP hop) or ``RemoteAgent`` (``/agents/{id}/stream`` over HTTP).
+
+Every request passes admission (``atlas.gateway.admission``) before the agent is called: its
+worst case is reserved against the user's limits, the output cap it may use goes to the agent as
+``options.maxOutputTokens``, and its usage is settled (durably) before ``agent:done`` is sent.
 """
 
 from __future__ import annotations
@@ -16,8 +20,17 @@ from typing import Any, AsyncIterator, Protocol
 
 import trio
 
+from atlas.gateway.admission import PER_MESSAGE_TOKENS, Admission, Refused, prompt_bound
 from atlas.gateway.connection import Connection, DeltaBuffer
-from atlas.llm.types import AgentError, ChatMessage, Credentials, Finish, StreamEvent, TextDelta
+from atlas.llm.types import (
+    AgentBudget,
+    AgentError,
+    ChatMessage,
+    Credentials,
+    Finish,
+    StreamEvent,
+    TextDelta,
+)
 from atlas.llm.types import Usage as AgentUsage
 from atlas.protocol import (
     AgentDone,
@@ -47,13 +60,36 @@ class Agent(Protocol):
         credentials: Credentials,
     ) -> AbstractAsyncContextManager[AsyncIterator[StreamEvent]]: ...
 
+    async def budget(self, agent_id: str) -> AgentBudget: ...
+
+
+def agent_prompt_bound(budget: AgentBudget, texts: list[str]) -> int:
+    """Upper bound of the prompt tokens of an agent request: its messages and the agent's
+    instructions (one system message)."""
+    bound = prompt_bound(texts, len(texts))
+    if budget.instructions_bytes:
+        bound += budget.instructions_bytes + PER_MESSAGE_TOKENS
+    return bound
+
+
+def requested_output(options: dict[str, Any]) -> tuple[bool, int | None]:
+    """(the option can be replaced, its value): a malformed ``maxOutputTokens`` is left for the
+    agent to refuse with a clear error, never silently replaced."""
+    value = options.get("maxOutputTokens")
+    if value is None:
+        return True, None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return True, value
+    return False, None
+
 
 class Relay:
     def __init__(
-        self, agent: Agent, *, default_provider_url: str, max_requests: int, conversation_turns: int,
-        default_agent: str | None = None,
+        self, agent: Agent, admission: Admission, *, default_provider_url: str, max_requests: int,
+        conversation_turns: int, default_agent: str | None = None,
     ) -> None:
         self.agent = agent
+        self.admission = admission
         self.default_agent = default_agent  # ATLAS_DEFAULT_AGENT; else the agent's first one
         self.default_provider_url = default_provider_url
         self.max_requests = max_requests
@@ -132,22 +168,34 @@ class Relay:
             agent_input.append(ChatMessage("user", message.message))
         try:
             with scope:
-                parts: list[str] = []
-                finish = Finish("unknown", usage=AgentUsage())
-                buffer = DeltaBuffer(request_id)
-                async with self.agent.open_stream(agent_id, agent_input, options, credentials) as events:
-                    # Started once the agent took the request: a refusal (unknown agent, bad
-                    # options, a misconfigured agent secret, the provider's own) comes alone.
-                    if streaming:
-                        await connection.send(encode(AgentStart(request_id, agent_id)))
-                    async for event in events:
-                        if isinstance(event, TextDelta):
-                            parts.append(event.text)
-                            if streaming:
-                                await connection.send_delta(buffer, event.text)
-                        else:
-                            finish = event
-                text = "".join(parts)
+                budget = await self.agent.budget(agent_id)
+                prompt = agent_prompt_bound(budget, [t.content for t in history] + [message.message])
+                replaceable, wanted = requested_output(options)
+                limits = self.admission.limits_for(room.identity)
+                async with self.admission.admit(
+                    room.id, limits, prompt=prompt, output=wanted or budget.max_output_tokens
+                ) as ticket:
+                    if ticket.cap is not None and replaceable:
+                        options = {**options, "maxOutputTokens": ticket.cap}
+                    parts: list[str] = []
+                    finish = Finish("unknown", usage=AgentUsage())
+                    buffer = DeltaBuffer(request_id)
+                    async with self.agent.open_stream(agent_id, agent_input, options, credentials) as events:
+                        ticket.answered()
+                        # Started once the agent took the request: a refusal (a limit, unknown
+                        # agent, bad options, a misconfigured agent secret, the provider's own)
+                        # comes alone.
+                        if streaming:
+                            await connection.send(encode(AgentStart(request_id, agent_id)))
+                        async for event in events:
+                            if isinstance(event, TextDelta):
+                                parts.append(event.text)
+                                if streaming:
+                                    await connection.send_delta(buffer, event.text)
+                            else:
+                                finish = event
+                    text = "".join(parts)
+                    await ticket.settle(finish.usage)  # durable before the client hears of it
                 if conversation_id:
                     turns = [Turn("user", message.message), Turn("assistant", text)]
                     await room.append_turns(conversation_id, turns, self.conversation_turns)
@@ -159,6 +207,8 @@ class Relay:
                 )))
             if scope.cancelled_caught:
                 await connection.send(error_frame("cancelled", "the request was cancelled", request_id))
+        except Refused as exc:
+            await connection.send(error_frame(exc.code, exc.message, request_id, **exc.fields()))
         except AgentError as exc:
             await connection.send(encode_agent_error(request_id, exc))
         except UserGone:

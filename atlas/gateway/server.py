@@ -15,6 +15,8 @@ import logging
 import shlex
 import shutil
 import sys
+import time
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from functools import partial
 from pathlib import Path
@@ -23,6 +25,7 @@ import httpx
 import trio
 
 from atlas.config import Settings, prepare_data_dir
+from atlas.gateway.admission import Admission
 from atlas.gateway.app import build_app
 from atlas.gateway.auth import open_token_verifier
 from atlas.gateway.relay import Relay
@@ -31,10 +34,11 @@ from atlas.gateway.services import Services
 from atlas.http_server import serve_asgi
 from atlas.llm.agents import AgentSpec, load_agents
 from atlas.lifecycle import run_until_signal
+from atlas.llm.provider import ProviderClient, RetryPolicy, open_provider_transport
 from atlas.logs import setup_logging
 from atlas.protocol import CLOSE_GOING_AWAY
 from atlas.rooms import serve_rooms
-from atlas.store import Store, StoreError, store_for
+from atlas.store import Limits, Store, StoreError, store_for
 from atlas.store.users import create_user
 
 log = logging.getLogger("atlas.gateway.server")
@@ -50,19 +54,21 @@ async def serve_atlas(
     agents: dict[str, AgentSpec] | None = None,
     store: Store | None = None,
     shutdown: trio.Event | None = None,
+    clock: Callable[[], float] = time.time,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until ``shutdown`` is set (then shut down gracefully) or until cancelled.
     ``agents``: already loaded agent definitions (else they are loaded from the settings).
     ``store``: an already prepared store, which the caller closes (else one is opened from the
-    settings, prepared, and closed at the end)."""
+    settings, prepared, and closed at the end).
+    ``clock``: the wall clock of the usage ledger and limits (UTC days and months, minutes)."""
     if store is not None:
-        await _serve(settings, store, agents=agents, shutdown=shutdown, task_status=task_status)
+        await _serve(settings, store, agents=agents, shutdown=shutdown, clock=clock, task_status=task_status)
         return
     store = store_for(settings)
     try:
         await trio.to_thread.run_sync(store.prepare)
-        await _serve(settings, store, agents=agents, shutdown=shutdown, task_status=task_status)
+        await _serve(settings, store, agents=agents, shutdown=shutdown, clock=clock, task_status=task_status)
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(store.close)
@@ -74,6 +80,7 @@ async def _serve(
     *,
     agents: dict[str, AgentSpec] | None,
     shutdown: trio.Event | None,
+    clock: Callable[[], float],
     task_status: trio.TaskStatus[str],
 ) -> None:
     if shutdown is None:
@@ -106,6 +113,13 @@ async def _serve(
             )
             agent = RemoteAgent(agent_client, settings.agent_url, settings.agent_secret)
             log.info("agent requests go to the remote agent at %s", settings.agent_url)
+            # The OpenAI-compatible endpoint calls the provider itself, with its own client.
+            transport = await stack.enter_async_context(
+                open_provider_transport(settings.provider_transport)
+            )
+            provider = ProviderClient(
+                transport, RetryPolicy(retries=0), timeout=settings.provider_timeout
+            )
         else:
             from atlas.agent import open_agent_service
             from atlas.agent_api.app import AgentApp
@@ -114,6 +128,13 @@ async def _serve(
                 open_agent_service(settings, default_provider_url=provider_url, agents=agents)
             )
             agent_app = AgentApp(agent, settings)
+            provider = agent.provider
+        admission = Admission(
+            store.usage_ledger(owner_must_exist=settings.auth_url is None),
+            Limits(**{k: v for k, v in settings.default_limits().items() if v is not None}),
+            clock=clock, wait_seconds=settings.limit_wait_seconds,
+            default_output_tokens=settings.default_output_tokens,
+        )
         rooms = await background.start(partial(
             serve_rooms, store, idle_seconds=settings.room_idle_seconds,
             users_are_stored=settings.auth_url is None,
@@ -124,10 +145,11 @@ async def _serve(
         services = Services(
             settings=settings, store=store, verifier=verifier, rooms=rooms,
             relay=Relay(
-                agent, default_provider_url=provider_url,
+                agent, admission, default_provider_url=provider_url,
                 max_requests=settings.max_requests_per_connection,
                 conversation_turns=settings.conversation_turns, default_agent=settings.default_agent,
             ),
+            admission=admission, provider=provider,
             default_provider_url=provider_url, agent_app=agent_app, agent_client=agent_client,
         )
         services.metrics.track_live(

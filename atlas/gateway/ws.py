@@ -35,12 +35,15 @@ from atlas.protocol import (
     PrefsSet,
     ProtocolError,
     Ready,
+    UsageGet,
     decode_client_message,
     encode,
     error_frame,
+    usage_message,
 )
 from atlas.rooms import PrefsTooLarge, Room
 from atlas.store import StoreError, StoreUnavailable, UserGone
+from atlas.store.usage import parse_day
 
 log = logging.getLogger("atlas.gateway.ws")
 
@@ -192,6 +195,20 @@ async def handle_frame(services: Services, room: Room, connection: Connection, f
             await connection.send(encode(PrefsMessage(prefs)))
         case Broadcast(data=data):
             room.broadcast(encode(BroadcastMessage(connection.id, data)), sender=connection)
+        case UsageGet(since=since):
+            await send_usage(services, room, connection, since)
+
+
+async def send_usage(services: Services, room: Room, connection: Connection, since: str | None) -> None:
+    if since is not None:
+        try:
+            since = parse_day(since)
+        except ValueError as exc:
+            await connection.send(error_frame("bad_message", f"usage:get: since: {exc}"))
+            return
+    admission = services.admission
+    report = await admission.report(room.id, admission.limits_for(room.identity), since)
+    await connection.send(encode(usage_message(report)))
 
 
 async def still_authorized(services: Services, room: Room, connection: Connection, frame: str) -> bool:

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import msgspec
 
 from atlas.config import ConfigError, Settings
+from atlas.llm.types import AgentBudget
 
 AgentId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
 Temperature = Annotated[float, msgspec.Meta(ge=0, le=2)]
@@ -58,7 +59,13 @@ class AgentSpec(SamplingOptions, frozen=True, forbid_unknown_fields=True, rename
             "subAgents": [],
             "memory": None,
             "isTelemetryEnabled": False,
+            # For the transport's admission step (it bounds the provider request from outside):
+            # sizes only, never the instructions themselves.
+            "budget": msgspec.to_builtins(self.budget()),
         }
+
+    def budget(self) -> AgentBudget:
+        return AgentBudget(len(self.instructions.encode()), self.max_output_tokens)
 
 
 DEFAULT_AGENT = AgentSpec(

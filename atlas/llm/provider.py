@@ -181,6 +181,34 @@ class ProviderClient:
         self._timeout = httpx.Timeout(timeout).as_dict()
 
     @asynccontextmanager
+    async def open_response(
+        self, method: str, url: str, api_key: str, body: bytes | None = None, *, stream: bool = False
+    ) -> AsyncIterator[httpx.Response]:
+        """One request as given, without retries (an OpenAI-compatible client retries on its
+        own), for the OpenAI-compatible endpoint: the response of any status, its body unread
+        (``response.stream`` yields raw bytes). Failing to connect or to get an answer in time
+        raises ``AgentError``; leaving the block closes the response (and an unfinished
+        connection with it)."""
+        headers = {
+            "Authorization": f"Bearer {api_key}",
+            "Accept": "text/event-stream" if stream else "application/json",
+            "User-Agent": USER_AGENT,
+        }
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        request = httpx.Request(
+            method, url, content=body, headers=headers, extensions={"timeout": self._timeout}
+        )
+        try:
+            response = await self._transport.handle_async_request(request)
+        except httpx.TransportError as exc:
+            raise transport_error(exc, streaming=False) from exc
+        try:
+            yield response
+        finally:
+            await response.aclose()
+
+    @asynccontextmanager
     async def open_completion(
         self, url: str, api_key: str, body: bytes
     ) -> AsyncIterator[AsyncIterator[StreamEvent]]:

@@ -41,6 +41,14 @@ class Credentials(msgspec.Struct, frozen=True):
         return f"Credentials(api_key='***', api_url={self.api_url!r}, user_id={self.user_id!r})"
 
 
+class AgentBudget(msgspec.Struct, frozen=True, rename="camel"):
+    """What admission needs to bound an agent's provider request from outside the agent: the
+    bytes the agent adds to every prompt (its instructions) and its own output cap."""
+
+    instructions_bytes: int = 0
+    max_output_tokens: int | None = None
+
+
 class AgentError(Exception):
     """A request the agent cannot serve. ``code`` is one of the contract's error codes,
     ``message`` is safe to show to the user (it never holds a key), ``status`` is the HTTP status,

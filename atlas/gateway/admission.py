@@ -1,0 +1,279 @@
+"""Admission: the one step every billable path goes through (the WebSocket relay, ``?proxy=`` to
+the agent, and ``/v1/chat/completions``)::
+
+    async with admission.admit(user_id, limits, prompt=bound, output=max_tokens) as ticket:
+        ...send the request, with ticket.cap as its output cap when it is not None...
+        ticket.answered()               # the provider said 200: from now on the request costs
+        ...
+        await ticket.settle(usage)      # durable; before the client is told the request is done
+
+Admission checks the concurrency and per-minute limits (``rate_limited``, 429), then reserves the
+worst case against the token limits (``quota_exceeded``, 402, when the settled usage leaves no
+room for even a one-token reply). A request that does not fit only because requests in flight
+hold the budget waits up to ``wait_seconds`` for one of them to settle, then is ``rate_limited``.
+Leaving the block settles whatever was not settled, on every exit path (cancel, provider error,
+disconnect, a crash of the request's task), shielded from cancellation: a request the provider
+answered costs its reported usage, else the reservation (Atlas's upper bound); one it never
+answered costs nothing. A reservation can therefore not outlive its request.
+
+Prompt bounds are never averages: a token is at least one UTF-8 byte for the byte-level BPE
+tokenizers providers use, so bytes plus a per-message allowance bound the prompt from above.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+
+import trio
+
+from atlas.llm.types import Usage
+from atlas.store import Charge, Hold, Identity, Ledger, Limits
+from atlas.store.usage import (
+    UNLIMITED,
+    OverQuota,
+    ResolvedLimits,
+    days_before,
+    day_totals,
+    report,
+    resolve_limits,
+    usage_day_json,
+    utc_day,
+)
+
+PER_MESSAGE_TOKENS = 8  # role and framing tokens of one chat message (OpenAI's format uses 3-4)
+PER_REQUEST_TOKENS = 8  # the reply's priming tokens and the like
+NON_TEXT_PART_TOKENS = 2048  # an image, audio or file part of a /v1 message (see docs/usage.md)
+TOOL_TOKENS = 16  # framing of one tool definition, beyond its JSON bytes
+RETRY_SOON_SECONDS = 1  # retryAfter for concurrency and budget held in flight
+REPORT_DAYS = 31  # days in a usage report when no `since` is given (today and the 30 before)
+
+
+def prompt_bound(texts: Iterable[str], messages: int) -> int:
+    """An upper bound of the prompt tokens of ``messages`` chat messages holding ``texts``."""
+    return sum(len(text.encode()) for text in texts) + PER_MESSAGE_TOKENS * messages + PER_REQUEST_TOKENS
+
+
+class Refused(Exception):
+    """Admission said no; nothing was sent to the provider. ``code`` is ``quota_exceeded`` (402,
+    with ``reset_at`` and ``limit``) or ``rate_limited`` (429, with ``retry_after`` seconds)."""
+
+    def __init__(
+        self, code: str, message: str, status: int, *, reset_at: str | None = None,
+        limit: str | None = None, retry_after: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+        self.reset_at = reset_at
+        self.limit = limit
+        self.retry_after = retry_after
+
+    def fields(self) -> dict[str, str | int]:
+        """The error object's extra fields, by ``protocol.ErrorBody`` attribute name."""
+        values = {"reset_at": self.reset_at, "limit": self.limit, "retry_after": self.retry_after}
+        return {name: value for name, value in values.items() if value is not None}
+
+    def to_json(self) -> dict[str, str | int]:
+        """The contract's error object: ``{"code", "message", "resetAt"|"retryAfter", ...}``."""
+        body: dict[str, str | int] = {"code": self.code, "message": self.message}
+        for name, value in (("resetAt", self.reset_at), ("limit", self.limit),
+                            ("retryAfter", self.retry_after)):
+            if value is not None:
+                body[name] = value
+        return body
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"retry-after", str(self.retry_after).encode())] if self.retry_after else []
+
+
+def rate_limited(message: str, retry_after: float) -> Refused:
+    return Refused("rate_limited", message, 429, retry_after=max(1, math.ceil(retry_after)))
+
+
+def quota_exceeded(refusal: OverQuota, need: int) -> Refused:
+    period = "today" if refusal.limit == "tokensPerDay" else "this month"
+    name = "daily" if refusal.limit == "tokensPerDay" else "monthly"
+    message = (
+        f"{name} token limit reached: {refusal.used:,} of {refusal.value:,} tokens used {period}, "
+        f"and this request needs at least {need:,}; the limit resets at {refusal.reset_at}"
+    )
+    return Refused("quota_exceeded", message, 402, reset_at=refusal.reset_at, limit=refusal.limit)
+
+
+class Ticket:
+    """One admitted request. ``cap`` is the output cap per choice to send to the provider when
+    a token limit applies (None: the request's own, untouched)."""
+
+    def __init__(
+        self, admission: Admission, hold: Hold, cap: int | None, *, prompt: int, output: int
+    ) -> None:
+        self._admission = admission
+        self.hold = hold
+        self.cap = cap
+        # The upper bound charged when the provider reports no usage: prompt bound and the
+        # output cap of every choice.
+        self._prompt = prompt
+        self._output = output
+        self.is_answered = False
+        self.settled = False
+
+    def answered(self, answered: bool = True) -> None:
+        """The provider has accepted the request: from now on it costs (False: it refused
+        after all, and costs nothing)."""
+        self.is_answered = answered
+
+    def charge(self, usage: Usage | None) -> Charge | None:
+        if not self.is_answered:
+            return None
+        if usage is not None and (usage.prompt_tokens or usage.completion_tokens or usage.total_tokens):
+            total = usage.total_tokens or usage.prompt_tokens + usage.completion_tokens
+            return Charge(usage.prompt_tokens, usage.completion_tokens, total)
+        return Charge(self._prompt, self._output, self._prompt + self._output)
+
+    async def settle(self, usage: Usage | None) -> None:
+        """Replace the reservation by the real usage (``usage`` from the provider; None or all
+        zero: the estimate). Durable on return. Only the first call counts."""
+        if self.settled:
+            return
+        self.settled = True
+        charge = self.charge(usage)
+        if charge is None and not self.hold.tokens:
+            return  # nothing reserved, nothing spent
+        with trio.CancelScope(shield=True):
+            await self._admission.ledger.settle(self.hold, charge)
+
+
+class _Rate:
+    """Requests per minute and in flight of one user, counted at admission."""
+
+    __slots__ = ("in_flight", "recent")
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.recent: deque[float] = deque()
+
+
+class Admission:
+    def __init__(
+        self, ledger: Ledger, defaults: Limits | None = None, *, clock: Callable[[], float] = time.time,
+        wait_seconds: float = 3.0, default_output_tokens: int = 4096,
+    ) -> None:
+        self.ledger = ledger
+        self.defaults = None if defaults is None or defaults.is_empty() else defaults
+        self.clock = clock
+        self.wait_seconds = wait_seconds
+        self.default_output_tokens = default_output_tokens
+        self._rates: dict[str, _Rate] = {}
+
+    def limits_for(self, identity: Identity | None) -> ResolvedLimits:
+        """Defaults, overridden by the user's own (``atlas user limit``, delivered by the built-in
+        ``/api/me``, or the external auth API's ``limits``)."""
+        if self.defaults is None and (identity is None or identity.limits is None):
+            return UNLIMITED
+        return resolve_limits(self.defaults, identity.limits if identity else None)
+
+    def today(self) -> str:
+        return utc_day(self.clock())
+
+    def in_flight(self, user_id: str) -> int:
+        rate = self._rates.get(user_id)
+        return rate.in_flight if rate else 0
+
+    @asynccontextmanager
+    async def admit(
+        self, user_id: str, limits: ResolvedLimits, *, prompt: int, output: int | None,
+        choices: int = 1,
+    ) -> AsyncIterator[Ticket]:
+        """Admit one request whose prompt is at most ``prompt`` tokens and whose reply is capped
+        at ``output`` tokens per choice (None: no cap of its own). Raises ``Refused``."""
+        rate = self._rates.get(user_id)
+        if rate is None:
+            rate = self._rates[user_id] = _Rate()
+        stamp = self._check_rates(rate, limits)
+        rate.in_flight += 1
+        try:
+            choices = max(1, choices)
+            wanted = output or self.default_output_tokens
+            if limits.limits_tokens:
+                try:
+                    hold = await self._reserve(user_id, limits, prompt, wanted, choices)
+                except BaseException:
+                    if stamp is not None:
+                        rate.recent.remove(stamp)  # a refused request is not counted
+                    raise
+                ticket = Ticket(self, hold, hold.cap, prompt=prompt, output=hold.cap * choices)
+            else:
+                hold = Hold(user_id, self.today(), 0, wanted)
+                ticket = Ticket(self, hold, None, prompt=prompt, output=wanted * choices)
+            try:
+                yield ticket
+            finally:
+                await ticket.settle(None)  # a no-op after an explicit settle
+        finally:
+            rate.in_flight -= 1
+            if not rate.in_flight and not rate.recent:
+                self._rates.pop(user_id, None)
+
+    def _check_rates(self, rate: _Rate, limits: ResolvedLimits) -> float | None:
+        """Refuse over the concurrency or per-minute limit; returns the per-minute stamp taken."""
+        concurrent = limits.concurrent_requests
+        if concurrent is not None and rate.in_flight >= concurrent:
+            raise rate_limited(
+                f"too many requests at once: at most {concurrent} in flight for this user; "
+                f"retry in {RETRY_SOON_SECONDS} s", RETRY_SOON_SECONDS,
+            )
+        per_minute = limits.requests_per_minute
+        if per_minute is None:
+            return None
+        now = self.clock()
+        recent = rate.recent
+        while recent and recent[0] <= now - 60:
+            recent.popleft()
+        if len(recent) >= per_minute:
+            wait = recent[0] + 60 - now if recent else 60
+            raise rate_limited(
+                f"too many requests: at most {per_minute} per minute for this user; "
+                f"retry in {math.ceil(max(wait, 1))} s", wait,
+            )
+        recent.append(now)
+        return now
+
+    async def _reserve(
+        self, user_id: str, limits: ResolvedLimits, prompt: int, output: int, choices: int
+    ) -> Hold:
+        deadline = trio.current_time() + self.wait_seconds
+        while True:
+            settled = self.ledger.next_settlement(user_id)
+            result = await self.ledger.reserve(
+                user_id, self.today(), limits, prompt=prompt, output=output, choices=choices
+            )
+            if isinstance(result, Hold):
+                return result
+            if isinstance(result, OverQuota):
+                raise quota_exceeded(result, prompt + choices)
+            # Busy: requests in flight hold the budget; one of them settling may make room.
+            with trio.move_on_at(deadline):
+                await settled.wait()
+                continue
+            raise rate_limited(
+                "this user's requests in flight hold the rest of the token budget; "
+                f"retry in {RETRY_SOON_SECONDS} s", RETRY_SOON_SECONDS,
+            )
+
+    # Reading the ledger
+
+    async def report(self, user_id: str, limits: ResolvedLimits, since: str | None = None) -> dict:
+        today = self.today()
+        record = await self.ledger.usage(user_id)
+        return report(user_id, record, limits, today=today,
+                      since=since or days_before(today, REPORT_DAYS - 1))
+
+    async def usage_today(self, user_id: str) -> dict:
+        day = usage_day_json(day_totals(await self.ledger.usage(user_id), self.today()))
+        del day["date"]
+        return day

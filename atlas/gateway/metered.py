@@ -1,0 +1,227 @@
+"""Admission and settlement for ``?proxy=`` requests that spend the user's key:
+``POST /agents/{id}/text``, ``/stream`` and ``/chat``.
+
+The request body (small JSON) is read and checked the way the agent will read it, its worst case
+is admitted like a WebSocket request's, and the granted output cap goes in as
+``options.maxOutputTokens``. The response streams through untouched, watched on the way: the
+agent reports the usage in it (``/text``: ``data.usage``; ``/stream``: the ``finish`` event's
+``totalUsage``; ``/chat``: the ``finish`` event's ``messageMetadata.usage``), and the usage is
+settled, durably, before the bytes that carry it (or the response's last bytes) are passed on.
+
+What counts as answered: ``/stream`` and ``/chat`` answer 200 only once the provider has, so a
+200 is the mark. ``/text`` answers only when the reply is complete, so it costs from the moment
+it is sent to the agent, unless the agent then refuses it (any status but 200).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+
+from atlas.agent_api.app import Response, parse_body
+from atlas.gateway.admission import Refused, Ticket
+from atlas.gateway.relay import agent_prompt_bound, requested_output
+from atlas.gateway.services import Services
+from atlas.llm.provider import SseDataParser
+from atlas.llm.types import AgentError, ChatMessage, Usage, bad_request
+from atlas.store import Identity
+
+BILLABLE_PATH = re.compile(r"/agents/([A-Za-z0-9._-]{1,64})/(text|stream|chat)/?")
+MAX_TEXT_RESPONSE = 4 * 1024 * 1024  # a /text answer kept to read its usage; larger: the estimate
+
+Forward = Callable[[bytes, Any, Any], Awaitable[None]]  # (body, receive, send)
+
+_decode = msgspec.json.Decoder().decode
+_encode = msgspec.json.Encoder().encode
+
+
+def billable_route(method: str, path: str) -> tuple[str, str] | None:
+    """(agent id, route) for a request that calls the provider, else None."""
+    match = BILLABLE_PATH.fullmatch(path)
+    if method != "POST" or match is None:
+        return None
+    return match.group(1), match.group(2)
+
+
+class _CamelUsage(msgspec.Struct, rename="camel"):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class _TotalUsage(msgspec.Struct, rename="camel"):
+    input_tokens: int = 0
+    output_tokens: int = 0
+    total_tokens: int = 0
+
+
+class _Metadata(msgspec.Struct):
+    usage: _CamelUsage | None = None
+
+
+class _Event(msgspec.Struct, rename="camel"):
+    type: str = ""
+    total_usage: _TotalUsage | None = None
+    message_metadata: _Metadata | None = None
+
+
+class _TextData(msgspec.Struct):
+    usage: _CamelUsage | None = None
+
+
+class _TextAnswer(msgspec.Struct):
+    data: _TextData | None = None
+
+
+_event = msgspec.json.Decoder(_Event)
+_text_answer = msgspec.json.Decoder(_TextAnswer)
+
+
+def _usage(camel: _CamelUsage | None) -> Usage | None:
+    return None if camel is None else Usage(camel.prompt_tokens, camel.completion_tokens, camel.total_tokens)
+
+
+class Meter:
+    """The ``send`` of a proxied billable request: passes everything on, reading the usage."""
+
+    def __init__(self, route: str, ticket: Ticket, send: Any) -> None:
+        self.route = route
+        self.ticket = ticket
+        self._send = send
+        self._parser = SseDataParser()
+        self._text: list[bytes] | None = [] if route == "text" else None
+        self._size = 0
+
+    async def send(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            ok = message["status"] == 200
+            if self.route != "text" or not ok:
+                self.ticket.answered(ok)
+        elif kind == "http.response.body":
+            chunk = message.get("body", b"")
+            if self._text is not None:
+                self._keep(chunk)
+            elif chunk:
+                await self._scan(chunk)
+            if not message.get("more_body", False):
+                await self.ticket.settle(self._text_usage())
+        await self._send(message)
+
+    def _keep(self, chunk: bytes) -> None:
+        assert self._text is not None
+        self._size += len(chunk)
+        if self._size <= MAX_TEXT_RESPONSE:
+            self._text.append(chunk)
+
+    def _text_usage(self) -> Usage | None:
+        if not self._text or self._size > MAX_TEXT_RESPONSE:
+            return None
+        try:
+            answer = _text_answer.decode(b"".join(self._text))
+        except msgspec.DecodeError:
+            return None
+        return _usage(answer.data.usage) if answer.data else None
+
+    async def _scan(self, chunk: bytes) -> None:
+        for data in self._parser.feed(chunk):
+            if b'"finish"' not in data:
+                continue
+            try:
+                event = _event.decode(data)
+            except msgspec.DecodeError:
+                continue
+            if event.type != "finish":
+                continue
+            if event.total_usage is not None:
+                u = event.total_usage
+                await self.ticket.settle(Usage(u.input_tokens, u.output_tokens, u.total_tokens))
+            elif event.message_metadata is not None:
+                await self.ticket.settle(_usage(event.message_metadata.usage))
+
+
+async def proxy_billable(
+    services: Services, identity: Identity, agent_id: str, route: str, receive: Any, send: Any,
+    forward: Forward,
+) -> None:
+    """Admit, forward (``forward(body, receive, send)``) and settle one billable request."""
+    response = Response(send)
+    try:
+        body = await read_request(receive, services.settings.max_message_bytes)
+        payload, texts, options = parse_request(body)
+        budget = await services.relay.agent.budget(agent_id)
+    except AgentError as error:
+        await response.error(error)
+        return
+    replaceable, wanted = requested_output(options)
+    admission = services.admission
+    try:
+        async with admission.admit(
+            identity.id, admission.limits_for(identity), prompt=agent_prompt_bound(budget, texts),
+            output=wanted or budget.max_output_tokens,
+        ) as ticket:
+            if ticket.cap is not None and replaceable:
+                payload["options"] = {**options, "maxOutputTokens": ticket.cap}
+                body = _encode(payload)
+            if route == "text":
+                ticket.answered()  # see the module's docstring
+            meter = Meter(route, ticket, send)
+            await forward(body, replay(body, receive), meter.send)
+    except Refused as refusal:
+        await send_refusal(send, refusal)
+
+
+async def send_refusal(send: Any, refusal: Refused) -> None:
+    data = _encode({"error": refusal.to_json()})
+    await send({"type": "http.response.start", "status": refusal.status, "headers": [
+        (b"content-type", b"application/json"), (b"cache-control", b"no-store"),
+        (b"content-length", str(len(data)).encode()), *refusal.headers(),
+    ]})
+    await send({"type": "http.response.body", "body": data})
+
+
+def replay(body: bytes, receive: Any) -> Any:
+    """A ``receive`` that gives ``body`` first, then what the client sends (its disconnect)."""
+    given = False
+
+    async def receive_again() -> dict[str, Any]:
+        nonlocal given
+        if not given:
+            given = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return receive_again
+
+
+async def read_request(receive: Any, limit: int) -> bytes:
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise bad_request("body: the client went away before sending it")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise AgentError("too_large", f"request body over {limit} bytes", 413)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def parse_request(body: bytes) -> tuple[dict[str, Any], list[str], dict[str, Any]]:
+    """The body as the agent will read it: (payload, message texts, options)."""
+    try:
+        payload = _decode(body)
+    except msgspec.DecodeError as exc:
+        raise bad_request(f"body: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise bad_request("body: nested too deeply") from None
+    agent_input, options = parse_body(payload)
+    texts = [agent_input] if isinstance(agent_input, str) else [
+        m.content for m in agent_input if isinstance(m, ChatMessage)
+    ]
+    return payload, texts, options or {}

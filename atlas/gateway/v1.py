@@ -1,0 +1,429 @@
+"""The OpenAI-compatible endpoint: ``POST /v1/chat/completions`` and ``GET /v1/models``.
+
+The API key is the user's Atlas token, checked through the same door as every other path
+(``auth.authenticate``). The body goes to the user's provider as it came (unknown fields kept),
+with the user's virtual key, after two changes: ``stream_options.include_usage`` is turned on for
+streamed requests (Atlas needs the usage; the usage chunk reaches the client only if it asked for
+it), and when a token limit applies, the output cap (``max_completion_tokens`` if the client sent
+it, ``max_tokens`` otherwise) is set to what admission granted. The stream comes back event by
+event through the provider transport the agent uses; a client that goes away closes the provider
+request at once.
+
+Errors are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 bad body, 401
+bad token, 402 ``quota_exceeded`` (with ``resetAt``), 429 ``rate_limited`` (with ``Retry-After``),
+and a provider's own status and error otherwise (with the virtual key blanked out, should a
+provider quote it).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import httpx
+import msgspec
+import trio
+
+from atlas.config import normalize_url
+from atlas.gateway.admission import (
+    NON_TEXT_PART_TOKENS,
+    PER_MESSAGE_TOKENS,
+    PER_REQUEST_TOKENS,
+    TOOL_TOKENS,
+    Refused,
+    Ticket,
+)
+from atlas.gateway.auth import AccessDenied, authenticate
+from atlas.gateway.services import Services
+from atlas.llm.provider import SseDataParser, transport_error
+from atlas.llm.types import AgentError, Usage
+from atlas.store import Identity, StoreError
+
+log = logging.getLogger("atlas.gateway.v1")
+
+MAX_RESPONSE_BYTES = 16 * 1024 * 1024  # a non-streamed completion or a model list
+MAX_ERROR_BYTES = 64 * 1024
+ERROR_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 402: "insufficient_quota",
+    403: "permission_error", 404: "not_found_error", 405: "invalid_request_error",
+    413: "invalid_request_error", 429: "rate_limit_error",
+}
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+DONE = b"data: [DONE]\n\n"
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder().decode
+
+
+class V1Error(Exception):
+    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.extra = extra
+        self.headers: list[tuple[bytes, bytes]] = []
+
+
+def error_body(status: int, code: str, message: str, **extra: Any) -> dict[str, Any]:
+    kind = ERROR_TYPES.get(status, "api_error")
+    return {"error": {"message": message, "type": kind, "param": None, "code": code, **extra}}
+
+
+async def send_json(send: Any, status: int, data: bytes, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+        (b"cache-control", b"no-store"), *headers,
+    ]})
+    await send({"type": "http.response.body", "body": data})
+
+
+async def send_error(send: Any, error: V1Error) -> None:
+    body = error_body(error.status, error.code, error.message, **error.extra)
+    headers = list(error.headers)
+    if error.status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    await send_json(send, error.status, _encode(body), headers)
+
+
+def refused(exc: Refused) -> V1Error:
+    extra = {k: v for k, v in exc.to_json().items() if k not in ("code", "message")}
+    error = V1Error(exc.status, exc.code, exc.message, **extra)
+    error.headers = exc.headers()
+    return error
+
+
+def from_agent_error(exc: AgentError) -> V1Error:
+    error = V1Error(exc.status, exc.code, exc.message)
+    if exc.retry_after is not None:
+        error.headers = [(b"retry-after", str(max(1, round(exc.retry_after))).encode())]
+    return error
+
+
+async def v1_endpoint(services: Services, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    path, method = scope["path"].rstrip("/"), scope["method"]
+    try:
+        if path == "/v1/chat/completions":
+            allowed = "POST"
+        elif path == "/v1/models":
+            allowed = "GET"
+        else:
+            raise V1Error(404, "not_found", f"no route {path}: Atlas serves /v1/chat/completions and /v1/models")
+        if method != allowed:
+            error = V1Error(405, "method_not_allowed", f"use {allowed} {path}")
+            error.headers = [(b"allow", allowed.encode())]
+            raise error
+        try:
+            identity = await authenticate(services.verifier, scope, shutting_down=services.shutting_down)
+        except AccessDenied as denied:
+            raise V1Error(denied.status, denied.code, denied.message) from None
+        async with services.rooms.open_room(identity.id, identity):
+            # Held for the request's length: shutdown waits for it as for a proxied request.
+            if allowed == "GET":
+                await list_models(services, identity, send)
+            else:
+                await chat_completions(services, identity, scope, receive, send)
+    except V1Error as error:
+        await send_error(send, error)
+    except StoreError:
+        await send_error(send, V1Error(500, "internal", "this user's stored state is unreadable; the server log names the file"))
+
+
+def provider_url_for(services: Services, identity: Identity) -> str:
+    """The user's provider URL, else the default one; either must be in the allowed list."""
+    default = services.default_provider_url  # empty with a remote agent and no provider URL
+    url = normalize_url(identity.provider_url) if identity.provider_url else default
+    if not url:
+        raise V1Error(503, "no_provider", "this Atlas has no provider URL for /v1: set ATLAS_PROVIDER_URL")
+    allowed = services.settings.provider_urls or ((normalize_url(default),) if default else ())
+    if normalize_url(url) not in allowed:
+        raise V1Error(400, "provider_not_allowed", f"provider URL {url!r} is not allowed here")
+    return normalize_url(url)
+
+
+def virtual_key(identity: Identity) -> str:
+    key = (identity.virtual_key or "").strip()
+    if not key:
+        raise V1Error(400, "no_credentials", "this user has no virtual key; ask the operator to set one")
+    if not key.isascii() or not key.isprintable() or " " in key:
+        raise V1Error(400, "no_credentials", "this user's virtual key has characters a key cannot have")
+    return key
+
+
+async def read_body(receive: Any, limit: int) -> bytes:
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise V1Error(400, "bad_request", "the client went away before sending the body")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise V1Error(413, "too_large", f"request body over {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def bad(message: str) -> V1Error:
+    return V1Error(400, "bad_request", message)
+
+
+class Request:
+    """A checked ``/v1/chat/completions`` body: only what Atlas needs is looked at."""
+
+    def __init__(self, body: bytes) -> None:
+        try:
+            payload = _decode(body)
+        except msgspec.DecodeError as exc:
+            raise bad(f"body: not valid JSON ({exc})") from None
+        except RecursionError:
+            raise bad("body: nested too deeply") from None
+        if not isinstance(payload, dict):
+            raise bad("body: expected a JSON object")
+        model = payload.get("model")
+        if not isinstance(model, str) or not model:
+            raise bad("model: required, a string")
+        messages = payload.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise bad("messages: required, a non-empty list")
+        non_text = 0
+        for index, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise bad(f"messages[{index}]: expected an object with a role")
+            content = message.get("content")
+            if isinstance(content, list):
+                non_text += sum(1 for part in content
+                                if not (isinstance(part, dict) and part.get("type") == "text"))
+        stream = payload.get("stream", False)
+        if stream is not None and not isinstance(stream, bool):
+            raise bad("stream: expected true or false")
+        options = payload.get("stream_options")
+        if options is not None and not isinstance(options, dict):
+            raise bad("stream_options: expected an object")
+        self.choices = _count(payload, "n") or 1
+        self.max_completion_tokens = _count(payload, "max_completion_tokens")
+        self.max_tokens = _count(payload, "max_tokens")
+        tools = payload.get("tools")
+        self.payload = payload
+        self.body = body
+        self.model = model
+        self.stream = bool(stream)
+        self.wants_usage = bool(options and options.get("include_usage") is True)
+        self.prompt_bound = (
+            len(body) + PER_MESSAGE_TOKENS * len(messages) + PER_REQUEST_TOKENS
+            + NON_TEXT_PART_TOKENS * non_text + TOOL_TOKENS * (len(tools) if isinstance(tools, list) else 0)
+        )
+
+    @property
+    def output_cap(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def provider_body(self, cap: int | None) -> bytes:
+        """The body for the provider: as it came, plus include_usage and the granted cap."""
+        payload = self.payload
+        changed = False
+        if self.stream and not self.wants_usage:
+            payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
+            changed = True
+        if cap is not None:
+            if self.max_completion_tokens is not None:
+                payload["max_completion_tokens"] = cap
+            if self.max_tokens is not None or self.max_completion_tokens is None:
+                payload["max_tokens"] = cap
+            changed = True
+        return _encode(payload) if changed else self.body
+
+
+def _count(payload: dict[str, Any], name: str) -> int | None:
+    value = payload.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise bad(f"{name}: expected a whole number of at least 1")
+    return value
+
+
+class _UsageChunk(msgspec.Struct):
+    choices: list[msgspec.Raw] | None = None
+    usage: Usage | None = None
+
+
+class _Completion(msgspec.Struct):
+    usage: Usage | None = None
+
+
+_usage_chunk = msgspec.json.Decoder(_UsageChunk)
+_completion = msgspec.json.Decoder(_Completion)
+
+
+async def chat_completions(
+    services: Services, identity: Identity, scope: dict[str, Any], receive: Any, send: Any
+) -> None:
+    request = Request(await read_body(receive, services.settings.max_message_bytes))
+    key = virtual_key(identity)
+    url = f"{provider_url_for(services, identity)}/chat/completions"
+    started = trio.current_time()
+    failure: V1Error | None = None
+    async with trio.open_nursery() as nursery:
+        # A client that goes away cancels the request, which closes the provider's response.
+        nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+        outcome = "client_gone"
+        try:
+            outcome = await complete(services, identity, request, key, url, send)
+        except V1Error as exc:  # raised after the nursery, not wrapped in a group
+            failure = exc
+            outcome = exc.code
+        finally:
+            nursery.cancel_scope.cancel()
+    log.info("v1 %s user=%r: %s in %.0f ms", request.model[:64], identity.id, outcome,
+             (trio.current_time() - started) * 1000)
+    if failure is not None:
+        raise failure
+
+
+async def complete(
+    services: Services, identity: Identity, request: Request, key: str, url: str, send: Any
+) -> str:
+    """Admit, call and relay; returns the outcome for the log line."""
+    admission = services.admission
+    try:
+        async with admission.admit(
+            identity.id, admission.limits_for(identity), prompt=request.prompt_bound,
+            output=request.output_cap, choices=request.choices,
+        ) as ticket:
+            body = request.provider_body(ticket.cap)
+            async with services.provider.open_response("POST", url, key, body, stream=request.stream) as response:
+                if response.status_code != 200:
+                    await pass_provider_error(response, key, send)
+                    return f"provider_status_{response.status_code}"
+                ticket.answered()
+                if request.stream:
+                    await relay_stream(response, request, ticket, send)
+                else:
+                    await relay_completion(response, ticket, send)
+                return "ok"
+    except Refused as exc:
+        raise refused(exc) from None
+    except AgentError as exc:
+        raise from_agent_error(exc) from None
+
+
+async def _cancel_on_disconnect(receive: Any, scope: trio.CancelScope) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()
+
+
+async def relay_stream(response: httpx.Response, request: Request, ticket: Ticket, send: Any) -> None:
+    """The provider's events to the client as they come. The usage is settled (durably) as
+    soon as it is known, before the event that carries it or ``[DONE]`` is passed on."""
+    await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+    parser = SseDataParser()
+    usage: Usage | None = None
+    finished = False
+    try:
+        async for chunk in response.stream:
+            out: list[bytes] = []
+            for data in parser.feed(chunk):
+                if data == b"[DONE]":
+                    await ticket.settle(usage)
+                    out.append(DONE)
+                    finished = True
+                    break
+                if b'"usage"' in data:
+                    try:
+                        parsed = _usage_chunk.decode(data)
+                    except msgspec.DecodeError:
+                        parsed = _UsageChunk()
+                    if parsed.usage is not None:
+                        usage = parsed.usage
+                        if not parsed.choices:  # the final usage chunk (some send it on every chunk)
+                            await ticket.settle(usage)
+                            if not request.wants_usage:
+                                continue  # Atlas asked for it, not the client
+                out.append(b"data: " + data + b"\n\n")
+            if out:
+                await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
+            if finished:
+                break
+    except httpx.TransportError as exc:
+        error = transport_error(exc, streaming=True)
+        await ticket.settle(usage)
+        event = error_body(502, error.code, error.message)
+        await send({"type": "http.response.body", "body": b"data: " + _encode(event) + b"\n\n",
+                    "more_body": True})
+    await ticket.settle(usage)
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def relay_completion(response: httpx.Response, ticket: Ticket, send: Any) -> None:
+    try:
+        data = await _read(response, MAX_RESPONSE_BYTES)
+    except httpx.TransportError as exc:
+        raise from_agent_error(transport_error(exc, streaming=True)) from None
+    try:
+        usage = _completion.decode(data).usage
+    except msgspec.DecodeError:
+        usage = None
+    await ticket.settle(usage)
+    headers = [(k, v) for k, v in response.headers.raw if k.lower() == b"content-type"]
+    await send({"type": "http.response.start", "status": 200, "headers": [
+        *(headers or [(b"content-type", b"application/json")]),
+        (b"content-length", str(len(data)).encode()),
+    ]})
+    await send({"type": "http.response.body", "body": data})
+
+
+async def _read(response: httpx.Response, limit: int) -> bytes:
+    chunks, size = [], 0
+    async for chunk in response.stream:
+        size += len(chunk)
+        if size > limit:
+            raise V1Error(502, "provider_error", "the provider's answer is too large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def pass_provider_error(response: httpx.Response, key: str, send: Any) -> None:
+    """The provider's own status and error, with the virtual key blanked out if it is quoted."""
+    status = response.status_code
+    try:
+        data = await _read(response, MAX_ERROR_BYTES)
+    except (httpx.TransportError, V1Error):
+        data = b""
+    try:
+        payload = _decode(data.replace(key.encode(), b"***")) if data else None
+    except msgspec.DecodeError:
+        payload = None
+    if not (isinstance(payload, dict) and isinstance(payload.get("error"), dict)):
+        payload = error_body(status, "provider_error", f"the provider failed (HTTP {status})")
+    headers = [(b"retry-after", v) for k, v in response.headers.raw if k.lower() == b"retry-after"]
+    await send_json(send, status if 400 <= status < 600 else 502, _encode(payload), headers)
+
+
+async def list_models(services: Services, identity: Identity, send: Any) -> None:
+    """The provider's model list for this user; the configured agents' models when the
+    provider has no ``/models``."""
+    key = virtual_key(identity)
+    url = f"{provider_url_for(services, identity)}/models"
+    try:
+        async with services.provider.open_response("GET", url, key) as response:
+            if response.status_code == 200:
+                data = await _read(response, MAX_RESPONSE_BYTES)
+                await send_json(send, 200, data)
+                return
+            if response.status_code not in (404, 405):
+                await pass_provider_error(response, key, send)
+                return
+    except AgentError as exc:
+        raise from_agent_error(exc) from None
+    except httpx.TransportError as exc:
+        raise from_agent_error(transport_error(exc, streaming=True)) from None
+    models = sorted(set(await services.agent_models()))
+    await send_json(send, 200, _encode({"object": "list", "data": [
+        {"id": model, "object": "model", "created": 0, "owned_by": "atlas"} for model in models
+    ]}))
