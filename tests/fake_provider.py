@@ -10,7 +10,13 @@
 
 Behaviours: ``Reply`` (normal stream; ``gate`` holds it after ``hold_after`` deltas), ``Status``
 (an error status, optionally with Retry-After), ``Stall`` (never sends another byte),
-``Cut`` (the stream stops mid-way, abruptly or cleanly), ``Malformed`` (a bad chunk mid-way).
+``Cut`` (the stream stops mid-way, abruptly or cleanly), ``Malformed`` (a bad chunk mid-way),
+``Bill`` (bills like a real provider: one token per delta, the output cut at the request's
+``max_completion_tokens`` / ``max_tokens``, the prompt counted from the request; what each key was
+billed, cut-off replies included, is in ``provider.billed``).
+
+A request with ``"stream": false`` gets one ``chat.completion`` JSON instead of a stream.
+``GET .../models`` answers ``provider.models`` (None: 404, a provider without a model list).
 """
 
 from __future__ import annotations
@@ -66,7 +72,33 @@ class Malformed:
     data: bytes = b'{"choices": [{"delta": {"content": '
 
 
-Behaviour = Reply | Status | Stall | Cut | Malformed
+@dataclass
+class Bill:
+    tokens: int = 20  # the reply's length when no cap cuts it, one token ("w ") per delta
+    gate: trio.Event | None = None  # after `hold_after` deltas, wait for this before the rest
+    hold_after: int = 1
+    report_usage: bool = True
+
+
+def prompt_tokens(body: Any) -> int:
+    """Like a real tokenizer on English: about 4 bytes per token, plus the chat format's few
+    tokens per message. Never more than the UTF-8 bytes plus Atlas's allowances."""
+    total = 3
+    for message in body.get("messages", ()):
+        content = message.get("content")
+        if isinstance(content, list):
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        total += 4 + -(-len(str(content or "").encode()) // 4)
+    return total
+
+
+def output_cap(body: Any) -> int | None:
+    caps = [body.get(name) for name in ("max_completion_tokens", "max_tokens")]
+    caps = [c for c in caps if isinstance(c, int)]
+    return min(caps) if caps else None
+
+
+Behaviour = Reply | Status | Stall | Cut | Malformed | Bill
 
 
 @dataclass
@@ -79,6 +111,7 @@ class RecordedRequest:
     client_port: int | None = None  # tells connections apart: equal ports, same connection
     disconnected: bool = False  # the client went away before the reply ended
     completed: bool = False  # the reply was sent in full
+    billed: int = 0  # tokens billed for this request (Bill)
 
 
 class _Cut(Exception):
@@ -90,6 +123,7 @@ class FakeProvider:
         self.url = ""
         self.behaviour: Behaviour = Reply()
         self.requests: list[RecordedRequest] = []
+        self.models: list[str] | None = None
         self._queue: list[Behaviour] = []
         self._changed = trio.Event()
 
@@ -99,6 +133,15 @@ class FakeProvider:
 
     def fail_times(self, n: int, failure: Behaviour) -> None:
         self.script(*[failure] * n)
+
+    def billed(self, key: str | None = None) -> int:
+        """Tokens billed (to ``key``, or to anyone)."""
+        return sum(r.billed for r in self.requests if key is None or r.api_key == key)
+
+    def completions(self, key: str | None = None) -> list[RecordedRequest]:
+        """The chat completion requests that reached the provider (``key``'s, or all)."""
+        return [r for r in self.requests if r.path.endswith("/chat/completions")
+                and (key is None or r.api_key == key)]
 
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
         while not predicate():
@@ -138,11 +181,14 @@ class FakeProvider:
         )
         self.requests.append(record)
         self._notify()
+        if scope["method"] == "GET" and scope["path"].endswith("/models"):
+            await self._models(send)
+            return
         behaviour = self._queue.pop(0) if self._queue else self.behaviour
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch, receive, record, nursery.cancel_scope)
-                await self._respond(behaviour, self._finishing(send, record))
+                await self._respond(behaviour, self._finishing(send, record), record)
                 nursery.cancel_scope.cancel()
         finally:
             self._notify()
@@ -166,7 +212,22 @@ class FakeProvider:
             self._notify()
             scope.cancel()
 
-    async def _respond(self, behaviour: Behaviour, send: Any) -> None:
+    async def _models(self, send: Any) -> None:
+        if self.models is None:
+            status, payload = 404, {"error": {"message": "no such route", "code": "not_found"}}
+        else:
+            status, payload = 200, {"object": "list", "data": [
+                {"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in self.models
+            ]}
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": msgspec.json.encode(payload)})
+
+    async def _respond(self, behaviour: Behaviour, send: Any, record: RecordedRequest) -> None:
+        body = record.body if isinstance(record.body, dict) else {}
+        if not body.get("stream", False) and isinstance(behaviour, (Reply, Bill)):
+            await self._complete(behaviour, send, record, body)
+            return
         if isinstance(behaviour, Status):
             headers = [(b"content-type", b"application/json")]
             if behaviour.retry_after is not None:
@@ -192,6 +253,9 @@ class FakeProvider:
         if isinstance(behaviour, Reply):
             await self._reply(behaviour, send, data, delta)
             return
+        if isinstance(behaviour, Bill):
+            await self._bill(behaviour, send, data, delta, record, body)
+            return
         sent = 0
         limit = behaviour.after if isinstance(behaviour, (Cut, Malformed)) else behaviour.after_deltas
         while sent < limit:
@@ -204,6 +268,45 @@ class FakeProvider:
             await data(b"[DONE]")
         elif behaviour.abrupt:
             raise _Cut("fake provider cuts the connection")
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _complete(self, behaviour: Reply | Bill, send: Any, record: RecordedRequest, body: Any) -> None:
+        """A non-streamed answer: one chat.completion."""
+        if isinstance(behaviour, Bill):
+            count = behaviour.tokens if output_cap(body) is None else min(behaviour.tokens, output_cap(body))
+            text, prompt = "w " * count, prompt_tokens(body)
+            usage = {"prompt_tokens": prompt, "completion_tokens": count, "total_tokens": prompt + count}
+            record.billed = prompt + count
+            finish = "length" if count < behaviour.tokens else "stop"
+        else:
+            text, usage, finish = "".join(behaviour.deltas), behaviour.usage, behaviour.finish_reason
+        payload = {"id": "fake", "object": "chat.completion", "created": 0, "model": body.get("model", "fake"),
+                   "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                "finish_reason": finish}]}
+        if usage is not None:
+            payload["usage"] = usage
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": msgspec.json.encode(payload)})
+
+    async def _bill(self, bill: Bill, send: Any, data: Any, delta: Any, record: RecordedRequest, body: Any) -> None:
+        cap = output_cap(body)
+        count = bill.tokens if cap is None else min(bill.tokens, cap)
+        prompt = prompt_tokens(body)
+        record.billed = prompt  # billed as it generates, cut-off replies too
+        await data({"id": "fake", "choices": [{"index": 0, "delta": {"role": "assistant"}}]})
+        for index in range(count):
+            if bill.gate is not None and index == bill.hold_after:
+                await bill.gate.wait()
+            record.billed += 1
+            await data(delta("w "))
+        await data({"id": "fake", "choices": [
+            {"index": 0, "delta": {}, "finish_reason": "length" if count < bill.tokens else "stop"}]})
+        options = body.get("stream_options") or {}
+        if bill.report_usage and options.get("include_usage"):
+            usage = {"prompt_tokens": prompt, "completion_tokens": count, "total_tokens": prompt + count}
+            await data({"id": "fake", "choices": [], "usage": usage})
+        await data(b"[DONE]")
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _reply(self, reply: Reply, send: Any, data: Any, delta: Any) -> None:

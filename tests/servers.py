@@ -90,8 +90,10 @@ async def open_atlas(
     """A real ``serve_atlas`` on 127.0.0.1:0, shut down gracefully at the end of the block.
     ``users`` maps user ids to virtual keys (None: a fresh test key) created before start-up, in
     the store the settings name (``database_url=``: PostgreSQL). ``store``: a prepared store for
-    the server to use (the caller closes it), else it opens its own from the settings."""
+    the server to use (the caller closes it), else it opens its own from the settings.
+    ``clock`` (optional) is the server's wall clock for usage and limits."""
     data_dir = overrides.pop("data_dir", tmp_path / "data")
+    extra = {"clock": overrides.pop("clock")} if "clock" in overrides else {}
     tokens = {
         user_id: add_user(data_dir, user_id, key, database_url=overrides.get("database_url"))
         for user_id, key in (users or {}).items()
@@ -99,7 +101,7 @@ async def open_atlas(
     settings = Settings(data_dir=data_dir, bind=parse_bind("127.0.0.1:0"), **overrides)
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
-        url = await nursery.start(partial(serve_atlas, settings, store=store, shutdown=shutdown))
+        url = await nursery.start(partial(serve_atlas, settings, store=store, shutdown=shutdown, **extra))
         server = AtlasServer(url, settings, shutdown, tokens)
         try:
             yield server

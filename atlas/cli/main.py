@@ -1,4 +1,4 @@
-"""The ``atlas`` command: ``serve``, ``agent``, ``user ...``, ``chat`` and ``ask``.
+"""The ``atlas`` command: ``serve``, ``agent``, ``user ...``, ``usage``, ``chat`` and ``ask``.
 
 Each subcommand's module is imported only when it runs, so ``atlas --help`` stays instant.
 Exit codes: 0 success, 1 a failure at run time, 2 bad usage or configuration.
@@ -23,6 +23,16 @@ AGENT_SETTINGS = {
     "provider_retries", "provider_transport", "provider_proxy", "agents_file", "log_level", "log_format",
 }
 USER_SETTINGS = {"data_dir", "database_url", "log_level"}
+LIMIT_SETTINGS = {
+    "limit_tokens_per_day", "limit_tokens_per_month", "limit_requests_per_minute",
+    "limit_concurrent_requests",
+}
+LIMIT_FLAGS = (
+    ("--tokens-per-day", "tokens_per_day", "tokens per UTC day"),
+    ("--tokens-per-month", "tokens_per_month", "tokens per UTC month"),
+    ("--requests-per-minute", "requests_per_minute", "requests per minute"),
+    ("--concurrent-requests", "concurrent_requests", "requests in flight at once"),
+)
 
 
 def add_setting_flags(parser: argparse.ArgumentParser, names: set[str], *, default_bind: str) -> None:
@@ -80,9 +90,30 @@ def build_parser() -> argparse.ArgumentParser:
     set_key.add_argument("--provider-url", default=None)
     rotate = user_commands.add_parser("rotate-token", help="issue a new token, revoke the old one")
     rotate.add_argument("user_id")
-    for action in (add, user_commands.choices["list"], remove, set_key, rotate):
+    limit = user_commands.add_parser(
+        "limit", help="set a user's own limits (over the server defaults); without options, show them",
+        description="Each value is a number, `none` (unlimited for this user, whatever the "
+        "defaults) or `default` (the server's default again). The server applies a change "
+        "within its auth cache time.",
+    )
+    limit.add_argument("user_id")
+    for flag, dest, label in LIMIT_FLAGS:
+        limit.add_argument(flag, dest=dest, default=None, metavar="N|none|default", help=label)
+    limit.add_argument("--clear", action="store_true", help="remove the user's own limits first")
+    for action in (add, user_commands.choices["list"], remove, set_key, rotate, limit):
         add_setting_flags(action, USER_SETTINGS, default_bind=DEFAULT_SERVE_BIND)
     user.set_defaults(handler="atlas.cli.users:main", default_bind=DEFAULT_SERVE_BIND)
+
+    usage = commands.add_parser(
+        "usage", help="usage per user and UTC day, limits and what is left (works while serve runs)"
+    )
+    usage.add_argument("user_id", nargs="?", default=None, metavar="USER", help="one user (default: all)")
+    usage.add_argument("--since", default=None, metavar="YYYY-MM-DD",
+                       help="first day shown (default: 30 days ago)")
+    usage.add_argument("--json", action="store_true",
+                       help="the usage object (one user) or a list of them, for scripts")
+    add_setting_flags(usage, USER_SETTINGS | LIMIT_SETTINGS, default_bind=DEFAULT_SERVE_BIND)
+    usage.set_defaults(handler="atlas.cli.usage:main", default_bind=DEFAULT_SERVE_BIND)
 
     for name, summary in (
         ("chat", "interactive chat with an agent in a running Atlas"),

@@ -1,9 +1,10 @@
-"""``atlas user add|list|remove|set-key|rotate-token``: built-in users in the store (the data
-directory's JSON files, or the PostgreSQL database of ``--database-url``).
+"""``atlas user add|list|remove|set-key|rotate-token|limit``: built-in users in the store (the
+data directory's JSON files, or the PostgreSQL database of ``--database-url``).
 
 These commands are safe while ``atlas serve`` runs on the same store: every write is atomic, and
-a removal is atomic with the server's room writes. The server sees a change once its auth cache
-entry expires. A new token is printed once, alone on the last line of standard output.
+a removal is atomic with the server's room and usage writes. The server sees a change (a key, a
+token, limits) once its auth cache entry expires. A new token is printed once, alone on the last
+line of standard output.
 """
 
 from __future__ import annotations
@@ -11,9 +12,45 @@ from __future__ import annotations
 import argparse
 import sys
 
+from msgspec import UNSET, structs
+
 from atlas.config import ConfigError, parse_http_url
-from atlas.store import Store, StoreError, is_valid_user_id, mask_key, store_for
-from atlas.store.users import UserCommandError, create_user, existing_user, remove_user, rotate_token, set_key
+from atlas.store import Limits, Store, StoreError, is_valid_user_id, mask_key, store_for
+from atlas.store.users import (
+    INHERIT,
+    UserCommandError,
+    create_user,
+    existing_user,
+    remove_user,
+    rotate_token,
+    set_key,
+    set_limits,
+)
+
+LIMIT_FIELDS = ("tokens_per_day", "tokens_per_month", "requests_per_minute", "concurrent_requests")
+
+
+def parse_limit_value(flag: str, value: str) -> int | None | str:
+    text = value.strip().lower()
+    if text in ("none", "unlimited"):
+        return None
+    if text == INHERIT:
+        return INHERIT
+    if not text.isdigit():
+        raise ConfigError(flag, f"{value!r}: expected a whole number, none or default")
+    return int(text)
+
+
+def describe_limits(limits: Limits | None) -> str:
+    if limits is None:
+        return "none of its own (the server's defaults apply)"
+    parts = []
+    for name, value in structs.asdict(limits).items():
+        if value is UNSET:
+            continue
+        camel = name.split("_")[0] + "".join(word.title() for word in name.split("_")[1:])
+        parts.append(f"{camel} {value:,}" if value is not None else f"{camel} unlimited")
+    return ", ".join(parts) + "; the server's defaults for the rest"
 
 
 def checked_provider_url(value: str | None) -> str | None:
@@ -74,6 +111,17 @@ def run(args: argparse.Namespace, store: Store) -> int:
         elif action == "set-key":
             user = set_key(store, user_id, virtual_key, checked_provider_url(args.provider_url))
             print(f"Updated user {user_id}: virtual key {mask_key(user.virtual_key)}.")
+        elif action == "limit":
+            changes = {}
+            for name in LIMIT_FIELDS:
+                value = getattr(args, name)
+                if value is not None:
+                    changes[name] = parse_limit_value("--" + name.replace("_", "-"), value)
+            if changes or args.clear:
+                user = set_limits(store, user_id, changes, clear=args.clear)
+                print(f"Limits of {user_id}: {describe_limits(user.limits)}.")
+            else:
+                print(f"Limits of {user_id}: {describe_limits(existing_user(store, user_id).limits)}.")
         elif action == "rotate-token":
             token = rotate_token(store, user_id)
             print(f"New token for {user_id}; the old one no longer works. Shown only this once:")

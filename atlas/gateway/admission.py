@@ -33,6 +33,7 @@ import trio
 from atlas.llm.types import Usage
 from atlas.store import Charge, Hold, Identity, Ledger, Limits
 from atlas.store.usage import (
+    REPORT_DAYS,
     UNLIMITED,
     OverQuota,
     ResolvedLimits,
@@ -49,7 +50,6 @@ PER_REQUEST_TOKENS = 8  # the reply's priming tokens and the like
 NON_TEXT_PART_TOKENS = 2048  # an image, audio or file part of a /v1 message (see docs/usage.md)
 TOOL_TOKENS = 16  # framing of one tool definition, beyond its JSON bytes
 RETRY_SOON_SECONDS = 1  # retryAfter for concurrency and budget held in flight
-REPORT_DAYS = 31  # days in a usage report when no `since` is given (today and the 30 before)
 
 
 def prompt_bound(texts: Iterable[str], messages: int) -> int:

@@ -3,7 +3,10 @@ deterministic reply mentioning the last user message. Not a model: it lets Atlas
 of the box, and gives tests and benchmarks a provider to talk to.
 
 Streaming requests get ``chat.completion.chunk`` events, one usage chunk and ``[DONE]``;
-non-streaming requests get one ``chat.completion`` with usage. Any bearer key is accepted.
+non-streaming requests get one ``chat.completion`` with usage. Tokens are words; the reply is cut
+at ``max_completion_tokens`` / ``max_tokens`` words (finish reason ``length``), as a real
+provider honours its output cap. ``GET /v1/models`` lists ``atlas-dev``. Any bearer key is
+accepted.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ class _Request(msgspec.Struct):
     messages: list[_Message]
     model: str = "atlas-dev"
     stream: bool = False
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
 
 
 _decode_request = msgspec.json.Decoder(_Request).decode
@@ -72,6 +77,14 @@ def count_tokens(text: str) -> int:
     return len(text.split())
 
 
+def cap_reply(text: str, cap: int | None) -> tuple[str, str]:
+    """The reply cut at ``cap`` tokens (words), and its finish reason."""
+    if cap is None or count_tokens(text) <= cap:
+        return text, "stop"
+    words = text.split()
+    return " ".join(words[:max(0, cap)]), "length"
+
+
 def _content_text(content: str | list[dict[str, Any]] | None) -> str:
     if isinstance(content, str):
         return content
@@ -87,7 +100,9 @@ class DevProviderApp:
             return
         path, method = scope["path"].rstrip("/"), scope["method"]
         if path == "/v1/models" and method == "GET":
-            models = {"object": "list", "data": [{"id": "atlas-dev", "object": "model"}]}
+            models = {"object": "list", "data": [
+                {"id": "atlas-dev", "object": "model", "created": 0, "owned_by": "atlas"}
+            ]}
             await send_json(send, 200, models)
             return
         if path != "/v1/chat/completions":
@@ -114,6 +129,7 @@ class DevProviderApp:
             (_content_text(m.content) for m in reversed(request.messages) if m.role == "user"), ""
         )
         reply = self.config.reply.replace("{message}", last_user.strip() or "nothing")
+        reply, finish_reason = cap_reply(reply, request.max_completion_tokens or request.max_tokens)
         prompt_tokens = sum(count_tokens(_content_text(m.content)) for m in request.messages)
         usage = {
             "prompt_tokens": prompt_tokens,
@@ -121,7 +137,7 @@ class DevProviderApp:
             "total_tokens": prompt_tokens + count_tokens(reply),
         }
         if request.stream:
-            await self._stream(send, request.model, reply, usage)
+            await self._stream(send, request.model, reply, usage, finish_reason)
         else:
             await send_json(send, 200, {
                 "id": "chatcmpl-atlas-dev",
@@ -131,12 +147,14 @@ class DevProviderApp:
                 "choices": [{
                     "index": 0,
                     "message": {"role": "assistant", "content": reply},
-                    "finish_reason": "stop",
+                    "finish_reason": finish_reason,
                 }],
                 "usage": usage,
             })
 
-    async def _stream(self, send: Send, model: str, reply: str, usage: dict[str, int]) -> None:
+    async def _stream(
+        self, send: Send, model: str, reply: str, usage: dict[str, int], finish_reason: str
+    ) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
         ]})
@@ -153,7 +171,7 @@ class DevProviderApp:
             if index and self.config.delay:
                 await trio.sleep(self.config.delay)
             await send(chunk([{"index": 0, "delta": {"content": piece}, "finish_reason": None}]))
-        await send(chunk([{"index": 0, "delta": {}, "finish_reason": "stop"}]))
+        await send(chunk([{"index": 0, "delta": {}, "finish_reason": finish_reason}]))
         await send(chunk([], usage=usage))
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
 

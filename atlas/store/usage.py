@@ -27,6 +27,7 @@ from msgspec import UNSET
 from atlas.store.records import Limits, UsageDay, UsageRecord
 
 LIMIT_NAMES = ("tokensPerDay", "tokensPerMonth", "requestsPerMinute", "concurrentRequests")
+REPORT_DAYS = 31  # days in a usage report when no `since` is given: today and the 30 before
 
 
 # Periods (UTC calendar days and months)
