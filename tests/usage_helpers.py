@@ -57,6 +57,11 @@ class Requests:
         self.ws = ws
         self.finals: dict[str, dict[str, Any]] = {}
         self.frames: list[dict[str, Any]] = []
+        self.closed = False
+        self._changed = trio.Event()
+
+    def _notify(self) -> None:
+        self._changed.set()
         self._changed = trio.Event()
 
     async def read(self) -> None:
@@ -66,10 +71,15 @@ class Requests:
                 self.frames.append(frame)
                 if frame["type"] in ("agent:done", "agent:error", "usage"):
                     self.finals[frame.get("id", frame["type"])] = frame
-                self._changed.set()
-                self._changed = trio.Event()
+                self._notify()
         except ConnectionClosed:
-            return
+            self.closed = True
+            self._notify()
+
+    async def _changes(self) -> None:
+        if self.closed:
+            raise ConnectionError("the server closed the connection")
+        await self._changed.wait()
 
     async def send(self, message: str = "hello", *, kind: str = "agent:stream", **fields: Any) -> str:
         request_id = fields.pop("id", None) or secrets.token_hex(5)
@@ -79,7 +89,7 @@ class Requests:
     async def wait(self, request_id: str) -> dict[str, Any]:
         with trio.fail_after(WAIT):
             while request_id not in self.finals:
-                await self._changed.wait()
+                await self._changes()
         return self.finals[request_id]
 
     async def wait_frame(self, predicate: Any) -> dict[str, Any]:
@@ -88,7 +98,7 @@ class Requests:
                 for frame in self.frames:
                     if predicate(frame):
                         return frame
-                await self._changed.wait()
+                await self._changes()
 
     async def ask(self, message: str = "hello", **fields: Any) -> dict[str, Any]:
         return await self.wait(await self.send(message, **fields))
