@@ -273,6 +273,8 @@ class FakeProvider:
     async def _complete(self, behaviour: Reply | Bill, send: Any, record: RecordedRequest, body: Any) -> None:
         """A non-streamed answer: one chat.completion."""
         if isinstance(behaviour, Bill):
+            if behaviour.gate is not None:
+                await behaviour.gate.wait()
             count = behaviour.tokens if output_cap(body) is None else min(behaviour.tokens, output_cap(body))
             text, prompt = "w " * count, prompt_tokens(body)
             usage = {"prompt_tokens": prompt, "completion_tokens": count, "total_tokens": prompt + count}
