@@ -52,6 +52,7 @@ class Reply:
 class Status:
     status: int
     retry_after: str | None = None
+    echo_key: bool = False  # quote the bearer key in the error message, as a careless provider might
 
 
 @dataclass
@@ -233,7 +234,10 @@ class FakeProvider:
             if behaviour.retry_after is not None:
                 headers.append((b"retry-after", behaviour.retry_after.encode()))
             await send({"type": "http.response.start", "status": behaviour.status, "headers": headers})
-            error = {"error": {"message": "fake failure", "code": behaviour.status}}
+            message = "fake failure"
+            if behaviour.echo_key:
+                message += f" for key {record.api_key}"
+            error = {"error": {"message": message, "code": behaviour.status}}
             await send({"type": "http.response.body", "body": msgspec.json.encode(error)})
             return
         if isinstance(behaviour, Stall) and not behaviour.after_headers:

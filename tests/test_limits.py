@@ -8,21 +8,34 @@ import json
 import os
 import signal
 import subprocess
+from functools import partial
 
 import httpx
 import pytest
 import trio
 from fake_provider import Bill, Cut, Stall, Status, prompt_tokens
-from servers import WAIT, add_user, atlas_command, open_atlas, start_atlas_process
-from usage_helpers import AGENT_CAP, Clock, ledger_file, open_requests, proxy_text, write_agents
+from servers import SECRETS, WAIT, add_user, atlas_command, open_atlas, start_atlas_process
+from usage_helpers import (
+    AGENT_CAP,
+    INSTRUCTIONS,
+    Clock,
+    ledger_file,
+    open_requests,
+    proxy_text,
+    write_agents,
+)
 
+from atlas.agent_api.server import serve_agent
+from atlas.config import Settings, parse_bind
 from atlas.gateway.admission import PER_MESSAGE_TOKENS, PER_REQUEST_TOKENS
+
+
+AGENT_SECRET = "agent-secret-for-limit-tests-0123456789"
+SECRETS.add(AGENT_SECRET)
 
 
 def worst_case(message: str) -> int:
     """What admission reserves for one test-agent request of ``message`` (see usage_helpers)."""
-    from usage_helpers import INSTRUCTIONS
-
     return (len(message.encode()) + len(INSTRUCTIONS.encode()) + 2 * PER_MESSAGE_TOKENS
             + PER_REQUEST_TOKENS + AGENT_CAP)
 
@@ -109,6 +122,37 @@ async def test_a_lowered_cap_is_what_the_provider_is_sent(tmp_path, provider):
         async with open_requests(server.ws_url("alice", server.tokens["alice"])) as client:
             assert (await client.ask("hi"))["type"] == "agent:done"
     assert provider.completions()[0].body["max_tokens"] == AGENT_CAP - 10
+
+
+async def test_limits_hold_with_a_remote_agent(tmp_path, provider):
+    """The two-process layout: admission learns the agent's prompt size and output cap from its
+    description, and the proxied stream's usage is read from its finish event."""
+    provider.behaviour = Bill(tokens=40)
+    agents_file = write_agents(tmp_path / "agent-data")
+    agent_settings = Settings(data_dir=tmp_path / "agent-data", bind=parse_bind("127.0.0.1:0"),
+                              provider_url=provider.url, agents_file=agents_file, agent_secret=AGENT_SECRET)
+    async with trio.open_nursery() as nursery:
+        agent_url = await nursery.start(partial(serve_agent, agent_settings))
+        first_bill = prompt_tokens({"messages": [{"content": INSTRUCTIONS}, {"content": "hello"}]}) + AGENT_CAP
+        budget = first_bill + worst_case("hello") - 5  # the second request's cap must be lowered by 5
+        async with open_atlas(tmp_path, users={"alice": None}, agent_url=agent_url, agent_secret=AGENT_SECRET,
+                              provider_urls=(provider.url,), limit_tokens_per_day=budget) as server:
+            token = server.tokens["alice"]
+            async with open_requests(server.ws_url("alice", token)) as client:
+                assert (await client.ask())["type"] == "agent:done"
+            async with httpx.AsyncClient(timeout=WAIT) as http:
+                response = await http.post(
+                    f"{server.url}/party/alice?proxy=/agents/atlas-assistant/stream", json={"input": "hello"},
+                    headers={"Authorization": f"Bearer {token}"})
+                assert response.status_code == 200 and '"finish"' in response.text
+                usage = (await http.get(f"{server.url}/party/alice/usage",
+                                        headers={"Authorization": f"Bearer {token}"})).json()
+        nursery.cancel_scope.cancel()
+    first, second = provider.completions()
+    assert first.body["max_tokens"] == AGENT_CAP  # the agent's own cap, learned from its description
+    assert second.body["max_tokens"] == AGENT_CAP - 5  # lowered: the settled budget left less
+    assert usage["days"][0]["requests"] == 2
+    assert usage["days"][0]["totalTokens"] == provider.billed() <= budget
 
 
 async def test_no_reservation_leaks_whatever_ends_a_request(tmp_path, provider):

@@ -207,12 +207,15 @@ async def test_v1_errors_have_openais_shape(tmp_path, provider):
             await in_thread(client.chat.completions.create, model=MODEL, max_tokens=0,
                             messages=[{"role": "user", "content": "hi"}])
         assert "max_tokens" in error.value.body["message"]
-        provider.script(Status(429, retry_after="7"), Status(500))
+        provider.script(Status(429, retry_after="7"), Status(500), Status(401, echo_key=True))
         with pytest.raises(openai.RateLimitError) as error:
             await in_thread(client.chat.completions.create, model=MODEL, messages=[{"role": "user", "content": "hi"}])
         assert error.value.response.headers["retry-after"] == "7"
         with pytest.raises(openai.InternalServerError):
             await in_thread(client.chat.completions.create, model=MODEL, messages=[{"role": "user", "content": "hi"}])
+        with pytest.raises(openai.AuthenticationError) as error:  # the provider refused the virtual key
+            await in_thread(client.chat.completions.create, model=MODEL, messages=[{"role": "user", "content": "hi"}])
+        assert error.value.body["message"] == "fake failure for key ***"
         async with httpx.AsyncClient(timeout=WAIT) as http:
             headers = {"Authorization": f"Bearer {server.tokens['alice']}"}
             not_json = await http.post(f"{server.url}/v1/chat/completions", content=b"{", headers=headers)
@@ -221,7 +224,7 @@ async def test_v1_errors_have_openais_shape(tmp_path, provider):
     assert not_json.status_code == 400 and not_json.json()["error"]["type"] == "invalid_request_error"
     assert unknown.status_code == 404 and wrong_method.status_code == 405
     assert wrong_method.headers["allow"] == "POST"
-    assert len(provider.completions()) == 2  # only the two the provider refused
+    assert len(provider.completions()) == 3  # only the three the provider refused
 
 
 async def test_cors_preflights(tmp_path, provider):
