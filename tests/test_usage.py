@@ -369,3 +369,51 @@ async def test_a_user_without_limits_keeps_the_agents_own_cap(tmp_path, provider
         async with open_requests(server.ws_url("alice", server.tokens["alice"])) as client:
             assert (await client.ask())["type"] == "agent:done"
     assert "max_tokens" not in provider.completions()[0].body
+
+
+async def test_chat_shows_usage_and_refusals_as_a_person_wants(tmp_path, provider):
+    from test_cli_clients import ATLAS, client_env, open_terminal
+
+    provider.behaviour = Bill(tokens=4)
+    async with open_atlas(tmp_path, users={"alice": None}, provider_url=provider.url,
+                          auth_cache_seconds=0, limit_tokens_per_day=50_000) as server:
+        env = client_env(server.url, server.tokens["alice"], ATLAS_USER="alice")
+        async with open_terminal([*ATLAS, "chat"], env) as term:
+            await term.expect("you> ")
+            await term.type("hello\r")
+            await term.expect("w w w w")
+            await term.expect("you> ")
+            await term.type("/usage\r")
+            await term.expect("today: 1 requests")
+            await term.expect("of 50,000 tokens today")
+            await term.expect("resets in")
+            await term.expect("last reply:")
+            set_limits(JsonStore(server.data_dir), "alice", {"tokens_per_day": 10})
+            await term.type("hello again\r")
+            await term.expect("[error] quota_exceeded: daily token limit reached")
+            await term.expect("local time")
+            await term.expect("you> ")
+            await term.type("\x04")
+            assert await term.wait_exit() == 0
+        assert "Traceback" not in term.output
+
+
+async def test_the_web_page_says_what_was_used_and_when_it_resets(tmp_path, provider):
+    test_web = pytest.importorskip("test_web")
+    if not test_web.os.path.exists(test_web.CHROMIUM):
+        pytest.skip("Chromium is not installed (scripts/install-test-deps.sh)")
+    provider.behaviour = Bill(tokens=4)
+    async with open_atlas(tmp_path, users={"alice": None}, provider_url=provider.url,
+                          limit_tokens_per_day=10) as server:
+
+        def steps(page):
+            page.wait_for_selector(test_web.ONLINE)
+            test_web.send(page, "hello")
+            page.wait_for_selector('.msg.assistant[data-status="error"]')
+            return page.locator(".msg.assistant .meta").last.text_content()
+
+        shown = await test_web.in_browser(
+            test_web.sign_in_url(server.url, "alice", server.tokens["alice"]), steps)
+    assert shown.startswith("Limit reached: daily token limit reached: 0 of 10 tokens used today")
+    assert "It resets" in shown and "T00:00:00Z" not in shown  # the reader's own time, not ISO
+    assert provider.requests == []

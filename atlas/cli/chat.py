@@ -11,11 +11,13 @@ read with editing and history (``lineedit.py``); otherwise as plain lines.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -31,6 +33,7 @@ from atlas.cli.client import (
     lookup_user,
     open_connection,
     resolve_target,
+    when_reset,
 )
 from atlas.cli.lineedit import History, LineEditor, history_path
 
@@ -38,7 +41,7 @@ CANCEL_WAIT_SECONDS = 5.0
 PREFS_WAIT_SECONDS = 10.0
 HELP = """\
 Type a message and press Enter; the reply streams in as it is written.
-  /usage              tokens used by the last reply
+  /usage              today's usage, what your limits leave, and the last reply
   /prefs              show your preferences
   /prefs KEY=VALUE    set one (VALUE is JSON if it parses, else text; KEY=null deletes it)
   /new                start a new conversation
@@ -166,6 +169,7 @@ class Chat:
         self.last_done: dict[str, Any] | None = None
         self.prefs: dict[str, Any] = {}
         self.prefs_answer: trio.MemorySendChannel[dict[str, Any] | ClientError] | None = None
+        self.usage_answer: trio.MemorySendChannel[dict[str, Any]] | None = None
         self.failure: ClientError | None = None
         self._cancel_all = trio.CancelScope()
 
@@ -258,6 +262,9 @@ class Chat:
         elif kind == "prefs":
             self.prefs = dict(frame.get("prefs") or {})
             self._answer_prefs(self.prefs)
+        elif kind == "usage" and self.usage_answer is not None:
+            with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                self.usage_answer.send_nowait(frame)
         elif kind == "error":
             error = ClientError.from_error(frame.get("error"))
             if not self._answer_prefs(error):
@@ -343,7 +350,7 @@ class Chat:
         if name in ("/help", "/?"):
             self.term.notice(HELP, "0")
         elif name == "/usage":
-            self.show_usage()
+            await self.show_usage()
         elif name == "/prefs":
             await self.prefs_command(rest)
         elif name == "/new":
@@ -353,18 +360,27 @@ class Chat:
             self.term.notice(f"unknown command {name}; /help lists them", "33")
         return True
 
-    def show_usage(self) -> None:
-        if self.last_done is None:
-            self.term.notice("no reply yet")
-            return
-        usage = self.last_done.get("usage") or {}
-        self.term.notice(
-            "last reply: {p} prompt + {c} completion = {t} tokens (finish: {f})".format(
+    async def show_usage(self) -> None:
+        connection = await self.wait_connected()
+        send, receive = trio.open_memory_channel[dict[str, Any]](1)
+        self.usage_answer = send
+        report = None
+        try:
+            await connection.send({"type": "usage:get"})
+            with trio.move_on_after(PREFS_WAIT_SECONDS):
+                report = await receive.receive()
+        except Closed as exc:
+            self.term.error(exc)
+        finally:
+            self.usage_answer = None
+        lines = format_usage(report) if report is not None else ["usage: no answer from the server"]
+        if self.last_done is not None:
+            usage = self.last_done.get("usage") or {}
+            lines.append("last reply: {p} prompt + {c} completion = {t} tokens (finish: {f})".format(
                 p=usage.get("promptTokens", "?"), c=usage.get("completionTokens", "?"),
                 t=usage.get("totalTokens", "?"), f=self.last_done.get("finishReason", "?"),
-            ),
-            "0",
-        )
+            ))
+        self.term.notice("\n".join(lines), "0")
 
     async def prefs_command(self, rest: str) -> None:
         if not rest:
@@ -432,6 +448,34 @@ class Chat:
             return
         self.term.notice("[stopped waiting for the reply]")
         reply.finished.set()
+
+
+def format_usage(report: dict[str, Any]) -> list[str]:
+    """``usage`` frame -> today's totals and what the limits leave, for a person."""
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    day = next((d for d in report.get("days") or () if d.get("date") == today), None) or {}
+    lines = ["today: {r} requests, {t:,} tokens ({p:,} prompt + {c:,} completion)".format(
+        r=day.get("requests", 0), t=day.get("totalTokens", 0), p=day.get("promptTokens", 0),
+        c=day.get("completionTokens", 0),
+    )]
+    limits, remaining = report.get("limits") or {}, report.get("remaining") or {}
+    left = []
+    if "tokensPerDay" in limits:
+        left.append(f"{remaining.get('tokensToday', 0):,} of {limits['tokensPerDay']:,} tokens today "
+                    f"({when_reset(next_utc_midnight()).replace(' (', ', at ').rstrip(')')})")
+    if "tokensPerMonth" in limits:
+        left.append(f"{remaining.get('tokensThisMonth', 0):,} of {limits['tokensPerMonth']:,} this month")
+    lines.append("left: " + ", ".join(left) if left else "left: no token limit")
+    rates = [f"{limits[k]} {label}" for k, label in (("requestsPerMinute", "requests per minute"),
+                                                     ("concurrentRequests", "at once")) if k in limits]
+    if rates:
+        lines.append("rate limits: " + ", ".join(rates))
+    return lines
+
+
+def next_utc_midnight() -> str:
+    tomorrow = time.gmtime(time.time() + 86400)
+    return time.strftime("%Y-%m-%dT00:00:00Z", tomorrow)
 
 
 def new_conversation_id() -> str:

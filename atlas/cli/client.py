@@ -16,9 +16,11 @@ import contextlib
 import json
 import os
 import itertools
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
@@ -62,10 +64,16 @@ class ClientError(Exception):
 
     @classmethod
     def from_error(cls, error: Any) -> ClientError:
-        """From the contract's error object ``{"code", "message"}``."""
+        """From the contract's error object ``{"code", "message"}``; a limit's refusal says
+        when to come back (``resetAt``, ``retryAfter``) in the reader's own time."""
         if not isinstance(error, Mapping):
             return cls("internal", f"malformed error from the server: {error!r}")
-        return cls(str(error.get("code") or "internal"), str(error.get("message") or "(no message)"))
+        message = str(error.get("message") or "(no message)")
+        if error.get("code") == "quota_exceeded" and isinstance(error.get("resetAt"), str):
+            message = message.partition("; the limit resets at")[0] + f"; {when_reset(error['resetAt'])}"
+        elif error.get("code") == "rate_limited" and isinstance(error.get("retryAfter"), int):
+            message = message.partition("; retry in")[0] + f"; try again in {error['retryAfter']} s"
+        return cls(str(error.get("code") or "internal"), message)
 
 
 class UsageError(ClientError):
@@ -285,6 +293,19 @@ async def open_connection(target: Target, user: str) -> AsyncIterator[Connection
         if entered and isinstance(exc, OSError):
             raise  # not ours: raised by the caller's code, e.g. writing to a closed pipe
         raise mapped(exc, target) from None
+
+
+def when_reset(reset_at: str, now: float | None = None) -> str:
+    """``2025-01-16T00:00:00Z`` -> ``resets in 3 h 12 min (Thu 16 Jan 01:00 local time)``."""
+    try:
+        moment = datetime.fromisoformat(reset_at.replace("Z", "+00:00"))
+    except ValueError:
+        return f"resets at {reset_at}"
+    seconds = max(0, int(moment.timestamp() - (time.time() if now is None else now)))
+    days, rest = divmod(seconds, 86400)
+    hours, minutes = rest // 3600, rest % 3600 // 60
+    span = f"{days} d {hours} h" if days else f"{hours} h {minutes} min" if hours else f"{max(1, minutes)} min"
+    return f"resets in {span} ({moment.astimezone().strftime('%a %d %b %H:%M')} local time)"
 
 
 def backoff(first: float = 0.5, factor: float = 1.6, cap: float = 10.0) -> Iterator[float]:

@@ -282,7 +282,7 @@
             entry.meta = "Stopped";
           } else {
             entry.status = "error";
-            entry.meta = `${error.code || "error"}: ${error.message || "the request failed"}`;
+            entry.meta = describeError(error);
           }
           finishCurrent();
         }
@@ -312,6 +312,23 @@
     state.current.entry.status = "interrupted";
     state.current.entry.meta = "Connection lost — the reply was interrupted";
     finishCurrent();
+  }
+
+  // A limit's refusal says what was used and when to come back, in the reader's own time.
+  function describeError(error) {
+    const message = error.message || "the request failed";
+    if (error.code === "quota_exceeded" && error.resetAt) {
+      const used = message.split("; the limit resets at")[0];
+      const reset = new Date(error.resetAt);
+      const when = isNaN(reset) ? error.resetAt : reset.toLocaleString(undefined, {
+        weekday: "short", hour: "2-digit", minute: "2-digit",
+      });
+      return `Limit reached: ${used}. It resets ${when}.`;
+    }
+    if (error.code === "rate_limited" && error.retryAfter) {
+      return `Too many requests right now: try again in ${error.retryAfter} s.`;
+    }
+    return `${error.code || "error"}: ${message}`;
   }
 
   function toast(error) {
