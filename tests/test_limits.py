@@ -30,6 +30,7 @@ from atlas.config import Settings, parse_bind
 from atlas.gateway.admission import PER_MESSAGE_TOKENS, PER_REQUEST_TOKENS
 
 
+PROXIED_HELLO = b'{"input": "hello"}'
 AGENT_SECRET = "agent-secret-for-limit-tests-0123456789"
 SECRETS.add(AGENT_SECRET)
 
@@ -134,7 +135,9 @@ async def test_limits_hold_with_a_remote_agent(tmp_path, provider):
     async with trio.open_nursery() as nursery:
         agent_url = await nursery.start(partial(serve_agent, agent_settings))
         first_bill = prompt_tokens({"messages": [{"content": INSTRUCTIONS}, {"content": "hello"}]}) + AGENT_CAP
-        budget = first_bill + worst_case("hello") - 5  # the second request's cap must be lowered by 5
+        # A proxied request's prompt is bounded by its whole body; leave 5 tokens less than the
+        # second request's worst case, so that its cap must be lowered by 5.
+        budget = first_bill + worst_case("hello") + len(PROXIED_HELLO) - len(b"hello") - 5
         async with open_atlas(tmp_path, users={"alice": None}, agent_url=agent_url, agent_secret=AGENT_SECRET,
                               provider_urls=(provider.url,), limit_tokens_per_day=budget) as server:
             token = server.tokens["alice"]
@@ -142,8 +145,8 @@ async def test_limits_hold_with_a_remote_agent(tmp_path, provider):
                 assert (await client.ask())["type"] == "agent:done"
             async with httpx.AsyncClient(timeout=WAIT) as http:
                 response = await http.post(
-                    f"{server.url}/party/alice?proxy=/agents/atlas-assistant/stream", json={"input": "hello"},
-                    headers={"Authorization": f"Bearer {token}"})
+                    f"{server.url}/party/alice?proxy=/agents/atlas-assistant/stream", content=PROXIED_HELLO,
+                    headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
                 assert response.status_code == 200 and '"finish"' in response.text
                 usage = (await http.get(f"{server.url}/party/alice/usage",
                                         headers={"Authorization": f"Bearer {token}"})).json()
@@ -203,7 +206,8 @@ async def test_no_reservation_leaks_whatever_ends_a_request(tmp_path, provider):
             provider.script(Bill(tokens=10, gate=gate3, hold_after=2), Status(401))
             async with http.stream(
                 "POST", f"{server.url}/party/alice?proxy=/agents/atlas-assistant/stream",
-                json={"input": "hello"}, headers={"Authorization": f"Bearer {token}"},
+                content=PROXIED_HELLO,
+                headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
             ) as response:
                 async for chunk in response.aiter_bytes():
                     if b"text-delta" in chunk:
@@ -214,8 +218,10 @@ async def test_no_reservation_leaks_whatever_ends_a_request(tmp_path, provider):
 
             # Four requests were answered and then interrupted (3, 4, 6, 7): each costs its
             # worst case, as no usage was reported; everything else costs nothing. Settlement
-            # follows the provider's close, so wait for the ledger to say so.
-            expected = 4 * worst_case("hello")
+            # follows the provider's close, so wait for the ledger to say so. (A proxied
+            # request's prompt is bounded by its whole body.)
+            proxied_extra = len(PROXIED_HELLO) - len(b"hello")
+            expected = 4 * worst_case("hello") + proxied_extra
             with trio.fail_after(WAIT):
                 while True:
                     usage = await client.usage()

@@ -216,8 +216,12 @@ class Admission:
                 await ticket.settle(None)  # a no-op after an explicit settle
         finally:
             rate.in_flight -= 1
-            if not rate.in_flight and not rate.recent:
-                self._rates.pop(user_id, None)
+            if not rate.in_flight:
+                horizon = self.clock() - 60
+                while rate.recent and rate.recent[0] <= horizon:
+                    rate.recent.popleft()
+                if not rate.recent:
+                    self._rates.pop(user_id, None)
 
     def _check_rates(self, rate: _Rate, limits: ResolvedLimits) -> float | None:
         """Refuse over the concurrency or per-minute limit; returns the per-minute stamp taken."""

@@ -1,16 +1,18 @@
 """Admission and settlement for ``?proxy=`` requests that spend the user's key:
-``POST /agents/{id}/text``, ``/stream`` and ``/chat``.
+``POST /agents/{id}/text``, ``/stream`` and ``/chat`` (and VoltAgent's ``/object`` and
+``/stream-object``, which a remote VoltAgent server may serve).
 
-The request body (small JSON) is read and checked the way the agent will read it, its worst case
-is admitted like a WebSocket request's, and the granted output cap goes in as
-``options.maxOutputTokens``. The response streams through untouched, watched on the way: the
+The request body (small JSON) is read, its worst case is admitted like a WebSocket request's, and
+the granted output cap goes in as ``options.maxOutputTokens``. The prompt's bound is the whole
+body's bytes (input, messages, a schema: whatever the agent may pass on) plus the per-message
+allowances and the agent's instructions; the agent checks the body itself. The response streams through untouched, watched on the way: the
 agent reports the usage in it (``/text``: ``data.usage``; ``/stream``: the ``finish`` event's
 ``totalUsage``; ``/chat``: the ``finish`` event's ``messageMetadata.usage``), and the usage is
 settled, durably, before the bytes that carry it (or the response's last bytes) are passed on.
 
-What counts as answered: ``/stream`` and ``/chat`` answer 200 only once the provider has, so a
-200 is the mark. ``/text`` answers only when the reply is complete, so it costs from the moment
-it is sent to the agent, unless the agent then refuses it (any status but 200).
+What counts as answered: the streaming routes answer 200 only once the provider has, so a 200 is
+the mark. ``/text`` and ``/object`` answer only when the reply is complete, so they cost from the
+moment they are sent to the agent, unless the agent then refuses them (any status but 200).
 """
 
 from __future__ import annotations
@@ -21,15 +23,16 @@ from typing import Any
 
 import msgspec
 
-from atlas.agent_api.app import Response, parse_body
-from atlas.gateway.admission import Refused, Ticket
-from atlas.gateway.relay import agent_prompt_bound, requested_output
+from atlas.agent_api.app import Response
+from atlas.gateway.admission import PER_MESSAGE_TOKENS, PER_REQUEST_TOKENS, Refused, Ticket
+from atlas.gateway.relay import requested_output
 from atlas.gateway.services import Services
 from atlas.llm.provider import SseDataParser
-from atlas.llm.types import AgentError, ChatMessage, Usage, bad_request
+from atlas.llm.types import AgentError, Usage, bad_request
 from atlas.store import Identity
 
-BILLABLE_PATH = re.compile(r"/agents/([A-Za-z0-9._-]{1,64})/(text|stream|chat)/?")
+BILLABLE_PATH = re.compile(r"/agents/([^/]+)/(text|stream|chat|object|stream-object)/?")
+WHOLE_ANSWER_ROUTES = ("text", "object")  # one JSON answer at the end, usage in data.usage
 MAX_TEXT_RESPONSE = 4 * 1024 * 1024  # a /text answer kept to read its usage; larger: the estimate
 
 Forward = Callable[[bytes, Any, Any], Awaitable[None]]  # (body, receive, send)
@@ -92,14 +95,14 @@ class Meter:
         self.ticket = ticket
         self._send = send
         self._parser = SseDataParser()
-        self._text: list[bytes] | None = [] if route == "text" else None
+        self._text: list[bytes] | None = [] if route in WHOLE_ANSWER_ROUTES else None
         self._size = 0
 
     async def send(self, message: dict[str, Any]) -> None:
         kind = message["type"]
         if kind == "http.response.start":
             ok = message["status"] == 200
-            if self.route != "text" or not ok:
+            if self.route not in WHOLE_ANSWER_ROUTES or not ok:
                 self.ticket.answered(ok)
         elif kind == "http.response.body":
             chunk = message.get("body", b"")
@@ -151,22 +154,25 @@ async def proxy_billable(
     response = Response(send)
     try:
         body = await read_request(receive, services.settings.max_message_bytes)
-        payload, texts, options = parse_request(body)
+        payload, messages, options = parse_request(body)
         budget = await services.relay.agent.budget(agent_id)
     except AgentError as error:
         await response.error(error)
         return
     replaceable, wanted = requested_output(options)
+    prompt = len(body) + PER_MESSAGE_TOKENS * messages + PER_REQUEST_TOKENS
+    if budget.instructions_bytes:
+        prompt += budget.instructions_bytes + PER_MESSAGE_TOKENS
     admission = services.admission
     try:
         async with admission.admit(
-            identity.id, admission.limits_for(identity), prompt=agent_prompt_bound(budget, texts),
+            identity.id, admission.limits_for(identity), prompt=prompt,
             output=wanted or budget.max_output_tokens,
         ) as ticket:
             if ticket.cap is not None and replaceable:
                 payload["options"] = {**options, "maxOutputTokens": ticket.cap}
                 body = _encode(payload)
-            if route == "text":
+            if route in WHOLE_ANSWER_ROUTES:
                 ticket.answered()  # see the module's docstring
             meter = Meter(route, ticket, send)
             await forward(body, replay(body, receive), meter.send)
@@ -212,16 +218,18 @@ async def read_request(receive: Any, limit: int) -> bytes:
             return b"".join(chunks)
 
 
-def parse_request(body: bytes) -> tuple[dict[str, Any], list[str], dict[str, Any]]:
-    """The body as the agent will read it: (payload, message texts, options)."""
+def parse_request(body: bytes) -> tuple[dict[str, Any], int, dict[str, Any]]:
+    """(payload, number of messages, options): just what admission needs."""
     try:
         payload = _decode(body)
     except msgspec.DecodeError as exc:
         raise bad_request(f"body: not valid JSON ({exc})") from None
     except RecursionError:
         raise bad_request("body: nested too deeply") from None
-    agent_input, options = parse_body(payload)
-    texts = [agent_input] if isinstance(agent_input, str) else [
-        m.content for m in agent_input if isinstance(m, ChatMessage)
-    ]
-    return payload, texts, options or {}
+    if not isinstance(payload, dict):
+        raise bad_request("body: expected a JSON object")
+    options = payload.get("options")
+    if options is not None and not isinstance(options, dict):
+        raise bad_request("options: expected an object")
+    given = payload.get("input", payload.get("messages"))
+    return payload, len(given) if isinstance(given, list) else 1, options or {}

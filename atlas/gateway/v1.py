@@ -37,7 +37,7 @@ from atlas.gateway.auth import AccessDenied, authenticate
 from atlas.gateway.services import Services
 from atlas.llm.provider import SseDataParser, transport_error
 from atlas.llm.types import AgentError, Usage
-from atlas.store import Identity, StoreError
+from atlas.store import Identity, StoreError, is_valid_user_id
 
 log = logging.getLogger("atlas.gateway.v1")
 
@@ -120,6 +120,9 @@ async def v1_endpoint(services: Services, scope: dict[str, Any], receive: Any, s
             identity = await authenticate(services.verifier, scope, shutting_down=services.shutting_down)
         except AccessDenied as denied:
             raise V1Error(denied.status, denied.code, denied.message) from None
+        if not is_valid_user_id(identity.id):
+            log.warning("the auth API named a user id that is not a valid room id")
+            raise V1Error(403, "forbidden", "this user's id is not usable here (1-128 of A-Z a-z 0-9 . _ @ -)")
         async with services.rooms.open_room(identity.id, identity):
             # Held for the request's length: shutdown waits for it as for a proxied request.
             if allowed == "GET":
