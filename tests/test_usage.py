@@ -85,9 +85,9 @@ async def test_concurrent_settlements_are_written_together_and_all_kept(tmp_path
     writes = []
     save = store.save_usage
 
-    def counting_save(user_id, record):
+    def counting_save(user_id, record, **kwargs):
         writes.append(len(record.days))
-        save(user_id, record)
+        save(user_id, record, **kwargs)
 
     store.save_usage = counting_save
     ledger = store.usage_ledger()
