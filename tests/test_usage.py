@@ -417,3 +417,25 @@ async def test_the_web_page_says_what_was_used_and_when_it_resets(tmp_path, prov
     assert shown.startswith("Limit reached: daily token limit reached: 0 of 10 tokens used today")
     assert "It resets" in shown and "T00:00:00Z" not in shown  # the reader's own time, not ISO
     assert provider.requests == []
+
+
+async def test_a_removed_users_usage_is_gone_and_stays_gone(tmp_path, provider):
+    provider.behaviour = Bill(tokens=2)
+    async with open_atlas(tmp_path, users={"alice": None}, provider_url=provider.url) as server:
+        async with open_requests(server.ws_url("alice", server.tokens["alice"])) as client:
+            assert (await client.ask())["type"] == "agent:done"
+        usage_file = server.data_dir / "usage" / "alice.json"
+        assert usage_file.exists()
+        run_atlas("user", "remove", "alice", "--data-dir", str(server.data_dir))
+        assert not usage_file.exists()
+    # A settlement that races the removal does not write the usage back (built-in auth).
+    store = JsonStore(tmp_path / "race")
+    store.prepare()
+    from atlas.store.users import create_user, remove_user
+
+    SECRETS.add(create_user(store, "bob", new_key("bob"), None))
+    ledger = store.usage_ledger(owner_must_exist=True)
+    hold = await ledger.reserve("bob", "2025-01-15", DAY, prompt=10, output=10)
+    remove_user(store, "bob")
+    await ledger.settle(hold, Charge(5, 5, 10))
+    assert not (tmp_path / "race" / "usage" / "bob.json").exists() and ledger.held("bob") == 0
