@@ -35,7 +35,7 @@ from atlas.gateway.admission import (
 )
 from atlas.gateway.auth import AccessDenied, authenticate
 from atlas.gateway.services import Services
-from atlas.llm.provider import SseDataParser, transport_error
+from atlas.llm.provider import DRAIN_SECONDS, SseDataParser, transport_error
 from atlas.llm.types import AgentError, Usage
 from atlas.store import Identity, StoreError, is_valid_user_id
 
@@ -360,6 +360,16 @@ async def relay_stream(response: httpx.Response, request: Request, ticket: Ticke
         await send({"type": "http.response.body", "body": b"data: " + _encode(event) + b"\n\n",
                     "more_body": True})
     await ticket.settle(usage)
+    if finished:
+        # The client has had [DONE]. Read the provider's body to its end (it follows at once)
+        # before ending ours, so that the connection is back in the pool before the client's next
+        # request can need it, as the agent does.
+        with trio.move_on_after(DRAIN_SECONDS):
+            try:
+                async for _ in response.stream:
+                    pass
+            except httpx.TransportError:
+                pass
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 

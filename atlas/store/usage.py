@@ -33,9 +33,17 @@ REPORT_DAYS = 31  # days in a usage report when no `since` is given: today and t
 # Periods (UTC calendar days and months)
 
 
+_last_day: tuple[int, str] = (-1, "")
+
+
 def utc_day(now: float) -> str:
-    """The UTC date of a POSIX time, ``YYYY-MM-DD``."""
-    return datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d")
+    """The UTC date of a POSIX time, ``YYYY-MM-DD`` (the last answer is kept: it is asked for on
+    every admission, and changes once a day)."""
+    global _last_day
+    number = int(now // 86400)
+    if number != _last_day[0]:
+        _last_day = (number, datetime.fromtimestamp(number * 86400, UTC).strftime("%Y-%m-%d"))
+    return _last_day[1]
 
 
 def month_of(day: str) -> str:
@@ -147,26 +155,25 @@ class PeriodUsage:
 
 def plan(usage: PeriodUsage, limits: ResolvedLimits, prompt: int, output: int, choices: int = 1) -> Plan:
     choices = max(1, choices)
-    checks = []  # (limit name, value, settled, held, reset)
+    checks = []  # (limit name, value, settled, held)
     if limits.tokens_per_day is not None:
-        checks.append(("tokensPerDay", limits.tokens_per_day, usage.settled_day, usage.held_day,
-                       next_day_start(usage.day)))
+        checks.append(("tokensPerDay", limits.tokens_per_day, usage.settled_day, usage.held_day))
     if limits.tokens_per_month is not None:
-        checks.append(("tokensPerMonth", limits.tokens_per_month, usage.settled_month,
-                       usage.held_month, next_month_start(usage.day)))
+        checks.append(("tokensPerMonth", limits.tokens_per_month, usage.settled_month, usage.held_month))
     cap = output
     refused: OverQuota | None = None
-    for name, value, settled, _, reset in checks:
+    for name, value, settled, _ in checks:
         fits = (value - settled - prompt) // choices
         if fits < 1:
             # Of the limits that refuse, name the one that resets last: before then, no luck.
+            reset = next_day_start(usage.day) if name == "tokensPerDay" else next_month_start(usage.day)
             if refused is None or reset > refused.reset_at:
                 refused = OverQuota(name, value, settled, reset)
         cap = min(cap, fits)
     if refused is not None:
         return refused
     need = prompt + cap * choices
-    for _, value, settled, held, _ in checks:
+    for _, value, settled, held in checks:
         if value - settled - held < need:
             return Busy()
     return Fits(need, cap)
