@@ -46,7 +46,7 @@ if __package__ in (None, ""):  # run as a file: python bench/limits.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     __package__ = "bench"
 
-from bench import procs  # noqa: E402
+from bench import procs as bench_procs  # noqa: E402
 from bench.netclient import HttpConnection, open_websocket  # noqa: E402
 from bench.procs import REPO, Proc, atlas_command, cpu_seconds, python_module, raise_fd_limit  # noqa: E402
 
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="run every bench process at this nice value (default -10; below 0 needs root)")
     args = parser.parse_args(argv)
     if args.priority is not None:
-        procs.NICE = args.priority
+        bench_procs.NICE = args.priority
         os.setpriority(os.PRIO_PROCESS, 0, args.priority)
     raise_fd_limit()
     stamp = time.strftime("%Y%m%d-%H%M%S")
