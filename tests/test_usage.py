@@ -390,7 +390,7 @@ async def test_chat_shows_usage_and_refusals_as_a_person_wants(tmp_path, provide
             await term.expect("last reply:")
             set_limits(JsonStore(server.data_dir), "alice", {"tokens_per_day": 10})
             await term.type("hello again\r")
-            await term.expect("[error] quota_exceeded: daily token limit reached")
+            await term.expect("[error] quota_exceeded: this request needs at least")
             await term.expect("local time")
             await term.expect("you> ")
             await term.type("\x04")
@@ -414,7 +414,8 @@ async def test_the_web_page_says_what_was_used_and_when_it_resets(tmp_path, prov
 
         shown = await test_web.in_browser(
             test_web.sign_in_url(server.url, "alice", server.tokens["alice"]), steps)
-    assert shown.startswith("Limit reached: daily token limit reached: 0 of 10 tokens used today")
+    assert shown.startswith("Limit reached: this request needs at least")
+    assert "more than the whole daily limit of 10 (0 used today)" in shown
     assert "It resets" in shown and "T00:00:00Z" not in shown  # the reader's own time, not ISO
     assert provider.requests == []
 

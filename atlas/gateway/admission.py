@@ -98,10 +98,16 @@ def rate_limited(message: str, retry_after: float) -> Refused:
 def quota_exceeded(refusal: OverQuota, need: int) -> Refused:
     period = "today" if refusal.limit == "tokensPerDay" else "this month"
     name = "daily" if refusal.limit == "tokensPerDay" else "monthly"
-    message = (
-        f"{name} token limit reached: {refusal.used:,} of {refusal.value:,} tokens used {period}, "
-        f"and this request needs at least {need:,}; the limit resets at {refusal.reset_at}"
-    )
+    if need > refusal.value:
+        message = (
+            f"this request needs at least {need:,} tokens, more than the whole {name} limit of "
+            f"{refusal.value:,} ({refusal.used:,} used {period}); the limit resets at {refusal.reset_at}"
+        )
+    else:
+        message = (
+            f"{name} token limit reached: {refusal.used:,} of {refusal.value:,} tokens used {period}, "
+            f"and this request needs at least {need:,}; the limit resets at {refusal.reset_at}"
+        )
     return Refused("quota_exceeded", message, 402, reset_at=refusal.reset_at, limit=refusal.limit)
 
 

@@ -271,15 +271,32 @@ async def chat_completions(
     url = f"{provider_url_for(services, identity)}/chat/completions"
     started = trio.current_time()
     failure: V1Error | None = None
+    response_started = False
+
+    async def tracked_send(message: dict[str, Any]) -> None:
+        nonlocal response_started
+        response_started = response_started or message["type"] == "http.response.start"
+        await send(message)
+
     async with trio.open_nursery() as nursery:
         # A client that goes away cancels the request, which closes the provider's response.
         nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
         outcome = "client_gone"
         try:
-            outcome = await complete(services, identity, request, key, url, send)
+            outcome = await complete(services, identity, request, key, url, tracked_send)
         except V1Error as exc:  # raised after the nursery, not wrapped in a group
             failure = exc
             outcome = exc.code
+        except Exception as exc:  # the request's boundary: a bug, a store that cannot be read
+            outcome = "internal"
+            if isinstance(exc, StoreError):
+                log.error("v1 request of %r: %s", identity.id, exc)
+            else:
+                log.exception("v1 request of %r failed", identity.id)
+            if not response_started:
+                failure = V1Error(500, "internal", "internal error; see the server log")
+            else:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             nursery.cancel_scope.cancel()
     log.info("v1 %s user=%r: %s in %.0f ms", request.model[:64], identity.id, outcome,
