@@ -322,9 +322,9 @@ async def complete(
                     return f"provider_status_{response.status_code}"
                 ticket.answered()
                 if request.stream:
-                    await relay_stream(response, request, ticket, send)
+                    await relay_stream(response, request, ticket, send, key.encode())
                 else:
-                    await relay_completion(response, ticket, send)
+                    await relay_completion(response, ticket, send, key.encode())
                 return "ok"
     except Refused as exc:
         raise refused(exc) from None
@@ -338,9 +338,12 @@ async def _cancel_on_disconnect(receive: Any, scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
-async def relay_stream(response: httpx.Response, request: Request, ticket: Ticket, send: Any) -> None:
+async def relay_stream(
+    response: httpx.Response, request: Request, ticket: Ticket, send: Any, key: bytes
+) -> None:
     """The provider's events to the client as they come. The usage is settled (durably) as
-    soon as it is known, before the event that carries it or ``[DONE]`` is passed on."""
+    soon as it is known, before the event that carries it or ``[DONE]`` is passed on. The
+    virtual key never reaches the client, even inside an event a provider got wrong."""
     await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
     parser = SseDataParser()
     usage: Usage | None = None
@@ -365,6 +368,8 @@ async def relay_stream(response: httpx.Response, request: Request, ticket: Ticke
                             await ticket.settle(usage)
                             if not request.wants_usage:
                                 continue  # Atlas asked for it, not the client
+                if key in data:
+                    data = data.replace(key, b"***")
                 out.append(b"data: " + data + b"\n\n")
             if out:
                 await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
@@ -390,7 +395,7 @@ async def relay_stream(response: httpx.Response, request: Request, ticket: Ticke
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def relay_completion(response: httpx.Response, ticket: Ticket, send: Any) -> None:
+async def relay_completion(response: httpx.Response, ticket: Ticket, send: Any, key: bytes) -> None:
     try:
         data = await _read(response, MAX_RESPONSE_BYTES)
     except httpx.TransportError as exc:
@@ -400,6 +405,8 @@ async def relay_completion(response: httpx.Response, ticket: Ticket, send: Any) 
     except msgspec.DecodeError:
         usage = None
     await ticket.settle(usage)
+    if key in data:
+        data = data.replace(key, b"***")
     headers = [(k, v) for k, v in response.headers.raw if k.lower() == b"content-type"]
     await send({"type": "http.response.start", "status": 200, "headers": [
         *(headers or [(b"content-type", b"application/json")]),
