@@ -68,6 +68,7 @@ class _Envelope(msgspec.Struct):
 
 class _AgentInfo(msgspec.Struct):
     id: str
+    budget: AgentBudget | None = None  # Atlas's agents say it; other VoltAgent servers may not
 
 
 class _AgentList(msgspec.Struct):
@@ -77,20 +78,11 @@ class _AgentList(msgspec.Struct):
 _agents_decoder = msgspec.json.Decoder(_AgentList)
 
 
-class _Described(msgspec.Struct):
-    budget: AgentBudget | None = None
-
-
-class _DescribeEnvelope(msgspec.Struct):
-    data: _Described
-
-
 # A VoltAgent server that does not say how much its agent adds to a prompt: assume this much.
 UNKNOWN_INSTRUCTIONS_BYTES = 8192
 BUDGET_CACHE_SECONDS = 60.0
 
 _event_decoder = msgspec.json.Decoder(_Event)
-_describe_decoder = msgspec.json.Decoder(_DescribeEnvelope)
 _envelope_decoder = msgspec.json.Decoder(_Envelope)
 _encoder = msgspec.json.Encoder()
 
@@ -114,55 +106,55 @@ class RemoteAgent:
         self._secret = secret
         self._default_agent: str | None = None
         self._budgets: dict[str, tuple[float, AgentBudget]] = {}
+        self._warned_unknown_budget = False
 
     async def default_agent_id(self) -> str:
         """The first agent the remote agent lists (asked once, then remembered)."""
         if self._default_agent is None:
-            headers = {"X-Atlas-Agent-Secret": self._secret} if self._secret else {}
-            try:
-                response = await self._client.get(f"{self._base_url}/agents", headers=headers)
-            except httpx.HTTPError as exc:
-                log.warning("remote agent unreachable: %s", type(exc).__name__)
-                raise AgentError("agent_unavailable", "the agent service cannot be reached", 502) from None
-            if response.status_code != 200:
-                raise _envelope_error(response.status_code, response.content, self._base_url)
-            try:
-                agents = _agents_decoder.decode(response.content).data
-            except msgspec.DecodeError:
-                raise AgentError("agent_unavailable", "the agent service sent an unusable agent list", 502) from None
+            agents = await self._list_agents()
             if not agents:
                 raise AgentError("unknown_agent", "the agent service has no agents", 404)
             self._default_agent = agents[0].id
         return self._default_agent
 
     async def budget(self, agent_id: str) -> AgentBudget:
-        """The agent's prompt overhead and output cap from ``GET /agents/{id}`` (cached)."""
+        """The agent's prompt overhead and output cap, for admission, from the agent list
+        (``GET /agents``, one request for every agent, kept a minute)."""
         cached = self._budgets.get(agent_id)
-        now = time.monotonic()
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        url = f"{self._base_url}/agents/{quote(agent_id, safe='')}"
+        if cached is None or cached[0] <= time.monotonic():
+            await self._list_agents()
+            cached = self._budgets.get(agent_id)
+        if cached is None:  # not listed: the request itself will meet the agent's own answer
+            return AgentBudget(UNKNOWN_INSTRUCTIONS_BYTES, None)
+        return cached[1]
+
+    async def _list_agents(self) -> list[_AgentInfo]:
         headers = {"X-Atlas-Agent-Secret": self._secret} if self._secret else {}
         try:
-            response = await self._client.get(url, headers=headers)
+            response = await self._client.get(f"{self._base_url}/agents", headers=headers)
         except httpx.HTTPError as exc:
             log.warning("remote agent unreachable: %s", type(exc).__name__)
             raise AgentError("agent_unavailable", "the agent service cannot be reached", 502) from None
         if response.status_code != 200:
             raise _envelope_error(response.status_code, response.content, self._base_url)
         try:
-            described = _describe_decoder.decode(response.content).data
+            agents = _agents_decoder.decode(response.content).data
         except msgspec.DecodeError:
-            described = _Described()
-        budget = described.budget
-        if budget is None:
-            log.warning("agent %s does not describe its prompt size; assuming %d bytes",
-                        agent_id, UNKNOWN_INSTRUCTIONS_BYTES)
-            budget = AgentBudget(UNKNOWN_INSTRUCTIONS_BYTES, None)
-        if len(self._budgets) > 1000:
-            self._budgets.clear()
-        self._budgets[agent_id] = (now + BUDGET_CACHE_SECONDS, budget)
-        return budget
+            raise AgentError("agent_unavailable", "the agent service sent an unusable agent list", 502) from None
+        expires = time.monotonic() + BUDGET_CACHE_SECONDS
+        if len(agents) > 1000:
+            agents = agents[:1000]
+        self._budgets = {}
+        for agent in agents:
+            budget = agent.budget
+            if budget is None:
+                if not self._warned_unknown_budget:
+                    self._warned_unknown_budget = True
+                    log.warning("the remote agent does not say how much its agents add to a prompt; "
+                                "assuming %d bytes each", UNKNOWN_INSTRUCTIONS_BYTES)
+                budget = AgentBudget(UNKNOWN_INSTRUCTIONS_BYTES, None)
+            self._budgets[agent.id] = (expires, budget)
+        return agents
 
     def _headers(self, credentials: Credentials) -> dict[str, str]:
         headers = {

@@ -27,7 +27,7 @@ from atlas.agent_api.app import Response
 from atlas.gateway.admission import PER_MESSAGE_TOKENS, PER_REQUEST_TOKENS, Refused, Ticket
 from atlas.gateway.relay import requested_output
 from atlas.gateway.services import Services
-from atlas.llm.provider import SseDataParser
+from atlas.llm.sse import SseDataParser, SseTooLong
 from atlas.llm.types import AgentError, Usage, bad_request
 from atlas.store import Identity
 
@@ -94,7 +94,7 @@ class Meter:
         self.route = route
         self.ticket = ticket
         self._send = send
-        self._parser = SseDataParser()
+        self._parser: SseDataParser | None = SseDataParser()
         self._text: list[bytes] | None = [] if route in WHOLE_ANSWER_ROUTES else None
         self._size = 0
 
@@ -130,7 +130,15 @@ class Meter:
         return _usage(answer.data.usage) if answer.data else None
 
     async def _scan(self, chunk: bytes) -> None:
-        for data in self._parser.feed(chunk):
+        if self._parser is None:
+            return
+        try:
+            events = self._parser.feed(chunk)
+        except SseTooLong:
+            # Not a stream Atlas can read: it passes on untouched, and costs the estimate.
+            self._parser = None
+            return
+        for data in events:
             if b'"finish"' not in data:
                 continue
             try:
@@ -151,13 +159,16 @@ async def proxy_billable(
     forward: Forward,
 ) -> None:
     """Admit, forward (``forward(body, receive, send)``) and settle one billable request."""
-    response = Response(send)
     try:
         body = await read_request(receive, services.settings.max_message_bytes)
         payload, messages, options = parse_request(body)
+    except AgentError as error:  # refused as the agent itself would refuse it
+        await Response(send).error(error)
+        return
+    try:
         budget = await services.relay.agent.budget(agent_id)
-    except AgentError as error:
-        await response.error(error)
+    except AgentError as error:  # the gateway could not use the agent: the transport's own error
+        await send_json(send, error.status, {"error": {"code": error.code, "message": error.message}})
         return
     replaceable, wanted = requested_output(options)
     prompt = len(body) + PER_MESSAGE_TOKENS * messages + PER_REQUEST_TOKENS
@@ -181,10 +192,14 @@ async def proxy_billable(
 
 
 async def send_refusal(send: Any, refusal: Refused) -> None:
-    data = _encode({"error": refusal.to_json()})
-    await send({"type": "http.response.start", "status": refusal.status, "headers": [
+    await send_json(send, refusal.status, {"error": refusal.to_json()}, refusal.headers())
+
+
+async def send_json(send: Any, status: int, payload: Any, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    data = _encode(payload)
+    await send({"type": "http.response.start", "status": status, "headers": [
         (b"content-type", b"application/json"), (b"cache-control", b"no-store"),
-        (b"content-length", str(len(data)).encode()), *refusal.headers(),
+        (b"content-length", str(len(data)).encode()), *headers,
     ]})
     await send({"type": "http.response.body", "body": data})
 

@@ -35,7 +35,8 @@ from atlas.gateway.admission import (
 )
 from atlas.gateway.auth import AccessDenied, authenticate
 from atlas.gateway.services import Services
-from atlas.llm.provider import DRAIN_SECONDS, SseDataParser, transport_error
+from atlas.llm.provider import DRAIN_SECONDS, provider_error, transport_error
+from atlas.llm.sse import SseDataParser, SseTooLong
 from atlas.llm.types import AgentError, Usage
 from atlas.store import Identity, StoreError, is_valid_user_id
 
@@ -375,8 +376,9 @@ async def relay_stream(
                 await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
             if finished:
                 break
-    except httpx.TransportError as exc:
-        error = transport_error(exc, streaming=True)
+    except (httpx.TransportError, SseTooLong) as exc:
+        error = (transport_error(exc, streaming=True) if isinstance(exc, httpx.TransportError)
+                 else provider_error("the provider sent an over-long stream line"))
         await ticket.settle(usage)
         event = error_body(502, error.code, error.message)
         await send({"type": "http.response.body", "body": b"data: " + _encode(event) + b"\n\n",
