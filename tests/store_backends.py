@@ -87,7 +87,8 @@ class Backend:
             rows = conn.execute(
                 "SELECT 'users/' || id FROM users WHERE id = %(u)s"
                 " UNION ALL SELECT 'tokens/' || hash FROM tokens WHERE user_id = %(u)s"
-                " UNION ALL SELECT 'rooms/' || id FROM rooms WHERE id = %(u)s",
+                " UNION ALL SELECT 'rooms/' || id FROM rooms WHERE id = %(u)s"
+                " UNION ALL SELECT 'usage/' || user_id || '/' || day FROM usage_days WHERE user_id = %(u)s",
                 {"u": user_id},
             ).fetchall()
         return sorted(row[0] for row in rows)

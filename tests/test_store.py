@@ -11,12 +11,17 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import date, timedelta
 from pathlib import Path
 
 import pytest
 
-from atlas.store import RoomState, StoreCorrupt, TokenRecord, Turn, UserGone, UserRecord, hash_token, new_token
-from atlas.store.users import create_user
+from atlas.store import (
+    Limits, RoomState, StoreCorrupt, TokenRecord, Turn, UsageDay, UsageRecord, UserGone, UserRecord,
+    hash_token, new_token,
+)
+from atlas.store.records import KEEP_USAGE_DAYS
+from atlas.store.users import create_user, set_limits
 
 WRITER = Path(__file__).with_name("store_writer.py")
 WAIT = 30.0
@@ -132,9 +137,11 @@ def test_remove_user_removes_everything_kept_for_them(backend):
     create_user(store, "bob", "sk-test-store-bob-0123", None)
     store.save_room("alice", RoomState(prefs={"diary": "private"}), owner_must_exist=True)
     store.save_room("bob", RoomState(prefs={"b": 1}), owner_must_exist=True)
+    store.add_usage("alice", [UsageDay("2025-01-15", 1, 10, 5, 15)], owner_must_exist=True)
     assert backend.leftovers("alice")
 
     store.remove_user("alice")
+    assert store.load_usage("alice") == UsageRecord()
 
     assert backend.leftovers("alice") == []
     assert store.load_user("alice") is None and store.load_token(hash_token(token)) is None
@@ -303,3 +310,50 @@ def test_a_crash_mid_write_keeps_every_acknowledged_write(backend, request):
         n = after.load_room(room).prefs["n"]  # decodes: one whole write
         assert acknowledged[room] <= n <= sent[room], (room, acknowledged[room], n, sent[room])
     store.close()
+
+
+# --- The usage ledger and limits -------------------------------------------------------------------
+
+def test_usage_is_added_per_day_and_never_lost_between_processes(backend):
+    first, second = backend.open_store(), backend.open_store()  # two processes on one store
+    assert first.load_usage("alice") == UsageRecord() and first.usage_user_ids() == []
+
+    def add(store, n):
+        for _ in range(n):
+            store.add_usage("alice", [UsageDay("2025-01-15", 1, 3, 2, 5), UsageDay("2025-01-16", 0, 1, 0, 1)])
+
+    threads = [threading.Thread(target=add, args=(store, 20)) for store in (first, second)]
+    if backend.name == "json":
+        # A data directory has one server process, the only writer of its usage files (and its
+        # ledger adds one user's usage at a time): the files are added to in turn.
+        threads = [threading.Thread(target=lambda: (add(first, 20), add(second, 20)))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    days = second.load_usage("alice").days
+    assert days == [UsageDay("2025-01-15", 40, 120, 80, 200), UsageDay("2025-01-16", 0, 40, 0, 40)]
+    first.add_usage("zed", [UsageDay("2025-01-15", 1, 1, 1, 2)])
+    assert second.usage_user_ids() == ["alice", "zed"]
+    with pytest.raises(UserGone):  # built-in auth: usage of a user who does not exist is refused
+        first.add_usage("ghost", [UsageDay("2025-01-15", 1, 1, 1, 2)], owner_must_exist=True)
+    assert first.load_usage("ghost") == UsageRecord()
+
+
+def test_the_ledger_keeps_the_last_days_only(backend):
+    store = backend.open_store()
+    start = date(2024, 1, 1)
+    days = [UsageDay((start + timedelta(days=n)).isoformat(), 1, 1, 0, 1) for n in range(KEEP_USAGE_DAYS + 10)]
+    store.add_usage("alice", days)
+    kept = store.load_usage("alice").days
+    assert len(kept) == KEEP_USAGE_DAYS and kept[-1].date == days[-1].date
+
+
+def test_a_users_limits_round_trip(backend):
+    store = backend.open_store()
+    create_user(store, "alice", "sk-test-store-alice-limits", None)
+    set_limits(store, "alice", {"tokens_per_day": 1000, "requests_per_minute": None})
+    user = backend.open_store().load_user("alice")
+    assert user.limits == Limits(tokens_per_day=1000, requests_per_minute=None)
+    set_limits(store, "alice", {}, clear=True)
+    assert backend.open_store().load_user("alice").limits is None

@@ -83,13 +83,13 @@ async def test_concurrent_settlements_are_written_together_and_all_kept(tmp_path
     store = JsonStore(tmp_path)
     store.prepare()
     writes = []
-    save = store.save_usage
+    add = store.add_usage
 
-    def counting_save(user_id, record, **kwargs):
-        writes.append(len(record.days))
-        save(user_id, record, **kwargs)
+    def counting_add(user_id, days, **kwargs):
+        writes.append(len(days))
+        add(user_id, days, **kwargs)
 
-    store.save_usage = counting_save
+    store.add_usage = counting_add
     ledger = store.usage_ledger()
     holds = [await ledger.reserve("bob", "2025-01-15", DAY, prompt=1, output=9) for _ in range(50)]
     async with trio.open_nursery() as nursery:
@@ -440,3 +440,23 @@ async def test_a_removed_users_usage_is_gone_and_stays_gone(tmp_path, provider):
     remove_user(store, "bob")
     await ledger.settle(hold, Charge(5, 5, 10))
     assert not (tmp_path / "race" / "usage" / "bob.json").exists() and ledger.held("bob") == 0
+
+
+async def test_usage_and_limits_on_either_store(tmp_path, provider, backend):
+    """The same ledger and limits with the JSON files and with PostgreSQL: recorded per request,
+    read by the server and by `atlas usage`, limits set with `atlas user limit`."""
+    provider.behaviour = Bill(tokens=3)
+    async with open_atlas(tmp_path, users={"alice": None}, provider_url=provider.url,
+                          auth_cache_seconds=0, **backend.settings) as server:
+        token = server.tokens["alice"]
+        async with open_requests(server.ws_url("alice", token)) as client:
+            assert (await client.ask())["type"] == "agent:done"
+            run_atlas("user", "limit", "alice", "--tokens-per-day", "0", *backend.cli_args())
+            refused = await client.ask()
+            assert refused["error"]["code"] == "quota_exceeded"
+            served = await client.usage(since="2000-01-01")
+    printed = json.loads(run_atlas("usage", "alice", "--json", "--since", "2000-01-01", *backend.cli_args()))
+    assert printed == {**{k: v for k, v in served.items() if k != "type"}}
+    assert printed["days"][0]["requests"] == 1
+    assert printed["days"][0]["totalTokens"] == provider.billed()
+    assert printed["limits"] == {"tokensPerDay": 0}

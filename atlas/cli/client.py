@@ -13,9 +13,9 @@ status, never a traceback::
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
-import itertools
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager

@@ -1,8 +1,9 @@
 """``atlas usage [USER] [--since YYYY-MM-DD] [--json]``: what users spent, per UTC day, and what
 their limits leave.
 
-Reads the store directly (the ``usage/`` files a running server writes durably per request), so
-it works while ``atlas serve`` runs. Limits are resolved as the server does for built-in users:
+Reads the store directly (the ``usage/`` files, or the PostgreSQL database of
+``--database-url``, that a running server adds to durably per request), so it works while
+``atlas serve`` runs. Limits are resolved as the server does for built-in users:
 the defaults (``ATLAS_LIMIT_*`` or the flags), then the user's own (``atlas user limit``); limits
 that an external auth API sends exist only in the server. ``--json`` prints the contract's usage
 object for one user, a list of them for all users.
@@ -29,7 +30,6 @@ LIMIT_LABELS = (
 
 def main(args: argparse.Namespace) -> int:
     settings = args.settings
-    store = store_for(settings)
     if args.user_id is not None and not is_valid_user_id(args.user_id):
         print(f"atlas: invalid user id {args.user_id!r}: use 1-128 of A-Z a-z 0-9 . _ @ -", file=sys.stderr)
         return 2
@@ -40,9 +40,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"atlas: invalid --since: {exc}", file=sys.stderr)
         return 2
     defaults = Limits(**{k: v for k, v in settings.default_limits().items() if v is not None})
-    user_ids = [args.user_id] if args.user_id else sorted(set(store.usage_user_ids()) | set(store.user_ids()))
-    reports = []
+    store = store_for(settings)
     try:
+        user_ids = [args.user_id] if args.user_id else sorted(set(store.usage_user_ids()) | set(store.user_ids()))
+        reports = []
         for user_id in user_ids:
             user = store.load_user(user_id)
             limits = resolve_limits(defaults, user.limits if user else None)
@@ -50,6 +51,8 @@ def main(args: argparse.Namespace) -> int:
     except StoreError as exc:
         print(f"atlas: {exc}", file=sys.stderr)
         return 1
+    finally:
+        store.close()
     if args.json:
         print(json.dumps(reports[0] if args.user_id else reports, indent=2))
         return 0

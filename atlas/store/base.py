@@ -13,8 +13,8 @@ Guarantees every backend gives:
 - removing a user removes everything kept for them;
 - a store that cannot be reached raises ``StoreUnavailable`` (nothing written, try again later).
 
-The usage ledger has two faces. The blocking methods (``load_usage`` and friends) serve the
-operator's commands. A server process takes one ``Ledger`` (``usage_ledger()``): the live ledger,
+The usage ledger has two faces. The blocking methods (``load_usage``, ``add_usage`` and
+``usage_user_ids``) read it and add to it. A server process takes one ``Ledger`` (``usage_ledger()``): the live ledger,
 async, that reserves budget for requests in flight and settles them with their real usage. Its
 ``reserve`` is one check-and-hold (``atlas.store.usage.plan``), which a database backend does in
 one conditional ``UPDATE``, so that limits hold across processes; the embedded backend does it in
@@ -28,7 +28,7 @@ from typing import Protocol
 
 import trio
 
-from atlas.store.records import RoomState, TokenRecord, UsageRecord, UserRecord
+from atlas.store.records import RoomState, TokenRecord, UsageDay, UsageRecord, UserRecord
 from atlas.store.usage import Busy, OverQuota, ResolvedLimits
 
 
@@ -134,8 +134,10 @@ class Store(Protocol):
 
     # Usage ledger (per user and UTC day)
     def load_usage(self, user_id: str) -> UsageRecord: ...
-    def save_usage(self, user_id: str, record: UsageRecord, *, owner_must_exist: bool = False) -> None:
-        """``owner_must_exist``: as for ``save_room``."""
+    def add_usage(self, user_id: str, days: list[UsageDay], *, owner_must_exist: bool = False) -> None:
+        """Add ``days`` (increments) to the user's ledger, atomically, each to its day's totals,
+        so that processes sharing a database never lose each other's usage; days older than
+        the ledger keeps are dropped. ``owner_must_exist``: as for ``save_room``."""
         ...
 
     def usage_user_ids(self) -> list[str]: ...

@@ -43,9 +43,11 @@ from atlas.store.records import (
     RoomState,
     StoreCorrupt,
     TokenRecord,
+    UsageDay,
     UsageRecord,
     UserGone,
     UserRecord,
+    add_usage_days,
     is_valid_user_id,
 )
 
@@ -261,7 +263,10 @@ class JsonStore:
     def load_usage(self, user_id: str) -> UsageRecord:
         return read_struct(self.usage_path(user_id), UsageRecord) or UsageRecord()
 
-    def save_usage(self, user_id: str, record: UsageRecord, *, owner_must_exist: bool = False) -> None:
+    def add_usage(self, user_id: str, days: list[UsageDay], *, owner_must_exist: bool = False) -> None:
+        # Read, add, write: the one server process on a data directory is the only writer of its
+        # usage files (its ledger writes one user's at a time), so nothing comes in between.
+        record = add_usage_days(self.load_usage(user_id), days)
         self._write(self.usage_path(user_id), record, owner=user_id if owner_must_exist else None)
 
     def usage_user_ids(self) -> list[str]:

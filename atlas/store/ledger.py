@@ -3,12 +3,15 @@
 Reservations live in memory, under the event loop: ``reserve`` checks and holds with no
 checkpoint between the check and the hold, so no two requests of a user can both take the same
 room, whatever the number of connections or paths they came through. Settlements update the
-totals in memory at once (later reservations count them) and are then written durably: a user's
-settlements that arrive while their file is being written are written together by the next write
-(group commit), and ``settle`` returns only once its own charge is on disk.
+totals in memory at once (later reservations count them) and are then added to the store as
+increments (``Store.add_usage``): a user's settlements that arrive while a write of theirs is in
+progress are added together by the next one (group commit), and ``settle`` returns only once its
+own charge is durable.
 
-The process is the only writer of the ``usage/`` files (``atlas usage`` only reads them). A
-database backend replaces this class with one whose ``reserve`` is an atomic ``UPDATE``.
+Increments, not whole records, so that processes sharing a database never overwrite each other's
+usage. The limits this class enforces count this process's requests and what the store held when
+the user was loaded; limits that hold across processes need a ledger whose ``reserve`` is one
+atomic ``UPDATE`` in the database (see ``atlas.store.base``).
 """
 
 from __future__ import annotations
@@ -20,12 +23,11 @@ from collections import OrderedDict
 import trio
 
 from atlas.store.base import Charge, Hold, Store
-from atlas.store.records import UsageDay, UsageRecord, UserGone
+from atlas.store.records import KEEP_USAGE_DAYS, UsageDay, UsageRecord, UserGone
 from atlas.store.usage import Busy, Fits, OverQuota, PeriodUsage, ResolvedLimits, month_of, plan
 
 log = logging.getLogger("atlas.store.ledger")
 
-KEEP_DAYS = 400  # days of history kept per user: more than a year, and every day of this month
 MAX_CACHED_USERS = 10_000
 
 
@@ -41,8 +43,9 @@ class _UserUsage:
         self.held_days: dict[str, int] = {}
         self.held_months: dict[str, int] = {}
         self.settled = trio.Event()
-        self.version = 0  # changes applied in memory
-        self.durable = 0  # changes known to be on disk
+        self.pending: dict[str, UsageDay] = {}  # increments not yet handed to the store
+        self.version = 0  # charges applied in memory
+        self.durable = 0  # charges known to be durable
         self.writing = False
         self.written = trio.Event()
 
@@ -85,19 +88,36 @@ class _UserUsage:
                 totals.pop(key, None)
 
     def add(self, day: str, charge: Charge) -> None:
-        entry = self.days.get(day)
-        if entry is None:
-            entry = self.days[day] = UsageDay(day)
-        entry.requests += charge.requests
-        entry.prompt_tokens += charge.prompt_tokens
-        entry.completion_tokens += charge.completion_tokens
-        entry.total_tokens += charge.total_tokens
+        for totals in (self.days, self.pending):
+            entry = totals.get(day)
+            if entry is None:
+                entry = totals[day] = UsageDay(day)
+            entry.requests += charge.requests
+            entry.prompt_tokens += charge.prompt_tokens
+            entry.completion_tokens += charge.completion_tokens
+            entry.total_tokens += charge.total_tokens
         month = month_of(day)
         self.months[month] = self.months.get(month, 0) + charge.total_tokens
-        if len(self.days) > KEEP_DAYS:
-            for old in sorted(self.days)[: len(self.days) - KEEP_DAYS]:
+        if len(self.days) > KEEP_USAGE_DAYS:
+            for old in sorted(self.days)[: len(self.days) - KEEP_USAGE_DAYS]:
                 del self.days[old]
         self.version += 1
+
+    def take_pending(self) -> list[UsageDay]:
+        days, self.pending = list(self.pending.values()), {}
+        return days
+
+    def give_back(self, days: list[UsageDay]) -> None:
+        """Increments whose write failed: the next write carries them."""
+        for day in days:
+            entry = self.pending.get(day.date)
+            if entry is None:
+                self.pending[day.date] = day
+                continue
+            entry.requests += day.requests
+            entry.prompt_tokens += day.prompt_tokens
+            entry.completion_tokens += day.completion_tokens
+            entry.total_tokens += day.total_tokens
 
     def record(self) -> UsageRecord:
         return UsageRecord(days=[
@@ -111,7 +131,7 @@ class _UserUsage:
 
 
 class ProcessLedger:
-    """``Ledger`` for one process over a store's ``load_usage``/``save_usage``."""
+    """``Ledger`` for one process over a store's ``load_usage``/``add_usage``."""
 
     def __init__(
         self, store: Store, *, owner_must_exist: bool = False, max_cached_users: int = MAX_CACHED_USERS
@@ -175,21 +195,25 @@ class ProcessLedger:
                 continue
             user.writing = True
             version = user.version
+            days = user.take_pending()
             try:
                 try:
-                    await trio.to_thread.run_sync(self._save, user_id, user.record())
+                    await trio.to_thread.run_sync(self._add, user_id, days)
                 except UserGone:
                     # Removed meanwhile (built-in auth): everything kept for them is gone for
                     # good, this usage too.
                     log.info("usage of removed user %s not kept", user_id)
+                except BaseException:
+                    user.give_back(days)
+                    raise
                 user.durable = max(user.durable, version)
             finally:
                 user.writing = False
                 written, user.written = user.written, trio.Event()
                 written.set()
 
-    def _save(self, user_id: str, record: UsageRecord) -> None:
-        self._store.save_usage(user_id, record, owner_must_exist=self._owner_must_exist)
+    def _add(self, user_id: str, days: list[UsageDay]) -> None:
+        self._store.add_usage(user_id, days, owner_must_exist=self._owner_must_exist)
 
     def next_settlement(self, user_id: str) -> trio.Event:
         user = self._users.get(user_id)

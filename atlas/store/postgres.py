@@ -1,9 +1,11 @@
 """PostgreSQL store (``ATLAS_DATABASE_URL``): one database shared by any number of processes.
 
     schema_version  the one row saying which of ``MIGRATIONS`` are applied
-    users           id, virtual_key, provider_url, token_hash, created_at, limits (jsonb, unused yet)
+    users           id, virtual_key, provider_url, token_hash, created_at, limits (jsonb: ``Limits``)
     tokens          hash -> user_id, a foreign key to users (ON DELETE CASCADE)
     rooms           id -> state: the room's ``RoomState`` as msgspec encodes it, in a ``json`` column
+    usage_days      (user_id, day) -> requests, prompt, completion and total tokens; no foreign key
+                    (users of an external auth API have no row in users)
 
 A room's state is one value, not a column per field: ``RoomState`` evolves in its struct (a new
 field gets a default) with no migration, both backends decode it with the same struct, and a
@@ -30,7 +32,11 @@ Atomicity, under PostgreSQL's default READ COMMITTED:
   the user's row and writes the room only if that row exists. The lock conflicts with the
   removal's delete: a write either commits first (and the removal, waiting for it, deletes the
   room after it) or waits for the removal and finds no user (``UserGone``, nothing written);
-- ``save_token`` for a missing user fails on the foreign key (``UserGone``).
+- ``save_token`` for a missing user fails on the foreign key (``UserGone``);
+- ``add_usage`` is one ``INSERT ... ON CONFLICT DO UPDATE`` that adds to each day's totals, so
+  processes adding at once never lose each other's usage; with ``owner_must_exist`` it takes the
+  same ``FOR KEY SHARE`` lock as ``save_room``, and ``remove_user`` deletes the usage rows in its
+  transaction.
 
 Errors: a database that cannot be reached (a connection that fails, or none free within the
 timeout) raises ``StoreUnavailable``; no message holds the password, and ``location`` shows the
@@ -53,9 +59,12 @@ import psycopg
 from psycopg import errors
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
+from atlas.store.base import Ledger
+from atlas.store.ledger import ProcessLedger
+
 from atlas.store.records import (
-    RoomState, StoreCorrupt, StoreError, StoreUnavailable, TokenRecord, UserGone, UserRecord,
-    is_valid_user_id,
+    KEEP_USAGE_DAYS, Limits, RoomState, StoreCorrupt, StoreError, StoreUnavailable, TokenRecord,
+    UsageDay, UsageRecord, UserGone, UserRecord, is_valid_user_id,
 )
 
 log = logging.getLogger("atlas.store.postgres")
@@ -87,11 +96,35 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             state json NOT NULL
         )""",
     ),
+    (  # 2: the usage ledger
+        """CREATE TABLE usage_days (
+            user_id text NOT NULL,
+            day date NOT NULL,
+            requests bigint NOT NULL DEFAULT 0,
+            prompt_tokens bigint NOT NULL DEFAULT 0,
+            completion_tokens bigint NOT NULL DEFAULT 0,
+            total_tokens bigint NOT NULL DEFAULT 0,
+            PRIMARY KEY (user_id, day)
+        )""",
+    ),
+)
+
+_ADD_USAGE = (
+    " INSERT INTO usage_days (user_id, day, requests, prompt_tokens, completion_tokens, total_tokens)"
+    " SELECT {owner}, u.day, u.requests, u.prompt, u.completion, u.total"
+    " FROM {source} unnest(%s::date[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[])"
+    " AS u(day, requests, prompt, completion, total)"
+    " ON CONFLICT (user_id, day) DO UPDATE SET"
+    " requests = usage_days.requests + EXCLUDED.requests,"
+    " prompt_tokens = usage_days.prompt_tokens + EXCLUDED.prompt_tokens,"
+    " completion_tokens = usage_days.completion_tokens + EXCLUDED.completion_tokens,"
+    " total_tokens = usage_days.total_tokens + EXCLUDED.total_tokens"
 )
 
 _TOKEN_HASH = re.compile(r"[0-9a-f]{64}")
 _encoder = msgspec.json.Encoder()
 _room_decoder = msgspec.json.Decoder(RoomState)
+_limits_decoder = msgspec.json.Decoder(Limits)
 
 
 def database_password(url: str) -> str | None:
@@ -261,25 +294,31 @@ class PostgresStore:
 
     def load_user(self, user_id: str) -> UserRecord | None:
         rows = self._rows(
-            "SELECT virtual_key, provider_url, token_hash, created_at FROM users WHERE id = %s",
+            "SELECT virtual_key, provider_url, token_hash, created_at, limits::text FROM users WHERE id = %s",
             (_check_id(user_id),),
         )
         if not rows:
             return None
-        virtual_key, provider_url, token_hash, created_at = rows[0]
+        virtual_key, provider_url, token_hash, created_at, limits = rows[0]
+        try:
+            decoded = _limits_decoder.decode(limits) if limits is not None else None
+        except msgspec.DecodeError as exc:
+            raise StoreCorrupt(f"limits of row {user_id!r} of table users", str(exc)) from None
         return UserRecord(
             id=user_id, virtual_key=virtual_key, provider_url=provider_url,
-            token_hash=token_hash, created_at=created_at,
+            token_hash=token_hash, created_at=created_at, limits=decoded,
         )
 
     def save_user(self, user: UserRecord) -> None:
+        limits = _encoder.encode(user.limits).decode() if user.limits is not None else None
         self._execute(
-            "INSERT INTO users (id, virtual_key, provider_url, token_hash, created_at)"
-            " VALUES (%s, %s, %s, %s, %s)"
+            "INSERT INTO users (id, virtual_key, provider_url, token_hash, created_at, limits)"
+            " VALUES (%s, %s, %s, %s, %s, %s::jsonb)"
             " ON CONFLICT (id) DO UPDATE SET virtual_key = EXCLUDED.virtual_key,"
             " provider_url = EXCLUDED.provider_url, token_hash = EXCLUDED.token_hash,"
-            " created_at = EXCLUDED.created_at",
-            (_check_id(user.id), user.virtual_key, user.provider_url, user.token_hash, user.created_at),
+            " created_at = EXCLUDED.created_at, limits = EXCLUDED.limits",
+            (_check_id(user.id), user.virtual_key, user.provider_url, user.token_hash,
+             user.created_at, limits),
         )
 
     def delete_user(self, user_id: str) -> None:
@@ -353,3 +392,49 @@ class PostgresStore:
             # this transaction and then find no user. Tokens go with it (ON DELETE CASCADE).
             conn.execute("DELETE FROM users WHERE id = %s", (user_id,))
             conn.execute("DELETE FROM rooms WHERE id = %s", (user_id,))
+            conn.execute("DELETE FROM usage_days WHERE user_id = %s", (user_id,))
+
+    # Usage ledger
+
+    def load_usage(self, user_id: str) -> UsageRecord:
+        rows = self._rows(
+            "SELECT day::text, requests, prompt_tokens, completion_tokens, total_tokens"
+            " FROM usage_days WHERE user_id = %s ORDER BY day DESC LIMIT %s",
+            (_check_id(user_id), KEEP_USAGE_DAYS),
+        )
+        return UsageRecord(days=[UsageDay(*row) for row in reversed(rows)])
+
+    def add_usage(self, user_id: str, days: list[UsageDay], *, owner_must_exist: bool = False) -> None:
+        if not days:
+            return
+        _check_id(user_id)
+        columns = (
+            [d.date for d in days], [d.requests for d in days], [d.prompt_tokens for d in days],
+            [d.completion_tokens for d in days], [d.total_tokens for d in days],
+        )
+        latest = max(d.date for d in days)
+        with self._connection() as conn, conn.transaction():
+            if owner_must_exist:
+                written = conn.execute(
+                    "WITH owner AS (SELECT id FROM users WHERE id = %s FOR KEY SHARE)"
+                    + _ADD_USAGE.format(owner="owner.id", source="owner,"),
+                    (user_id, *columns),
+                ).rowcount
+                if written == 0:
+                    raise UserGone(user_id)
+            else:
+                conn.execute(_ADD_USAGE.format(owner="%s", source=""), (user_id, *columns))
+            conn.execute(
+                "DELETE FROM usage_days WHERE user_id = %s AND day <= %s::date - %s",
+                (user_id, latest, KEEP_USAGE_DAYS),
+            )
+
+    def usage_user_ids(self) -> list[str]:
+        return [row[0] for row in self._rows(
+            'SELECT user_id FROM usage_days GROUP BY user_id ORDER BY user_id COLLATE "C"'
+        )]
+
+    def usage_ledger(self, *, owner_must_exist: bool = False) -> Ledger:
+        # This process's reservations; see atlas.store.ledger for what that means across
+        # processes.
+        return ProcessLedger(self, owner_must_exist=owner_must_exist)

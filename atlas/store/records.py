@@ -126,6 +126,23 @@ class UsageRecord(msgspec.Struct, rename="camel", omit_defaults=True):
     days: list[UsageDay] = msgspec.field(default_factory=list)
 
 
+KEEP_USAGE_DAYS = 400  # days of usage kept per user: more than a year, every day of this month
+
+
+def add_usage_days(record: UsageRecord, days: list[UsageDay]) -> UsageRecord:
+    """``record`` with ``days`` added to its days' totals, keeping the last KEEP_USAGE_DAYS."""
+    totals = {day.date: day for day in record.days}
+    for day in days:
+        entry = totals.get(day.date)
+        if entry is None:
+            entry = totals[day.date] = UsageDay(day.date)
+        entry.requests += day.requests
+        entry.prompt_tokens += day.prompt_tokens
+        entry.completion_tokens += day.completion_tokens
+        entry.total_tokens += day.total_tokens
+    return UsageRecord(days=[totals[d] for d in sorted(totals)][-KEEP_USAGE_DAYS:])
+
+
 class Identity(msgspec.Struct, rename="camel", frozen=True, omit_defaults=True):
     """What ``/api/me`` says about a token's user (extra fields are ignored)."""
 
