@@ -24,6 +24,7 @@ from typing import Any
 import msgspec
 
 from atlas.agent_api.app import Response
+from atlas.asgi import BodyTooLarge, ClientGone, read_body, send_json
 from atlas.gateway.admission import PER_MESSAGE_TOKENS, PER_REQUEST_TOKENS, Refused, Ticket
 from atlas.gateway.relay import requested_output
 from atlas.gateway.services import Services
@@ -160,7 +161,12 @@ async def proxy_billable(
 ) -> None:
     """Admit, forward (``forward(body, receive, send)``) and settle one billable request."""
     try:
-        body = await read_request(receive, services.settings.max_message_bytes)
+        try:
+            body = await read_body(receive, services.settings.max_message_bytes)
+        except BodyTooLarge as exc:
+            raise AgentError("too_large", str(exc), 413) from None
+        except ClientGone:
+            raise bad_request("body: the client went away before sending it") from None
         payload, messages, options = parse_request(body)
     except AgentError as error:  # refused as the agent itself would refuse it
         await Response(send).error(error)
@@ -195,15 +201,6 @@ async def send_refusal(send: Any, refusal: Refused) -> None:
     await send_json(send, refusal.status, {"error": refusal.to_json()}, refusal.headers())
 
 
-async def send_json(send: Any, status: int, payload: Any, headers: list[tuple[bytes, bytes]] = ()) -> None:
-    data = _encode(payload)
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"cache-control", b"no-store"),
-        (b"content-length", str(len(data)).encode()), *headers,
-    ]})
-    await send({"type": "http.response.body", "body": data})
-
-
 def replay(body: bytes, receive: Any) -> Any:
     """A ``receive`` that gives ``body`` first, then what the client sends (its disconnect)."""
     given = False
@@ -216,21 +213,6 @@ def replay(body: bytes, receive: Any) -> Any:
         return await receive()
 
     return receive_again
-
-
-async def read_request(receive: Any, limit: int) -> bytes:
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise bad_request("body: the client went away before sending it")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise AgentError("too_large", f"request body over {limit} bytes", 413)
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
 
 
 def parse_request(body: bytes) -> tuple[dict[str, Any], int, dict[str, Any]]:

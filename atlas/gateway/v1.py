@@ -24,6 +24,7 @@ import httpx
 import msgspec
 import trio
 
+from atlas.asgi import JSON_HEADERS, BodyTooLarge, ClientGone, read_body, send_json
 from atlas.config import normalize_url
 from atlas.gateway.admission import (
     NON_TEXT_PART_TOKENS,
@@ -74,20 +75,20 @@ def error_body(status: int, code: str, message: str, **extra: Any) -> dict[str, 
     return {"error": {"message": message, "type": kind, "param": None, "code": code, **extra}}
 
 
-async def send_json(send: Any, status: int, data: bytes, headers: list[tuple[bytes, bytes]] = ()) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
-        (b"cache-control", b"no-store"), *headers,
-    ]})
-    await send({"type": "http.response.body", "body": data})
-
-
 async def send_error(send: Any, error: V1Error) -> None:
     body = error_body(error.status, error.code, error.message, **error.extra)
     headers = list(error.headers)
     if error.status == 401:
         headers.append((b"www-authenticate", b"Bearer"))
-    await send_json(send, error.status, _encode(body), headers)
+    await send_json(send, error.status, body, headers)
+
+
+async def send_raw_json(send: Any, data: bytes) -> None:
+    """A provider's JSON answer, passed on as it came."""
+    await send({"type": "http.response.start", "status": 200, "headers": [
+        *JSON_HEADERS, (b"content-length", str(len(data)).encode()),
+    ]})
+    await send({"type": "http.response.body", "body": data})
 
 
 def refused(exc: Refused) -> V1Error:
@@ -155,21 +156,6 @@ def virtual_key(identity: Identity) -> str:
     if not key.isascii() or not key.isprintable() or " " in key:
         raise V1Error(400, "no_credentials", "this user's virtual key has characters a key cannot have")
     return key
-
-
-async def read_body(receive: Any, limit: int) -> bytes:
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise V1Error(400, "bad_request", "the client went away before sending the body")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise V1Error(413, "too_large", f"request body over {limit} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
 
 
 def bad(message: str) -> V1Error:
@@ -267,7 +253,13 @@ _completion = msgspec.json.Decoder(_Completion)
 async def chat_completions(
     services: Services, identity: Identity, scope: dict[str, Any], receive: Any, send: Any
 ) -> None:
-    request = Request(await read_body(receive, services.settings.max_message_bytes))
+    try:
+        body = await read_body(receive, services.settings.max_message_bytes)
+    except BodyTooLarge as exc:
+        raise V1Error(413, "too_large", str(exc)) from None
+    except ClientGone:
+        raise V1Error(400, "bad_request", "the client went away before sending the body") from None
+    request = Request(body)
     key = virtual_key(identity)
     url = f"{provider_url_for(services, identity)}/chat/completions"
     started = trio.current_time()
@@ -441,7 +433,7 @@ async def pass_provider_error(response: httpx.Response, key: str, send: Any) -> 
     if not (isinstance(payload, dict) and isinstance(payload.get("error"), dict)):
         payload = error_body(status, "provider_error", f"the provider failed (HTTP {status})")
     headers = [(b"retry-after", v) for k, v in response.headers.raw if k.lower() == b"retry-after"]
-    await send_json(send, status if 400 <= status < 600 else 502, _encode(payload), headers)
+    await send_json(send, status if 400 <= status < 600 else 502, payload, headers)
 
 
 async def list_models(services: Services, identity: Identity, send: Any) -> None:
@@ -453,7 +445,7 @@ async def list_models(services: Services, identity: Identity, send: Any) -> None
         async with services.provider.open_response("GET", url, key) as response:
             if response.status_code == 200:
                 data = await _read(response, MAX_RESPONSE_BYTES)
-                await send_json(send, 200, data)
+                await send_raw_json(send, data)
                 return
             if response.status_code not in (404, 405):
                 await pass_provider_error(response, key, send)
@@ -463,6 +455,6 @@ async def list_models(services: Services, identity: Identity, send: Any) -> None
     except httpx.TransportError as exc:
         raise from_agent_error(transport_error(exc, streaming=True)) from None
     models = sorted(set(await services.agent_models()))
-    await send_json(send, 200, _encode({"object": "list", "data": [
+    await send_json(send, 200, {"object": "list", "data": [
         {"id": model, "object": "model", "created": 0, "owned_by": "atlas"} for model in models
-    ]}))
+    ]})
