@@ -18,6 +18,7 @@ provider quote it).
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import httpx
@@ -121,7 +122,10 @@ async def v1_endpoint(services: Services, scope: dict[str, Any], receive: Any, s
         try:
             identity = await authenticate(services.verifier, scope, shutting_down=services.shutting_down)
         except AccessDenied as denied:
-            raise V1Error(denied.status, denied.code, denied.message) from None
+            error = V1Error(denied.status, denied.code, denied.message)
+            if denied.retry_after is not None:
+                error.headers = [(b"retry-after", str(max(1, math.ceil(denied.retry_after))).encode())]
+            raise error from None
         if not is_valid_user_id(identity.id):
             log.warning("the auth API named a user id that is not a valid room id")
             raise V1Error(403, "forbidden", "this user's id is not usable here (1-128 of A-Z a-z 0-9 . _ @ -)")
