@@ -13,11 +13,11 @@ import trio.testing
 from fake_auth import open_fake_auth
 from fake_provider import Bill, prompt_tokens
 from servers import SECRETS, atlas_command, new_key, open_atlas
-from usage_helpers import Clock, ledger_file, open_requests, proxy_text, write_agents
+from usage_helpers import Clock, ledger_file, open_requests, proxy_text, usage_files, write_agents
 
 from atlas.gateway.admission import Admission, Refused
 from atlas.llm.types import Usage
-from atlas.store import Charge, Hold, JsonStore, Limits
+from atlas.store import Charge, Hold, JsonStore, Limits, UsageDay
 from atlas.store.usage import Busy, Fits, OverQuota, PeriodUsage, ResolvedLimits, plan
 from atlas.store.users import set_limits
 
@@ -100,6 +100,27 @@ async def test_concurrent_settlements_are_written_together_and_all_kept(tmp_path
     assert len(writes) < 50  # group commit: settlements that arrive during a write share the next
 
 
+def test_the_append_log_is_compacted_and_survives_a_torn_write(tmp_path):
+    store = JsonStore(tmp_path)
+    store.prepare()
+    store.COMPACT_BYTES = 300
+    for n in range(20):
+        store.add_usage("dana", [UsageDay("2025-01-15", 1, 2, 3, 5)])
+    assert (tmp_path / "usage" / "dana.json").exists()  # folded at least once
+    logs = [p.name for p in (tmp_path / "usage").glob("dana+*.log")]
+    assert len(logs) <= 1
+    # A crash mid-append leaves half a line: it was never acknowledged, so it does not count,
+    # and the next write cuts it off rather than gluing itself to it.
+    record = store.load_usage("dana")
+    log = store.usage_log_path("dana", record.generation)
+    with open(log, "ab") as torn:
+        torn.write(b'[{"date":"2025-01-15","requests":1')
+    assert store.load_usage("dana").days == record.days
+    store.add_usage("dana", [UsageDay("2025-01-15", 1, 2, 3, 5)])
+    day = JsonStore(tmp_path).load_usage("dana").days[0]
+    assert (day.requests, day.total_tokens) == (21, 105)
+
+
 async def test_a_release_costs_nothing_and_frees_the_room(tmp_path):
     store = JsonStore(tmp_path)
     store.prepare()
@@ -107,7 +128,7 @@ async def test_a_release_costs_nothing_and_frees_the_room(tmp_path):
     hold = await ledger.reserve("carol", "2025-01-15", DAY, prompt=10, output=990)
     assert isinstance(await ledger.reserve("carol", "2025-01-15", DAY, prompt=10, output=10), Busy)
     await ledger.settle(hold, None)
-    assert ledger.held("carol") == 0 and not (tmp_path / "usage" / "carol.json").exists()
+    assert ledger.held("carol") == 0 and usage_files(tmp_path, "carol") == []
     assert isinstance(await ledger.reserve("carol", "2025-01-15", DAY, prompt=10, output=990), Hold)
 
 
@@ -425,10 +446,9 @@ async def test_a_removed_users_usage_is_gone_and_stays_gone(tmp_path, provider):
     async with open_atlas(tmp_path, users={"alice": None}, provider_url=provider.url) as server:
         async with open_requests(server.ws_url("alice", server.tokens["alice"])) as client:
             assert (await client.ask())["type"] == "agent:done"
-        usage_file = server.data_dir / "usage" / "alice.json"
-        assert usage_file.exists()
+        assert usage_files(server.data_dir, "alice")
         run_atlas("user", "remove", "alice", "--data-dir", str(server.data_dir))
-        assert not usage_file.exists()
+        assert usage_files(server.data_dir, "alice") == []
     # A settlement that races the removal does not write the usage back (built-in auth).
     store = JsonStore(tmp_path / "race")
     store.prepare()
@@ -439,7 +459,7 @@ async def test_a_removed_users_usage_is_gone_and_stays_gone(tmp_path, provider):
     hold = await ledger.reserve("bob", "2025-01-15", DAY, prompt=10, output=10)
     remove_user(store, "bob")
     await ledger.settle(hold, Charge(5, 5, 10))
-    assert not (tmp_path / "race" / "usage" / "bob.json").exists() and ledger.held("bob") == 0
+    assert usage_files(tmp_path / "race", "bob") == [] and ledger.held("bob") == 0
 
 
 async def test_usage_and_limits_on_either_store(tmp_path, provider, backend):

@@ -133,5 +133,18 @@ async def proxy_text(client: httpx.AsyncClient, base: str, user: str, token: str
 
 
 def ledger_file(data_dir: Path, user: str) -> dict[str, Any]:
-    path = data_dir / "usage" / f"{user}.json"
-    return json.loads(path.read_text()) if path.exists() else {"days": []}
+    """What a new process reading the data directory finds in the user's ledger."""
+    from atlas.store import JsonStore
+
+    record = JsonStore(data_dir).load_usage(user)
+    return {"days": [
+        {"date": d.date, "requests": d.requests, "promptTokens": d.prompt_tokens,
+         "completionTokens": d.completion_tokens, "totalTokens": d.total_tokens}
+        for d in record.days
+    ]}
+
+
+def usage_files(data_dir: Path, user: str) -> list[str]:
+    directory = data_dir / "usage"
+    return sorted(p.name for p in directory.iterdir() if p.name.split("+")[0].removesuffix(".json") == user) \
+        if directory.is_dir() else []

@@ -4,7 +4,8 @@
       users/{userId}.json          built-in auth: the user's virtual key, provider URL, token hash
       tokens/{sha256(token)}.json  built-in auth: which user a token hash belongs to
       rooms/{roomId}.json          a room's state: preferences and conversations
-      usage/{userId}.json          the user's usage ledger: one entry per UTC day (bounded)
+      usage/{userId}.json          the user's usage ledger: one entry per UTC day (bounded)...
+      usage/{userId}+{gen}.log     ...and what was added since, one line per write (append only)
 
 Nothing is read at start-up: a file is read the first time its user is used, so start-up cost does
 not grow with the number of users. Every write is atomic and durable: a uniquely named temporary
@@ -54,6 +55,7 @@ from atlas.store.records import (
 T = TypeVar("T")
 
 _encoder = msgspec.json.Encoder()
+_usage_line_decoder = msgspec.json.Decoder(list[UsageDay])
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -246,34 +248,101 @@ class JsonStore:
             self._delete_tokens_of(user_id)
             self.delete_user(user_id)
             self.delete_room(user_id)
-            usage = self.usage_path(user_id)
-            if usage.exists():
-                usage.unlink(missing_ok=True)
+            usage = [self.usage_path(user_id), *self.usage_dir.glob(f"{user_id}+*.log")]
+            if any(path.exists() for path in usage):
+                for path in usage:
+                    path.unlink(missing_ok=True)
                 fsync_directory(self.usage_dir)
             for directory in (self.users_dir, self.rooms_dir, self.usage_dir):
                 # User ids hold no glob characters (USER_ID_PATTERN).
                 self._remove_leftovers(directory, user_id)
 
     # Usage ledger: written by the one server process on this data directory (``usage_ledger``),
-    # read by ``atlas usage``.
+    # read by ``atlas usage``. A write appends one line to ``{user}+{gen}.log`` and fdatasyncs it
+    # (a settlement per request must be cheap: no new file, no rename, no directory fsync); the
+    # log is folded into ``{user}.json`` (generation gen + 1) once it grows past COMPACT_BYTES,
+    # after which the old log is deleted. A crash between the two leaves a log of an older
+    # generation, which is ignored; a crash mid-append leaves a line without its newline, which
+    # was never acknowledged: it is ignored when read and cut off before the next append.
+
+    COMPACT_BYTES = 32 * 1024
 
     def usage_path(self, user_id: str) -> Path:
         return self._file(self.usage_dir, user_id)
 
+    def usage_log_path(self, user_id: str, generation: int) -> Path:
+        self._file(self.usage_dir, user_id)  # checks the id
+        # "+" is not in USER_ID_PATTERN: no user's file name can be another's log.
+        return self.usage_dir / f"{user_id}+{generation}.log"
+
     def load_usage(self, user_id: str) -> UsageRecord:
-        return read_struct(self.usage_path(user_id), UsageRecord) or UsageRecord()
+        record = read_struct(self.usage_path(user_id), UsageRecord) or UsageRecord()
+        log = self.usage_log_path(user_id, record.generation)
+        try:
+            data = log.read_bytes()
+        except FileNotFoundError:
+            return record
+        except OSError as exc:
+            raise StoreCorrupt(log, exc.strerror or str(exc)) from None
+        added: list[UsageDay] = []
+        for line in data.split(b"\n")[:-1]:  # the part after the last newline was never acknowledged
+            try:
+                added += _usage_line_decoder.decode(line)
+            except msgspec.DecodeError as exc:
+                raise StoreCorrupt(log, str(exc)) from None
+        return add_usage_days(record, added)
 
     def add_usage(self, user_id: str, days: list[UsageDay], *, owner_must_exist: bool = False) -> None:
-        # Read, add, write: the one server process on a data directory is the only writer of its
-        # usage files (its ledger writes one user's at a time), so nothing comes in between.
-        record = add_usage_days(self.load_usage(user_id), days)
-        self._write(self.usage_path(user_id), record, owner=user_id if owner_must_exist else None)
+        if not days:
+            return
+        line = _encoder.encode(days) + b"\n"
+        self.usage_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with self._locked(exclusive=False):
+            if owner_must_exist and not self.user_path(user_id).exists():
+                raise UserGone(user_id)
+            record = read_struct(self.usage_path(user_id), UsageRecord)
+            generation = record.generation if record is not None else 0
+            log = self.usage_log_path(user_id, generation)
+            fd = os.open(log, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    _cut_torn_line(fd, size)
+                os.write(fd, line)
+                os.fdatasync(fd)
+                size = os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+            if size == len(line):  # a new log: its directory entry must be durable too
+                fsync_directory(self.usage_dir)
+            if size > self.COMPACT_BYTES:
+                self._compact_usage(user_id, generation)
+
+    def _compact_usage(self, user_id: str, generation: int) -> None:
+        """Fold the log into the record of the next generation, then delete the log. The ledger
+        writes one user's usage at a time, so no append comes in between."""
+        record = self.load_usage(user_id)
+        record = UsageRecord(days=record.days, generation=generation + 1)
+        write_atomic(self.usage_path(user_id), _encoder.encode(record))
+        self.usage_log_path(user_id, generation).unlink(missing_ok=True)
+        fsync_directory(self.usage_dir)
 
     def usage_user_ids(self) -> list[str]:
-        return _ids_in(self.usage_dir)
+        if not self.usage_dir.is_dir():
+            return []
+        names = {p.stem for p in self.usage_dir.glob("*.json") if not p.name.startswith(".")}
+        names |= {p.name.partition("+")[0] for p in self.usage_dir.glob("*+*.log")}
+        return sorted(names)
 
     def usage_ledger(self, *, owner_must_exist: bool = False) -> Ledger:
         return ProcessLedger(self, owner_must_exist=owner_must_exist)
+
+
+def _cut_torn_line(fd: int, size: int) -> None:
+    """Drop what follows the log's last newline: a write that a crash cut short."""
+    tail = os.pread(fd, min(size, 1024 * 1024), max(0, size - 1024 * 1024))
+    end = tail.rfind(b"\n")
+    os.ftruncate(fd, size - len(tail) + end + 1 if end >= 0 else max(0, size - len(tail)))
 
 
 def _ids_in(directory: Path) -> list[str]:

@@ -121,9 +121,11 @@ class UsageDay(msgspec.Struct, rename="camel"):
 
 
 class UsageRecord(msgspec.Struct, rename="camel", omit_defaults=True):
-    """A user's usage ledger: one entry per UTC day with usage, oldest first, bounded."""
+    """A user's usage ledger: one entry per UTC day with usage, oldest first, bounded.
+    ``generation``: which append log continues it (the JSON backend's; 0 elsewhere)."""
 
     days: list[UsageDay] = msgspec.field(default_factory=list)
+    generation: int = 0
 
 
 KEEP_USAGE_DAYS = 400  # days of usage kept per user: more than a year, every day of this month
@@ -140,7 +142,7 @@ def add_usage_days(record: UsageRecord, days: list[UsageDay]) -> UsageRecord:
         entry.prompt_tokens += day.prompt_tokens
         entry.completion_tokens += day.completion_tokens
         entry.total_tokens += day.total_tokens
-    return UsageRecord(days=[totals[d] for d in sorted(totals)][-KEEP_USAGE_DAYS:])
+    return UsageRecord(days=[totals[d] for d in sorted(totals)][-KEEP_USAGE_DAYS:], generation=record.generation)
 
 
 class Identity(msgspec.Struct, rename="camel", frozen=True, omit_defaults=True):
