@@ -39,3 +39,45 @@ def test_json_log_lines_are_objects_with_the_records_fields():
     assert entry["message"] == "request done" and entry["level"] == "info" and entry["logger"] == "atlas.test"
     assert (entry["user"], entry["path"], entry["outcome"], entry["tokens"]) == ("alice", "ws", "ok", 14)
     assert entry["time"].endswith("Z")
+
+
+async def test_every_agent_request_leaves_one_record_on_every_path(tmp_path, caplog):
+    from fake_provider import Status, open_fake_provider
+    from prometheus_client.parser import text_string_to_metric_families
+    from servers import receive_until, send_json
+
+    caplog.set_level(logging.INFO, logger="atlas.requests")
+    async with open_fake_provider() as provider:
+        async with open_atlas(
+            tmp_path, users={"alice": None}, provider_url=provider.url, provider_retries=0,
+            limit_tokens_per_day=10_000,
+        ) as server:
+            token = server.tokens["alice"]
+            async with connect(server.ws_url("alice", token)) as ws:
+                await ready(ws)
+                await send_json(ws, {"type": "agent:stream", "message": "hi", "id": "ok"})
+                await receive_until(ws, "agent:done")
+                provider.script(Status(401))
+                await send_json(ws, {"type": "agent:stream", "message": "hi", "id": "bad"})
+                error = await receive_until(ws, "agent:error")
+                assert error[-1]["error"]["code"] == "provider_auth"
+            async with httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {token}"}) as client:
+                proxied = await client.post("/party/alice?proxy=/agents/atlas-assistant/text", json={"input": "hi"})
+                assert proxied.status_code == 200
+                completion = await client.post("/v1/chat/completions", json={
+                    "model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]})
+                assert completion.status_code == 200
+                exposition = (await client.get("/metrics")).text
+    records = [r.fields for r in caplog.records if r.name == "atlas.requests"]
+    seen = [(f["path"], f["outcome"]) for f in records]
+    assert seen == [("ws", "ok"), ("ws", "provider_auth"), ("proxy", "ok"), ("v1", "ok")], seen
+    assert all(f["user"] == "alice" and f["duration_ms"] >= 0 for f in records)
+    assert records[0]["agent"] == "atlas-assistant" and records[0]["tokens"] > 0
+    assert "first_token_ms" in records[0] and records[3]["agent"] == "gpt-test"
+    counts = {
+        (s.labels.get("path"), s.labels.get("outcome")): s.value
+        for family in text_string_to_metric_families(exposition) if family.name == "atlas_agent_requests"
+        for s in family.samples if s.name == "atlas_agent_requests_total"
+    }
+    assert counts == {("ws", "ok"): 1, ("ws", "provider_auth"): 1, ("proxy", "ok"): 1, ("v1", "ok"): 1}
+    assert token not in exposition and all(token not in r.getMessage() for r in caplog.records)

@@ -30,8 +30,9 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from atlas.llm.types import Usage
-from atlas.store import Charge, Hold, Identity, Ledger, Limits
+from atlas.gateway.request_log import RequestObserver, RequestTrace
+from atlas.llm.types import AgentError, Usage
+from atlas.store import Charge, Hold, Identity, Ledger, Limits, StoreUnavailable, UserGone
 from atlas.store.usage import (
     REPORT_DAYS,
     UNLIMITED,
@@ -50,6 +51,21 @@ PER_REQUEST_TOKENS = 8  # the reply's priming tokens and the like
 NON_TEXT_PART_TOKENS = 2048  # an image, audio or file part of a /v1 message (see docs/usage.md)
 TOOL_TOKENS = 16  # framing of one tool definition, beyond its JSON bytes
 RETRY_SOON_SECONDS = 1  # retryAfter for concurrency and budget held in flight
+
+
+def outcome_of(exc: BaseException) -> str:
+    """The outcome code a request's record shows for the exception that ended it."""
+    if isinstance(exc, (Refused, AgentError)):
+        return exc.code
+    if isinstance(exc, trio.Cancelled) or (
+        isinstance(exc, BaseExceptionGroup) and exc.split(trio.Cancelled)[1] is None
+    ):
+        return "cancelled"
+    if isinstance(exc, StoreUnavailable):
+        return "store_unavailable"
+    if isinstance(exc, UserGone):
+        return "unauthorized"
+    return "internal"
 
 
 def prompt_bound(texts: Iterable[str], messages: int) -> int:
@@ -116,9 +132,11 @@ class Ticket:
     a token limit applies (None: the request's own, untouched)."""
 
     def __init__(
-        self, admission: Admission, hold: Hold, cap: int | None, *, prompt: int, output: int
+        self, admission: Admission, hold: Hold, cap: int | None, *, prompt: int, output: int,
+        trace: RequestTrace | None = None,
     ) -> None:
         self._admission = admission
+        self.trace = trace
         self.hold = hold
         self.cap = cap
         # The upper bound charged when the provider reports no usage: prompt bound and the
@@ -127,6 +145,21 @@ class Ticket:
         self._output = output
         self.is_answered = False
         self.settled = False
+
+    def first_token(self) -> None:
+        """The first piece of the reply is on its way to the client (for the request's record)."""
+        if self.trace is not None:
+            self.trace.first_token()
+
+    def delivered(self) -> None:
+        """The client has been sent the whole answer (for the request's record)."""
+        if self.trace is not None:
+            self.trace.answered_whole = True
+
+    def failed(self, code: str) -> None:
+        """The request ended with the error ``code`` without raising it (an answer passed on)."""
+        if self.trace is not None:
+            self.trace.outcome = code
 
     def answered(self, answered: bool = True) -> None:
         """The provider has accepted the request: from now on it costs (False: it refused
@@ -148,6 +181,8 @@ class Ticket:
             return
         self.settled = True
         charge = self.charge(usage)
+        if self.trace is not None and charge is not None:
+            self.trace.tokens = charge.total_tokens
         if charge is None and not self.hold.tokens:
             return  # nothing reserved, nothing spent
         with trio.CancelScope(shield=True):
@@ -168,8 +203,10 @@ class Admission:
     def __init__(
         self, ledger: Ledger, defaults: Limits | None = None, *, clock: Callable[[], float] = time.time,
         wait_seconds: float = 3.0, default_output_tokens: int = 4096,
+        observer: RequestObserver | None = None,
     ) -> None:
         self.ledger = ledger
+        self.observer = observer or RequestObserver()
         self.defaults = None if defaults is None or defaults.is_empty() else defaults
         self.clock = clock
         self.wait_seconds = wait_seconds
@@ -193,10 +230,28 @@ class Admission:
     @asynccontextmanager
     async def admit(
         self, user_id: str, limits: ResolvedLimits, *, prompt: int, output: int | None,
-        choices: int = 1,
+        choices: int = 1, path: str = "ws", agent: str = "",
     ) -> AsyncIterator[Ticket]:
         """Admit one request whose prompt is at most ``prompt`` tokens and whose reply is capped
-        at ``output`` tokens per choice (None: no cap of its own). Raises ``Refused``."""
+        at ``output`` tokens per choice (None: no cap of its own). Raises ``Refused``. The
+        request's record (``request_log``: ``path``, ``agent`` or model, outcome, tokens,
+        duration) is written when the block ends, however it ends."""
+        trace = self.observer.start(path, user_id, agent)
+        try:
+            async with self._admitted(user_id, limits, prompt, output, choices, trace) as ticket:
+                yield ticket
+        except BaseException as exc:
+            if not trace.answered_whole:
+                trace.outcome = outcome_of(exc)
+            raise
+        finally:
+            trace.finish()
+
+    @asynccontextmanager
+    async def _admitted(
+        self, user_id: str, limits: ResolvedLimits, prompt: int, output: int | None, choices: int,
+        trace: RequestTrace,
+    ) -> AsyncIterator[Ticket]:
         rate = self._rates.get(user_id)
         if rate is None:
             rate = self._rates[user_id] = _Rate()
@@ -212,10 +267,10 @@ class Admission:
                     if stamp is not None:
                         rate.recent.remove(stamp)  # a refused request is not counted
                     raise
-                ticket = Ticket(self, hold, hold.cap, prompt=prompt, output=hold.cap * choices)
+                ticket = Ticket(self, hold, hold.cap, prompt=prompt, output=hold.cap * choices, trace=trace)
             else:
                 hold = Hold(user_id, self.today(), 0, wanted)
-                ticket = Ticket(self, hold, None, prompt=prompt, output=wanted * choices)
+                ticket = Ticket(self, hold, None, prompt=prompt, output=wanted * choices, trace=trace)
             try:
                 yield ticket
             finally:

@@ -88,6 +88,18 @@ def _usage(camel: _CamelUsage | None) -> Usage | None:
     return None if camel is None else Usage(camel.prompt_tokens, camel.completion_tokens, camel.total_tokens)
 
 
+MAX_ERROR_BODY = 64 * 1024
+
+
+def error_code_of(body: bytes) -> str:
+    """The ``code`` of an agent's error envelope, for the request's record."""
+    try:
+        code = msgspec.json.decode(body).get("code")
+    except (msgspec.DecodeError, AttributeError):
+        code = None
+    return code if isinstance(code, str) and code else "agent_error"
+
+
 class Meter:
     """The ``send`` of a proxied billable request: passes everything on, reading the usage."""
 
@@ -98,6 +110,7 @@ class Meter:
         self._parser: SseDataParser | None = SseDataParser()
         self._text: list[bytes] | None = [] if route in WHOLE_ANSWER_ROUTES else None
         self._size = 0
+        self._error: bytearray | None = None
 
     async def send(self, message: dict[str, Any]) -> None:
         kind = message["type"]
@@ -105,14 +118,25 @@ class Meter:
             ok = message["status"] == 200
             if self.route not in WHOLE_ANSWER_ROUTES or not ok:
                 self.ticket.answered(ok)
+            if not ok:
+                self._error = bytearray()  # the agent's error envelope names the code
         elif kind == "http.response.body":
             chunk = message.get("body", b"")
+            if chunk:
+                self.ticket.first_token()
+            if self._error is not None:
+                self._error += chunk[: MAX_ERROR_BODY - len(self._error)]
+                if not message.get("more_body", False):
+                    self.ticket.failed(error_code_of(bytes(self._error)))
             if self._text is not None:
                 self._keep(chunk)
             elif chunk:
                 await self._scan(chunk)
             if not message.get("more_body", False):
                 await self.ticket.settle(self._text_usage())
+                await self._send(message)
+                self.ticket.delivered()
+                return
         await self._send(message)
 
     def _keep(self, chunk: bytes) -> None:
@@ -184,7 +208,7 @@ async def proxy_billable(
     try:
         async with admission.admit(
             identity.id, admission.limits_for(identity), prompt=prompt,
-            output=wanted or budget.max_output_tokens,
+            output=wanted or budget.max_output_tokens, path="proxy", agent=agent_id,
         ) as ticket:
             if ticket.cap is not None and replaceable:
                 payload["options"] = {**options, "maxOutputTokens": ticket.cap}

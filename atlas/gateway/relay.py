@@ -173,7 +173,8 @@ class Relay:
                 replaceable, wanted = requested_output(options)
                 limits = self.admission.limits_for(room.identity)
                 async with self.admission.admit(
-                    room.id, limits, prompt=prompt, output=wanted or budget.max_output_tokens
+                    room.id, limits, prompt=prompt, output=wanted or budget.max_output_tokens,
+                    path="ws", agent=agent_id,
                 ) as ticket:
                     if ticket.cap is not None and replaceable:
                         options = {**options, "maxOutputTokens": ticket.cap}
@@ -189,6 +190,8 @@ class Relay:
                             await connection.send(encode(AgentStart(request_id, agent_id)))
                         async for event in events:
                             if isinstance(event, TextDelta):
+                                if not parts:
+                                    ticket.first_token()
                                 parts.append(event.text)
                                 if streaming:
                                     await connection.send_delta(buffer, event.text)

@@ -28,7 +28,9 @@ from atlas.config import Settings, prepare_data_dir
 from atlas.gateway.admission import Admission
 from atlas.gateway.app import build_app
 from atlas.gateway.auth import open_token_verifier
+from atlas.gateway.metrics import Metrics
 from atlas.gateway.relay import Relay
+from atlas.gateway.request_log import RequestObserver
 from atlas.gateway.revocation import serve_revocation_sweeps
 from atlas.gateway.services import Services
 from atlas.http_server import serve_asgi
@@ -129,11 +131,13 @@ async def _serve(
             )
             agent_app = AgentApp(agent, settings)
             provider = agent.provider
+        metrics = Metrics()
         admission = Admission(
             store.usage_ledger(owner_must_exist=settings.auth_url is None),
             Limits(**{k: v for k, v in settings.default_limits().items() if v is not None}),
             clock=clock, wait_seconds=settings.limit_wait_seconds,
             default_output_tokens=settings.default_output_tokens,
+            observer=RequestObserver(metrics),
         )
         rooms = await background.start(partial(
             serve_rooms, store, idle_seconds=settings.room_idle_seconds,
@@ -149,7 +153,7 @@ async def _serve(
                 max_requests=settings.max_requests_per_connection,
                 conversation_turns=settings.conversation_turns, default_agent=settings.default_agent,
             ),
-            admission=admission, provider=provider,
+            admission=admission, provider=provider, metrics=metrics,
             default_provider_url=provider_url, agent_app=agent_app, agent_client=agent_client,
         )
         services.metrics.track_live(

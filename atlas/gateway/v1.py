@@ -37,7 +37,7 @@ from atlas.gateway.admission import (
 )
 from atlas.gateway.auth import AccessDenied, authenticate
 from atlas.gateway.services import Services
-from atlas.llm.provider import DRAIN_SECONDS, provider_error, transport_error
+from atlas.llm.provider import DRAIN_SECONDS, provider_error, status_error, transport_error
 from atlas.llm.sse import SseDataParser, SseTooLong
 from atlas.llm.types import AgentError, Usage
 from atlas.store import Identity, StoreError, is_valid_user_id
@@ -310,12 +310,13 @@ async def complete(
     try:
         async with admission.admit(
             identity.id, admission.limits_for(identity), prompt=request.prompt_bound,
-            output=request.output_cap, choices=request.choices,
+            output=request.output_cap, choices=request.choices, path="v1", agent=request.model[:64],
         ) as ticket:
             body = request.provider_body(ticket.cap)
             async with services.provider.open_response("POST", url, key, body, stream=request.stream) as response:
                 if response.status_code != 200:
                     await pass_provider_error(response, key, send)
+                    ticket.failed(status_error(response.status_code, None).code)
                     return f"provider_status_{response.status_code}"
                 ticket.answered()
                 if request.stream:
@@ -347,6 +348,7 @@ async def relay_stream(
     finished = False
     try:
         async for chunk in response.stream:
+            ticket.first_token()
             out: list[bytes] = []
             for data in parser.feed(chunk):
                 if data == b"[DONE]":
@@ -376,11 +378,13 @@ async def relay_stream(
         error = (transport_error(exc, streaming=True) if isinstance(exc, httpx.TransportError)
                  else provider_error("the provider sent an over-long stream line"))
         await ticket.settle(usage)
+        ticket.failed(error.code)
         event = error_body(502, error.code, error.message)
         await send({"type": "http.response.body", "body": b"data: " + _encode(event) + b"\n\n",
                     "more_body": True})
     await ticket.settle(usage)
     if finished:
+        ticket.delivered()
         # The client has had [DONE]. Read the provider's body to its end (it follows at once)
         # before ending ours, so that the connection is back in the pool before the client's next
         # request can need it, as the agent does.
@@ -410,7 +414,11 @@ async def relay_completion(response: httpx.Response, ticket: Ticket, send: Any, 
         *(headers or [(b"content-type", b"application/json")]),
         (b"content-length", str(len(data)).encode()),
     ]})
-    await send({"type": "http.response.body", "body": data})
+    # Hypercorn reports the client's disconnect as soon as the response is complete, inside this
+    # very send: the answer is out by then, so that disconnect must not count as a cancel.
+    with trio.CancelScope(shield=True):
+        await send({"type": "http.response.body", "body": data})
+    ticket.delivered()
 
 
 async def _read(response: httpx.Response, limit: int) -> bytes:
