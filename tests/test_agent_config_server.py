@@ -100,7 +100,7 @@ async def test_dev_provider_streams_and_answers():
             events = sse_events(streamed.text)
             assert events[-1] == "[DONE]"
             deltas = [c["delta"].get("content") for e in events[:-1] for c in e["choices"]]
-            assert [d for d in deltas if d] == split_text("Echo: ping pong!", 3)
+            assert [d for d in deltas if d] == ["Echo: ", "ping ", "pong!"]
             assert events[-2]["usage"]["total_tokens"] == 5
             assert (await client.post(f"{url}/chat/completions", json=body)).status_code == 401
         nursery.cancel_scope.cancel()
@@ -109,7 +109,8 @@ async def test_dev_provider_streams_and_answers():
 def test_split_text():
     assert split_text("abcdefg", 3) == ["abc", "de", "fg"]
     assert split_text("ab", 5) == ["a", "b"]
-    assert "".join(split_text("hello world", 4)) == "hello world"
+    assert split_text("hello world", 4) == ["hel", "lo ", "wor", "ld"]
+    assert split_text("", 3) == [""]
 
 
 async def test_serve_agent_with_dev_provider(tmp_path, caplog):

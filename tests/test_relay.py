@@ -101,9 +101,9 @@ async def test_two_users_stream_at_once_each_billed_to_their_own_key(tmp_path, l
                 await gw.provider.wait_requests(2)  # both in flight at the provider at once
             gate.set()
             replies = {}
-            for user, ws in (("alice", alice), ("bob", bob)):
+            for user, ws, request_id in (("alice", alice, "a1"), ("bob", bob, "b1")):
                 frames = await receive_until(ws, "agent:done")
-                assert frames[0] == {"type": "agent:start", "id": frames[0]["id"], "agentId": "atlas-assistant"}
+                assert frames[0] == {"type": "agent:start", "id": request_id, "agentId": "atlas-assistant"}
                 deltas = "".join(f["text"] for f in frames if f["type"] == "agent:delta")
                 replies[user] = frames[-1]
                 assert deltas == frames[-1]["text"] == "one two three"
