@@ -1,17 +1,12 @@
 """The web chat page in real headless Chromium (Debian's ``chromium``, driven by Playwright).
 
-Playwright's sync API runs in a worker thread; the server and the fake provider run in the
-test's trio loop, and the browser thread reaches back into it with ``trio.from_thread``.
+The browser helpers are in ``browser.py`` (``scripts/screenshots.py`` uses them too).
 ``scripts/install-test-deps.sh`` installs Chromium and Playwright; without them these tests skip.
-
-With ``ATLAS_SCREENSHOT_DIR`` set, ``test_screenshots`` saves the pictures used in the docs.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,44 +16,12 @@ import trio
 from fake_provider import Reply, open_fake_provider
 from servers import WAIT, add_user, free_port, open_atlas, start_atlas_process
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (scripts/install-test-deps.sh)")
-CHROMIUM = os.environ.get("ATLAS_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (scripts/install-test-deps.sh)")
+from browser import CHROMIUM, ONLINE, in_browser, send, sign_in_url  # noqa: E402 (needs Playwright)
+
 pytestmark = pytest.mark.skipif(
     not os.path.exists(CHROMIUM), reason="Chromium is not installed (scripts/install-test-deps.sh)"
 )
-MS = int(WAIT * 1000)
-ONLINE = '#status[data-state="online"]'
-
-
-def with_page(url: str, steps: Callable[[Any], Any], **context: Any) -> Any:
-    """Open ``url`` in a fresh headless Chromium and run ``steps(page)`` (in a worker thread)."""
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM)
-        try:
-            page = browser.new_context(**context).new_page()
-            page.set_default_timeout(MS)
-            errors: list[str] = []
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.goto(url)
-            result = steps(page)
-            assert not errors, errors
-            return result
-        finally:
-            browser.close()
-
-
-async def in_browser(url: str, steps: Callable[[Any], Any], **context: Any) -> Any:
-    with trio.fail_after(WAIT * 3):
-        return await trio.to_thread.run_sync(lambda: with_page(url, steps, **context))
-
-
-def send(page: Any, text: str) -> None:
-    page.fill("#input", text)
-    page.press("#input", "Enter")
-
-
-def sign_in_url(base: str, user: str, token: str) -> str:
-    return f"{base}/#token={token}&user={user}"
 
 
 async def test_streamed_reply_html_shown_as_text_and_kept_across_reload(tmp_path: Path) -> None:
@@ -326,40 +289,3 @@ async def test_markdown_renderer_builds_only_safe_elements(tmp_path: Path) -> No
         assert built == expected, text
     slow = [(piece, ms) for piece, ms in facts["timing"] if ms > 1500]
     assert not slow, slow
-
-
-CONVERSATION = [
-    ("What can you help me with?",
-     ["I can answer questions, draft and edit text, explain code, and think through problems "
-      "with you. ", "Your messages go through your own Atlas server, billed to your own key."]),
-    ("Give me three tips for naming things in code.",
-     ["1. Name things for **what they mean**, not how they are stored.\n",
-      "2. Prefer a longer clear name over a short puzzling one.\n",
-      "3. Keep one word per idea across the codebase, for example:\n\n",
-      "```python\ndef fetch_user(user_id: str) -> User:\n    ...\n```\n",
-      "See `fetch_user`, not `get_usr`."]),
-]
-
-
-@pytest.mark.skipif(not os.environ.get("ATLAS_SCREENSHOT_DIR"), reason="set ATLAS_SCREENSHOT_DIR to take screenshots")
-async def test_screenshots(tmp_path: Path) -> None:
-    out = Path(os.environ["ATLAS_SCREENSHOT_DIR"])
-    out.mkdir(parents=True, exist_ok=True)
-    async with open_fake_provider() as provider, open_atlas(
-        tmp_path, users={"alice": None}, provider_url=provider.url
-    ) as server:
-        for name, context in [
-            ("web-desktop.png", {"viewport": {"width": 1280, "height": 800}}),
-            ("web-phone.png", {"viewport": {"width": 390, "height": 844}, "device_scale_factor": 2,
-                               "is_mobile": True, "has_touch": True}),
-        ]:
-            def steps(page: Any, name: str = name) -> None:
-                page.emulate_media(reduced_motion="reduce")
-                page.wait_for_selector(ONLINE)
-                for index, (question, deltas) in enumerate(CONVERSATION):
-                    provider.behaviour = Reply(deltas=deltas)
-                    send(page, question)
-                    page.wait_for_selector(f'.msg.assistant[data-status="done"] >> nth={index}')
-                page.screenshot(path=str(out / name))
-
-            await in_browser(sign_in_url(server.url, "alice", server.tokens["alice"]), steps, **context)
