@@ -8,7 +8,6 @@ token or a virtual key that a test created (``servers.SECRETS``).
 from __future__ import annotations
 
 import logging
-import warnings
 
 import pytest
 from agent_fixtures import agent_settings, open_agent
@@ -66,7 +65,3 @@ async def agent(provider, tmp_path):
     async with open_agent(agent_settings(provider.url, tmp_path)) as harness:
         yield harness
 
-
-def pytest_configure(config: pytest.Config) -> None:
-    # trio-websocket's client leaks its socket after a rejected handshake (a known upstream issue).
-    warnings.filterwarnings("ignore", category=ResourceWarning)

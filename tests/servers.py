@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import trio
-from trio_websocket import WebSocketConnection, open_websocket_url
+from trio_websocket import ConnectionRejected, WebSocketConnection, open_websocket_url, wrap_client_stream
 
 from atlas.config import Settings, parse_bind
 from atlas.gateway.server import serve_atlas
@@ -111,8 +112,38 @@ async def open_atlas(
 
 @asynccontextmanager
 async def connect(url: str, **kwargs: Any) -> AsyncIterator[WebSocketConnection]:
-    async with open_websocket_url(url, **kwargs) as ws:
-        yield ws
+    """A trio-websocket client connection (``open_websocket_url``) whose socket is closed on exit.
+
+    trio-websocket's client never closes its TCP stream once the server has closed the
+    WebSocket first (it waits for the server's TCP close, then drops the stream unclosed): each
+    such connection would leave an unclosed socket for the garbage collector (a
+    ``ResourceWarning``), and a test would not see a leak of its own among them."""
+    ws = None
+    try:
+        async with open_websocket_url(url, **kwargs) as ws:
+            yield ws
+    finally:
+        if ws is not None:
+            await trio.aclose_forcefully(ws._stream)  # closing twice is harmless
+
+
+async def refused_handshake(url: str) -> ConnectionRejected:
+    """The ``ConnectionRejected`` for a WebSocket handshake that ``url``'s server refuses.
+
+    On a TCP stream of our own, closed on return: after a refused handshake trio-websocket's
+    client drops its socket unclosed (``open_websocket_url`` has no stream to close then)."""
+    parts = urlsplit(url)
+    resource = parts.path + (f"?{parts.query}" if parts.query else "")
+    rejected: list[ConnectionRejected] = []
+    async with await trio.open_tcp_stream(parts.hostname, parts.port) as stream:
+        with trio.fail_after(WAIT):
+            try:
+                async with trio.open_nursery() as nursery:
+                    await wrap_client_stream(nursery, stream, parts.netloc, resource)
+                    raise AssertionError(f"the handshake to {url} was accepted")
+            except* ConnectionRejected as group:
+                rejected.extend(group.exceptions)  # type: ignore[arg-type]
+    return rejected[0]
 
 
 async def receive_json(ws: WebSocketConnection, timeout: float = WAIT) -> dict[str, Any]:

@@ -159,3 +159,5 @@ def test_atlas_agent_command_starts_and_stops_on_sigterm(tmp_path):
     finally:
         process.kill()
         process.wait()
+        process.stderr.close()
+        process.wait()

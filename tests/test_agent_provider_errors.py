@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from contextlib import aclosing
 
 import pytest
 import trio
@@ -197,8 +198,8 @@ async def test_client_disconnect_closes_the_provider_request(agent, provider, ro
     async with agent.client.stream(
         "POST", f"/agents/atlas-assistant/{route}", json={"input": "hi"},
         headers=credentials(provider.url),
-    ) as response:
-        async for event in read_events(response):
+    ) as response, aclosing(read_events(response)) as events:
+        async for event in events:
             if event["type"] == "text-delta":
                 break
     # Leaving the block closed our connection to the agent.

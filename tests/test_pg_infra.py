@@ -165,6 +165,8 @@ def test_a_killed_test_process_leaves_neither_process_nor_directory():
     finally:
         child.kill()  # no atexit, no finalizer: only the reapers are left to clean up
         child.wait()
+        child.stdin.close()
+        child.stdout.close()
     deadline = time.monotonic() + WAIT
     while any(processes_naming(directory) or Path(directory).exists() for directory in directories):
         assert time.monotonic() < deadline, {d: processes_naming(d) for d in directories}
