@@ -1,0 +1,249 @@
+"""A connection's outgoing side (atlas/gateway/connection.py): the bounded outbox, the writer
+task, coalesced deltas and the two ways of closing. No socket: the writer writes into a list.
+Every test is ``@bounded``: a send or a writer that waits when it should not fails the test."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import trio
+import trio.testing
+
+from atlas.gateway.connection import OUTBOX_SIZE, Connection, DeltaBuffer
+from atlas.protocol import CLOSE_TOO_SLOW
+
+from .deadline import bounded
+
+
+class Socket:
+    """What the writer writes to: a list of frames, and a gate that can hold the writer."""
+
+    def __init__(self) -> None:
+        self.frames: list[str] = []
+        self.gate: trio.Event | None = None
+
+    async def write(self, frame: str) -> None:
+        if self.gate is not None:
+            await self.gate.wait()
+        self.frames.append(frame)
+        await trio.lowlevel.checkpoint()
+
+    def decoded(self) -> list[object]:
+        return [json.loads(frame) for frame in self.frames]
+
+
+class Closes:
+    """The connection's on_close callback, counted."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self) -> None:
+        self.calls += 1
+
+
+def delta(request_id: str, text: str) -> dict[str, str]:
+    return {"type": "agent:delta", "id": request_id, "text": text}
+
+
+@bounded
+async def test_the_writer_writes_everything_queued_in_order_then_ends_when_closed(autojump_clock):
+    connection, socket = Connection("c1"), Socket()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(connection.serve_writer, socket.write)
+        for n in range(5):
+            await connection.send(f"frame {n}")
+        await trio.testing.wait_all_tasks_blocked()
+        assert socket.frames == [f"frame {n}" for n in range(5)]
+        connection.close_after_pending(1000, "bye")
+        # serve_writer returns by itself; the nursery would hang otherwise.
+    assert connection.close_code == 1000 and connection.close_reason == "bye"
+
+
+@bounded
+async def test_send_waits_for_room_when_the_outbox_is_full(autojump_clock):
+    connection, socket = Connection("c1"), Socket()
+    for n in range(OUTBOX_SIZE):
+        await connection.send(f"frame {n}")  # no writer yet: these fill the outbox
+    sent_last = trio.Event()
+
+    async def send_one_more() -> None:
+        await connection.send("one more")
+        sent_last.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send_one_more)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not sent_last.is_set()  # waiting for room, not dropped, not queued past the bound
+        socket.gate = trio.Event()  # the writer takes one frame, then blocks on the socket
+        nursery.start_soon(connection.serve_writer, socket.write)
+        await trio.testing.wait_all_tasks_blocked()
+        assert sent_last.is_set()
+        assert connection.close_code is None  # a slow reader of its own replies is not dropped
+        socket.gate.set()
+        await trio.testing.wait_all_tasks_blocked()
+        connection.close_after_pending(1000)
+    assert socket.frames == [f"frame {n}" for n in range(OUTBOX_SIZE)] + ["one more"]
+
+
+@bounded
+async def test_send_nowait_drops_a_peer_that_fell_behind_with_1008(autojump_clock, caplog):
+    connection, closes = Connection("slow"), Closes()
+    with trio.CancelScope() as scope:
+        connection.bind(scope, closes)
+        assert all(connection.send_nowait(f"frame {n}") for n in range(OUTBOX_SIZE))
+        assert connection.close_code is None and closes.calls == 0
+        with caplog.at_level(logging.WARNING, logger="atlas.gateway.connection"):
+            assert connection.send_nowait("one too many") is False
+            assert connection.send_nowait("and another") is False
+        assert (connection.close_code, connection.close_reason) == (
+            CLOSE_TOO_SLOW, "too slow: the outgoing queue is full"
+        )
+        assert scope.cancel_called  # the connection's task is told to end
+        assert closes.calls >= 1  # it left its room at once
+        warnings = [r.getMessage() for r in caplog.records if "fell too far behind" in r.getMessage()]
+        assert warnings == ["connection slow fell too far behind; dropping it"]  # logged once
+
+
+@bounded
+async def test_what_was_queued_before_the_drop_is_not_written(autojump_clock):
+    connection, socket = Connection("slow"), Socket()
+    for n in range(OUTBOX_SIZE):
+        connection.send_nowait(f"frame {n}")
+    connection.send_nowait("overflow")
+    assert connection.close_code == CLOSE_TOO_SLOW
+    with trio.CancelScope() as scope:
+        connection.bind(scope, lambda: None)
+        connection.close(CLOSE_TOO_SLOW)  # the endpoint's own close cancels the writer's scope
+        await connection.serve_writer(socket.write)
+    assert scope.cancelled_caught
+    assert socket.frames == []
+
+
+@bounded
+async def test_deltas_of_one_request_coalesce_while_the_writer_is_behind(autojump_clock):
+    connection, socket = Connection("c1"), Socket()
+    buffer = DeltaBuffer("r1")
+    await connection.send("before")
+    for text in ["Hel", "lo", ", "]:
+        await connection.send_delta(buffer, text)
+    await connection.send("between")
+    await connection.send_delta(buffer, "world")  # joins the buffer already queued ahead of "between"
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(connection.serve_writer, socket.write)
+        await trio.testing.wait_all_tasks_blocked()
+        assert socket.frames[0] == "before"
+        assert json.loads(socket.frames[1]) == delta("r1", "Hello, world")
+        assert socket.frames[2:] == ["between"]
+        # Once written, the buffer queues again for the next text.
+        await connection.send_delta(buffer, "!")
+        await trio.testing.wait_all_tasks_blocked()
+        connection.close_after_pending(1000)
+    assert json.loads(socket.frames[3]) == delta("r1", "!")
+    assert len(socket.frames) == 4
+
+
+@bounded
+async def test_deltas_of_two_requests_stay_apart(autojump_clock):
+    connection, socket = Connection("c1"), Socket()
+    one, two = DeltaBuffer("r1"), DeltaBuffer("r2")
+    await connection.send_delta(one, "a")
+    await connection.send_delta(two, "x")
+    await connection.send_delta(one, "b")
+    connection.close_after_pending(1000)
+    await connection.serve_writer(socket.write)
+    assert socket.decoded() == [delta("r1", "ab"), delta("r2", "x")]
+
+
+@bounded
+async def test_a_delta_waits_for_room_like_send(autojump_clock):
+    connection, socket = Connection("c1"), Socket()
+    for n in range(OUTBOX_SIZE):
+        await connection.send(f"frame {n}")
+    buffer = DeltaBuffer("r1")
+    queued = trio.Event()
+
+    async def stream() -> None:
+        await connection.send_delta(buffer, "a")
+        queued.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stream)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not queued.is_set() and connection.close_code is None
+        # More text for the same request while it waits: no second queue entry, no wait.
+        await connection.send_delta(buffer, "b")
+        nursery.start_soon(connection.serve_writer, socket.write)
+        await trio.testing.wait_all_tasks_blocked()
+        assert queued.is_set()
+        connection.close_after_pending(1000)
+    assert json.loads(socket.frames[-1]) == delta("r1", "ab")
+    assert len(socket.frames) == OUTBOX_SIZE + 1
+
+
+@bounded
+async def test_close_after_pending_drains_the_outbox_then_the_writer_ends(autojump_clock):
+    connection, socket, closes = Connection("c1"), Socket(), Closes()
+    with trio.CancelScope() as scope:
+        connection.bind(scope, closes)
+        await connection.send('{"type": "error"}')
+        await connection.send_delta(DeltaBuffer("r1"), "last words")
+        connection.close_after_pending(4001, "this user was removed")
+        assert closes.calls == 1  # out of the room at once, before the writer has drained
+        await connection.send("too late")  # refused quietly: nothing is queued after the close
+        assert connection.send_nowait("too late") is False
+        await connection.serve_writer(socket.write)
+    assert not scope.cancel_called  # nothing was cut short
+    assert socket.frames[0] == '{"type": "error"}'
+    assert socket.decoded()[1:] == [delta("r1", "last words")]
+    assert (connection.close_code, connection.close_reason) == (4001, "this user was removed")
+
+
+@bounded
+async def test_close_ends_the_writer_at_once_and_keeps_the_first_code(autojump_clock):
+    connection, socket, closes = Connection("c1"), Socket(), Closes()
+    socket.gate = trio.Event()  # a client that stopped reading: the write never returns
+    async with trio.open_nursery() as nursery:
+        connection.bind(nursery.cancel_scope, closes)
+        nursery.start_soon(connection.serve_writer, socket.write)
+        await connection.send("stuck")
+        await connection.send("never written")
+        await trio.testing.wait_all_tasks_blocked()
+        connection.close(1001, "going away")
+        connection.close(1000, "later")
+    assert socket.frames == []
+    assert (connection.close_code, connection.close_reason) == (1001, "going away")
+    assert closes.calls == 2  # on_close runs each time; a room's detach is idempotent
+
+
+@bounded
+async def test_finish_cancels_the_connections_requests(autojump_clock):
+    connection = Connection("c1")
+    cancelled = []
+
+    async def request(request_id: str, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as scope:
+            connection.requests[request_id] = scope
+            task_status.started()
+            await trio.sleep_forever()
+        cancelled.append(request_id)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(request, "r1")
+        await nursery.start(request, "r2")
+        connection.finish()
+    assert sorted(cancelled) == ["r1", "r2"]
+    assert connection.send_nowait("after the end") is False
+
+
+@bounded
+async def test_sending_to_a_finished_connection_neither_fails_nor_blocks(autojump_clock):
+    connection = Connection("c1")
+    connection.finish()
+    with trio.fail_after(1):
+        await connection.send("x")
+        await connection.send_delta(DeltaBuffer("r1"), "y")
+    assert connection.send_nowait("z") is False
+    assert connection.close_code is None  # a finished connection is not a slow one
+
