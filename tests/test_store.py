@@ -304,6 +304,8 @@ def test_a_crash_mid_write_keeps_every_acknowledged_write(backend, request):
         if writer.poll() is None:
             writer.kill()
             writer.wait(WAIT)
+        reader.join(WAIT)
+        writer.stdout.close()
 
     after = backend.open_store()
     for room in rooms:
