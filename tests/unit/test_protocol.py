@@ -14,10 +14,11 @@ from atlas.protocol import (
     PrefsGet,
     PrefsSet,
     ProtocolError,
+    UsageGet,
     decode_client_message,
 )
 
-KNOWN = "known: agent:cancel, agent:stream, agent:text, broadcast, ping, prefs:get, prefs:set"
+KNOWN = "known: agent:cancel, agent:stream, agent:text, broadcast, ping, prefs:get, prefs:set, usage:get"
 
 
 @pytest.mark.parametrize(("frame", "expected"), [
@@ -32,6 +33,8 @@ KNOWN = "known: agent:cancel, agent:stream, agent:text, broadcast, ping, prefs:g
     ('{"type": "broadcast", "data": {"x": [1, 2]}}', Broadcast({"x": [1, 2]})),
     ('{"type": "broadcast"}', Broadcast(None)),
     ('{"type": "ping"}', Ping()),
+    ('{"type": "usage:get"}', UsageGet()),
+    ('{"type": "usage:get", "since": "2025-01-01"}', UsageGet(since="2025-01-01")),
 ])
 def test_every_message_type_decodes(frame, expected):
     message = decode_client_message(frame)
@@ -98,6 +101,7 @@ def test_unknown_type(frame, shown, request_id):
     ('{"type": "prefs:set", "prefs": []}', "prefs:set: Expected `object`, got `array` - at `$.prefs`", None),
     ('{"type": "prefs:get", "prefs": {}}', "prefs:get: Object contains unknown field `prefs`", None),
     ('{"type": "ping", "id": "p1"}', "ping: Object contains unknown field `id`", "p1"),
+    ('{"type": "usage:get", "since": 20250101}', "usage:get: Expected `str | null`, got `int` - at `$.since`", None),
 ])
 def test_a_bad_field_is_bad_message_naming_the_field(frame, message, request_id):
     assert error_of(frame) == ("bad_message", message, request_id)

@@ -20,6 +20,8 @@ import trio.testing
 from atlas.protocol import CLOSE_UNAUTHORIZED
 from atlas.rooms import MAX_CONVERSATION_CHARS, MAX_PREFS_BYTES, PrefsTooLarge, Room, RoomRegistry
 from atlas.store import Identity, RoomState, Store, StoreCorrupt, TokenRecord, Turn, UserGone, UserRecord
+from atlas.store.base import Ledger
+from atlas.store.records import UsageDay, UsageRecord, add_usage_days
 
 IDLE = 30.0
 
@@ -34,6 +36,7 @@ class MemoryStore:
         self.users: dict[str, UserRecord] = {}
         self.tokens: dict[str, TokenRecord] = {}
         self.rooms: dict[str, RoomState] = {}
+        self.usage: dict[str, UsageRecord] = {}
         self.loads: list[str] = []
         self.saves: list[str] = []
         self.broken: set[str] = set()
@@ -98,7 +101,22 @@ class MemoryStore:
     def remove_user(self, user_id: str) -> None:
         self.users.pop(user_id, None)
         self.rooms.pop(user_id, None)
+        self.usage.pop(user_id, None)
         self.tokens = {h: t for h, t in self.tokens.items() if t.user_id != user_id}
+
+    def load_usage(self, user_id: str) -> UsageRecord:
+        return self.usage.get(user_id, UsageRecord())
+
+    def add_usage(self, user_id: str, days: list[UsageDay], *, owner_must_exist: bool = False) -> None:
+        if owner_must_exist and user_id not in self.users:
+            raise UserGone(user_id)
+        self.usage[user_id] = add_usage_days(self.load_usage(user_id), days)
+
+    def usage_user_ids(self) -> list[str]:
+        return sorted(self.usage)
+
+    def usage_ledger(self, *, owner_must_exist: bool = False) -> Ledger:
+        raise NotImplementedError("rooms never take the live ledger; the gateway's admission does")
 
 
 class FakeConnection:
