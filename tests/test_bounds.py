@@ -10,7 +10,7 @@ import trio
 from fake_provider import Reply, open_fake_provider
 from servers import WAIT, connect, open_atlas, ready, receive_json, send_json
 from test_websocket import closed_with
-from trio_websocket import ConnectionClosed, open_websocket_url
+from trio_websocket import ConnectionClosed
 
 
 async def test_a_users_connections_are_capped(tmp_path):
@@ -42,7 +42,7 @@ async def test_a_client_that_stops_reading_is_disconnected_after_the_write_timeo
         ) as server:
             token = server.tokens["alice"]
             # A queue of one message: once it holds one, the client reads nothing more from TCP.
-            async with open_websocket_url(server.ws_url("alice", token), message_queue_size=1) as stuck:
+            async with connect(server.ws_url("alice", token), message_queue_size=1) as stuck:
                 await send_json(stuck, {"type": "agent:stream", "id": "big", "message": "hi"})
                 async with httpx.AsyncClient(base_url=server.url) as client:
                     with trio.fail_after(WAIT):

@@ -27,9 +27,22 @@ async def open_v1(tmp_path, provider, **settings: Any) -> AsyncIterator[AtlasSer
         yield server
 
 
+_SDK_CLIENTS: list[openai.OpenAI] = []
+
+
 def sdk(server: AtlasServer, token: str | None = None, **kwargs: Any) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=token or server.tokens["alice"],
-                         timeout=WAIT, **kwargs)
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=token or server.tokens["alice"],
+                           timeout=WAIT, **kwargs)
+    _SDK_CLIENTS.append(client)
+    return client
+
+
+@pytest.fixture(autouse=True)
+def _close_sdk_clients():
+    """Every SDK client a test made is closed after it: each keeps a pool of connections."""
+    yield
+    while _SDK_CLIENTS:
+        _SDK_CLIENTS.pop().close()
 
 
 async def in_thread(function, *args: Any, **kwargs: Any) -> Any:
