@@ -182,10 +182,8 @@ class JsonStore:
     def has_users(self) -> bool:
         if not self.users_dir.is_dir():
             return False
-        return any(
-            entry.name.endswith(".json") and not entry.name.startswith(".")
-            for entry in os.scandir(self.users_dir)
-        )
+        with os.scandir(self.users_dir) as entries:  # closed even when any() stops early
+            return any(entry.name.endswith(".json") and not entry.name.startswith(".") for entry in entries)
 
     # Tokens (built-in auth): the file name is the token's SHA-256, the token itself is never stored.
 

@@ -355,8 +355,6 @@ async def test_leaving_early_closes_the_response(autojump_clock):
     assert body.closed
 
 
-@pytest.mark.xfail(strict=True, reason="defect: _Chunk.error is `msgspec.Raw | None`, which msgspec "
-                   "decodes as null only, so an error object is reported as a malformed chunk")
 @pytest.mark.parametrize("error", [{"message": "overloaded", "code": 529}, "overloaded"])
 @bounded
 async def test_an_error_reported_mid_reply_is_named_as_such(autojump_clock, error):
