@@ -238,6 +238,8 @@ SETTINGS: tuple[Setting, ...] = (
             parse_positive_float, "seconds a client may leave what it was sent unread before it is disconnected"),
     Setting("max_connections_per_user", ("ATLAS_MAX_CONNECTIONS_PER_USER",), "--max-connections-per-user",
             parse_positive_int, "WebSocket connections one user may hold open at once"),
+    Setting("request_deadline_seconds", ("ATLAS_REQUEST_DEADLINE_SECONDS",), "--request-deadline-seconds",
+            parse_positive_float, "longest an agent request may take, start to end, on every path"),
     Setting("backlog", ("ATLAS_BACKLOG",), "--backlog", parse_positive_int,
             "connections the kernel may queue before they are accepted"),
     Setting("agent_url", ("ATLAS_AGENT_URL", "VOLTAGENT_URL"), "--agent-url", parse_http_url,
@@ -308,6 +310,7 @@ class Settings:
     auth_failures_per_minute: int = 30
     trusted_proxies: tuple[str, ...] = ()
     backlog: int = 1024
+    request_deadline_seconds: float = 600.0
     write_timeout_seconds: float = 30.0
     max_connections_per_user: int = 32
     agent_url: str | None = None

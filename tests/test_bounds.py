@@ -5,6 +5,8 @@ as TCP kept the connection up)."""
 
 from __future__ import annotations
 
+import socket
+
 import httpx
 import trio
 from fake_provider import Reply, open_fake_provider
@@ -36,13 +38,16 @@ async def connections(client: httpx.AsyncClient, token: str) -> int:
 
 async def test_a_client_that_stops_reading_is_disconnected_after_the_write_timeout(tmp_path):
     async with open_fake_provider() as provider:
-        provider.behaviour = Reply(deltas=["x" * 1024] * 4000)  # 4 MB: far more than socket buffers
+        # 16 MB: more than loopback's socket buffers can hold, even autotuned to their maximum.
+        provider.behaviour = Reply(deltas=["x" * 4096] * 4000)
         async with open_atlas(
             tmp_path, users={"alice": None}, provider_url=provider.url, write_timeout_seconds=0.3,
         ) as server:
             token = server.tokens["alice"]
             # A queue of one message: once it holds one, the client reads nothing more from TCP.
             async with connect(server.ws_url("alice", token), message_queue_size=1) as stuck:
+                # A small receive window, so that what the server sends stalls soon.
+                stuck._stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
                 await send_json(stuck, {"type": "agent:stream", "id": "big", "message": "hi"})
                 async with httpx.AsyncClient(base_url=server.url) as client:
                     with trio.fail_after(WAIT):
@@ -60,3 +65,31 @@ async def test_a_client_that_stops_reading_is_disconnected_after_the_write_timeo
                 except ConnectionClosed as closed:
                     assert closed.reason.code == 1006  # the TCP connection went, without a close frame
                 assert not any('"agent:done"' in frame for frame in frames)
+
+
+async def test_a_request_past_its_overall_deadline_ends_with_provider_timeout(tmp_path):
+    """A provider that keeps a request open (dripping, or holding it as here) cannot hold it, or
+    its reservation, past ATLAS_REQUEST_DEADLINE_SECONDS."""
+    async with open_fake_provider() as provider:
+        provider.behaviour = Reply(deltas=["a", "b"], gate=trio.Event(), hold_after=1)  # never ends
+        async with open_atlas(
+            tmp_path, users={"alice": None}, provider_url=provider.url, request_deadline_seconds=0.5,
+        ) as server:
+            async with connect(server.ws_url("alice", server.tokens["alice"])) as ws:
+                await ready(ws)
+                await send_json(ws, {"type": "agent:stream", "id": "slow", "message": "hi"})
+                with trio.fail_after(WAIT):
+                    while (frame := await receive_json(ws))["type"] != "agent:error":
+                        assert frame["type"] in ("agent:start", "agent:delta"), frame
+                assert frame["error"]["code"] == "provider_timeout", frame
+                with trio.fail_after(WAIT):
+                    await provider.wait_disconnect()
+            token = server.tokens["alice"]
+            async with httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {token}"}) as client:
+                proxied = await client.post("/party/alice?proxy=/agents/atlas-assistant/text", json={"input": "hi"})
+                with trio.fail_after(WAIT):  # a held stream is ended, not kept open
+                    streamed = await client.post("/v1/chat/completions", json={
+                        "model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+            assert proxied.status_code == 504 and proxied.json()["error"]["code"] == "provider_timeout", proxied.text
+            assert streamed.status_code == 200 and "data: [DONE]" not in streamed.text  # cut, not finished
+            assert '"code":"provider_timeout"' in streamed.text.splitlines()[-2]  # its last event says why

@@ -203,9 +203,10 @@ class Admission:
     def __init__(
         self, ledger: Ledger, defaults: Limits | None = None, *, clock: Callable[[], float] = time.time,
         wait_seconds: float = 3.0, default_output_tokens: int = 4096,
-        observer: RequestObserver | None = None,
+        observer: RequestObserver | None = None, deadline_seconds: float = math.inf,
     ) -> None:
         self.ledger = ledger
+        self.deadline_seconds = deadline_seconds
         self.observer = observer or RequestObserver()
         self.defaults = None if defaults is None or defaults.is_empty() else defaults
         self.clock = clock
@@ -239,7 +240,16 @@ class Admission:
         trace = self.observer.start(path, user_id, agent)
         try:
             async with self._admitted(user_id, limits, prompt, output, choices, trace) as ticket:
-                yield ticket
+                # The overall deadline: a provider dripping a byte now and then never trips the
+                # read timeout, and would hold the request (and its reservation) forever.
+                with trio.move_on_after(self.deadline_seconds) as deadline:
+                    yield ticket
+                if deadline.cancelled_caught:
+                    raise AgentError(
+                        "provider_timeout",
+                        f"the reply took longer than the {self.deadline_seconds:g} s a request may take",
+                        504,
+                    )
         except BaseException as exc:
             if not trace.answered_whole:
                 trace.outcome = outcome_of(exc)

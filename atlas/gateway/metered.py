@@ -111,10 +111,12 @@ class Meter:
         self._text: list[bytes] | None = [] if route in WHOLE_ANSWER_ROUTES else None
         self._size = 0
         self._error: bytearray | None = None
+        self.started = False
 
     async def send(self, message: dict[str, Any]) -> None:
         kind = message["type"]
         if kind == "http.response.start":
+            self.started = True
             ok = message["status"] == 200
             if self.route not in WHOLE_ANSWER_ROUTES or not ok:
                 self.ticket.answered(ok)
@@ -205,6 +207,7 @@ async def proxy_billable(
     if budget.instructions_bytes:
         prompt += budget.instructions_bytes + PER_MESSAGE_TOKENS
     admission = services.admission
+    meter: Meter | None = None
     try:
         async with admission.admit(
             identity.id, admission.limits_for(identity), prompt=prompt,
@@ -219,6 +222,11 @@ async def proxy_billable(
             await forward(body, replay(body, receive), meter.send)
     except Refused as refusal:
         await send_refusal(send, refusal)
+    except AgentError as error:  # past the request's deadline
+        if meter is None or not meter.started:
+            await send_json(send, error.status, {"error": {"code": error.code, "message": error.message}})
+        else:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 async def send_refusal(send: Any, refusal: Refused) -> None:

@@ -137,7 +137,7 @@ async def _serve(
             Limits(**{k: v for k, v in settings.default_limits().items() if v is not None}),
             clock=clock, wait_seconds=settings.limit_wait_seconds,
             default_output_tokens=settings.default_output_tokens,
-            observer=RequestObserver(metrics),
+            observer=RequestObserver(metrics), deadline_seconds=settings.request_deadline_seconds,
         )
         rooms = await background.start(partial(
             serve_rooms, store, idle_seconds=settings.room_idle_seconds,

@@ -282,8 +282,12 @@ async def chat_completions(
         try:
             outcome = await complete(services, identity, request, key, url, tracked_send)
         except V1Error as exc:  # raised after the nursery, not wrapped in a group
-            failure = exc
             outcome = exc.code
+            if not response_started:
+                failure = exc
+            else:  # mid-stream (past the request's deadline, say): an error event ends the stream
+                event = b"data: " + _encode(error_body(exc.status, exc.code, exc.message)) + b"\n\n"
+                await send({"type": "http.response.body", "body": event, "more_body": False})
         except Exception as exc:  # the request's boundary: a bug, a store that cannot be read
             outcome = "internal"
             if isinstance(exc, StoreError):
