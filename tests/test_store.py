@@ -22,8 +22,8 @@ from usage_helpers import Clock
 
 from atlas.gateway.admission import Admission, Refused
 from atlas.store import (
-    Charge, Hold, Limits, RoomState, StoreCorrupt, TokenRecord, Turn, UsageDay, UsageRecord, UserGone,
-    UserRecord, hash_token, new_token,
+    Charge, Hold, Limits, RoomState, StoreCorrupt, StoreUnavailable, TokenRecord, Turn, UsageDay, UsageRecord,
+    UserGone, UserRecord, hash_token, new_token,
 )
 from atlas.store.records import KEEP_USAGE_DAYS
 from atlas.store.usage import Busy, OverQuota, ResolvedLimits
@@ -539,6 +539,46 @@ async def test_a_live_processs_reservations_are_renewed(backend):
     assert isinstance(await other.reserve("alice", DAY, BUDGET, prompt=100, output=800), Busy)
     await ledger.settle(hold, None)
     assert backend.ledger_rows() == []
+
+
+class FlakyDatabase:
+    """A PostgresStore as the ledger uses it, whose database can be made unreachable."""
+
+    def __init__(self, store) -> None:
+        self.store = store
+        self.down = False
+
+    def transaction(self):
+        if self.down:
+            raise StoreUnavailable("database postgresql://test is unavailable: connection refused")
+        return self.store.transaction()
+
+    def add_usage_in(self, *args, **kwargs):
+        return self.store.add_usage_in(*args, **kwargs)
+
+    def load_usage(self, user_id):
+        return self.store.load_usage(user_id)
+
+
+@only_postgres
+async def test_a_settlement_the_database_missed_is_kept_held_and_written_later(backend):
+    from atlas.store.pg_ledger import PostgresLedger
+
+    database = FlakyDatabase(backend.open_store())
+    ledger = PostgresLedger(database)
+    hold = await ledger.reserve("alice", DAY, BUDGET, prompt=100, output=800)
+    database.down = True
+    with pytest.raises(StoreUnavailable):
+        await ledger.settle(hold, Charge(100, 700, 800))
+    with pytest.raises(StoreUnavailable):
+        await ledger.renew()
+    other = backend.open_store().usage_ledger()  # the budget it may have cost stays held
+    assert isinstance(await other.reserve("alice", DAY, BUDGET, prompt=100, output=800), Busy)
+    database.down = False
+    await ledger.renew()  # what serve() does every ttl / 6
+    assert backend.open_store().load_usage("alice").days == [UsageDay(DAY, 1, 100, 700, 800)]
+    assert backend.ledger_rows() == [] and ledger.held("alice") == 0
+    assert (await other.reserve("alice", DAY, BUDGET, prompt=100, output=800)).cap == 100  # 200 left
 
 
 @only_postgres
