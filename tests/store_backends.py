@@ -129,6 +129,13 @@ class Backend:
                          (seconds,))
             conn.execute("UPDATE admissions SET at = at - make_interval(secs => %s)", (seconds,))
 
+    def clear_reservations(self) -> None:
+        import psycopg
+
+        assert self.database_url is not None
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            conn.execute("DELETE FROM reservations")
+
     def ledger_rows(self) -> list[tuple]:
         """(user_id, tokens) of every reservation row still stored (PostgreSQL)."""
         import psycopg

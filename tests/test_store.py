@@ -529,7 +529,7 @@ async def test_a_dead_processs_reservations_expire(backend):
 
 
 @only_postgres
-async def test_a_live_processs_reservations_are_renewed(backend):
+async def test_a_live_processs_reservations_are_renewed_and_brought_back(backend):
     ledger = backend.open_store().usage_ledger()
     hold = await ledger.reserve("alice", DAY, BUDGET, prompt=100, output=800)
     backend.age_ledger(ledger.ttl - 1)  # about to expire...
@@ -537,8 +537,16 @@ async def test_a_live_processs_reservations_are_renewed(backend):
     backend.age_ledger(ledger.ttl - 1)
     other = backend.open_store().usage_ledger()
     assert isinstance(await other.reserve("alice", DAY, BUDGET, prompt=100, output=800), Busy)
+
+    backend.age_ledger(2)  # expired: the database was out of reach for longer than ttl
+    await ledger.renew()  # the request still runs: its reservation counts again
+    assert isinstance(await other.reserve("alice", DAY, BUDGET, prompt=100, output=800), Busy)
+    backend.clear_reservations()  # lost in a crash of the server (they commit without a flush)
+    await ledger.renew()
+    assert backend.ledger_rows() == [("alice", 900)]
     await ledger.settle(hold, None)
-    assert backend.ledger_rows() == []
+    await ledger.renew()  # a settled reservation is not brought back
+    assert backend.ledger_rows() == [] and ledger.held("alice") == 0
 
 
 class FlakyDatabase:

@@ -26,9 +26,16 @@ all (and a reservation never holds less than its request's charge).
 A reservation expires ``ttl`` seconds after it was made or last renewed (the database's clock):
 ``serve`` renews this process's every ``ttl / 6`` seconds, so a reservation outlives its process
 (``kill -9``, a lost machine) by at most ``ttl``; an expired one no longer counts and is deleted by
-the next admission of its user (or by any process's ``serve``, once a minute). The per-minute
-window is measured with the database's clock too, one clock for every process; the UTC day, as in
-the embedded ledger, is the caller's.
+the next admission of its user (or by any process's ``serve``, once a minute). A renewal writes
+back the reservations of this process's requests in flight that expired or are gone (the
+database was unreachable for longer than ``ttl``, or lost them in a crash), so that they count
+again for as long as their requests run. The per-minute window is measured with the database's
+clock too, one clock for every process; the UTC day, as in the embedded ledger, is the caller's.
+
+Durability: the admission's transaction commits with ``synchronous_commit`` off. It need not wait
+for the WAL flush (a millisecond or more on most disks, on the path to the first token): what it
+writes is worth nothing after a crash of the server except while its request runs, and the
+renewal writes that back. The settlement (the usage) commits durably, before the client is told.
 
 A settlement that cannot be written (the database is unreachable) raises ``StoreUnavailable``; its
 charge is kept in memory and ``serve`` writes it when the database is back, renewing its
@@ -57,35 +64,41 @@ RESERVATION_TTL = 30.0  # seconds a reservation counts without being renewed
 POLL_SECONDS = 0.2  # a request told Busy asks again this often (settlements elsewhere set no event)
 SWEEP_EVERY = 60.0  # seconds between sweeps of every user's expired rows
 
+_NOT_FLUSHED = "SET LOCAL synchronous_commit TO off"  # a reservation need not survive the server
 _LOCK = "SELECT pg_advisory_xact_lock(%s::int4, %s::int4)"
-_PRUNE = (
-    "DELETE FROM reservations WHERE user_id = %(user)s AND expires_at <= now()",
-    "DELETE FROM admissions WHERE user_id = %(user)s AND at <= now() - interval '60 seconds'",
-)
+_PRUNE_RESERVATIONS = "DELETE FROM reservations WHERE user_id = %(user)s AND expires_at <= now()"
+_PRUNE_ADMISSIONS = "DELETE FROM admissions WHERE user_id = %(user)s AND at <= now() - interval '60 seconds'"
+# The admissions of the last minute are counted up to the limit only (that is all the rule needs),
+# so the cost stays bounded whatever the limit.
 _READ = """
 SELECT
     coalesce((SELECT total_tokens FROM usage_days WHERE user_id = %(user)s AND day = %(day)s), 0),
     coalesce((SELECT sum(total_tokens) FROM usage_days
               WHERE user_id = %(user)s AND day >= %(month)s AND day < %(next_month)s), 0)::bigint,
-    held.day, held.month, held.in_flight, recent.admitted,
-    coalesce(extract(epoch FROM recent.oldest + interval '60 seconds' - now()), 60)::float8,
+    held.day, held.month, held.in_flight,
+    (SELECT count(*) FROM (SELECT FROM admissions WHERE user_id = %(user)s
+                           AND at > now() - interval '60 seconds' LIMIT %(per_minute)s) AS recent),
+    coalesce(extract(epoch FROM (SELECT min(at) FROM admissions WHERE user_id = %(user)s
+                                 AND at > now() - interval '60 seconds') + interval '60 seconds' - now()),
+             60)::float8,
     nextval('reservation_ids')
 FROM (SELECT coalesce(sum(tokens) FILTER (WHERE day = %(day)s), 0)::bigint AS day,
              coalesce(sum(tokens) FILTER (WHERE day >= %(month)s AND day < %(next_month)s), 0)::bigint
                  AS month,
              count(*) AS in_flight
-      FROM reservations WHERE user_id = %(user)s AND expires_at > now()) AS held,
-     (SELECT count(*) AS admitted, min(at) AS oldest FROM admissions
-      WHERE user_id = %(user)s AND at > now() - interval '60 seconds') AS recent
+      FROM reservations WHERE user_id = %(user)s AND expires_at > now()) AS held
 """
 _INSERT_RESERVATION = (
     "INSERT INTO reservations (id, user_id, day, tokens, expires_at)"
     " VALUES (%s, %s, %s, %s, now() + make_interval(secs => %s))"
 )
 _INSERT_ADMISSION = "INSERT INTO admissions (user_id) VALUES (%s)"
+_STILL_VALID = "SELECT count(*) FROM reservations WHERE id = ANY(%s) AND expires_at > now()"
 _RENEW = (
-    "UPDATE reservations SET expires_at = now() + make_interval(secs => %s)"
-    " WHERE id = ANY(%s) AND expires_at > now() RETURNING id"
+    "INSERT INTO reservations (id, user_id, day, tokens, expires_at)"
+    " SELECT id, user_id, day, tokens, now() + make_interval(secs => %s)"
+    " FROM unnest(%s::bigint[], %s::text[], %s::date[], %s::bigint[]) AS h (id, user_id, day, tokens)"
+    " ON CONFLICT (id) DO UPDATE SET expires_at = EXCLUDED.expires_at"
 )
 _SWEEP = (
     "DELETE FROM reservations WHERE expires_at <= now()",
@@ -134,6 +147,7 @@ class PostgresLedger:
         self.ttl = ttl
         self._live: dict[int, Hold] = {}  # this process's reservations, renewed by serve()
         self._unsettled: list[_Unsettled] = []  # settlements to write again
+        self._renewing: trio.Event | None = None  # set when the renewal in progress ends
         self._settled: dict[str, trio.Event] = {}
 
     # Admission
@@ -151,11 +165,14 @@ class PostgresLedger:
         self, user_id: str, day: str, limits: ResolvedLimits, prompt: int, output: int, choices: int
     ) -> Hold | OverQuota | Busy | TooMany:
         month, next_month = _month_bounds(day)
-        params = {"user": user_id, "day": date.fromisoformat(day), "month": month, "next_month": next_month}
+        params = {"user": user_id, "day": date.fromisoformat(day), "month": month, "next_month": next_month,
+                  "per_minute": limits.requests_per_minute or 0}
         with self._store.transaction() as conn, conn.pipeline():
+            conn.execute(_NOT_FLUSHED)
             conn.execute(_LOCK, (LEDGER_LOCK, user_lock_key(user_id)))
-            for statement in _PRUNE:
-                conn.execute(statement, params)
+            conn.execute(_PRUNE_RESERVATIONS, params)
+            if limits.requests_per_minute is not None:
+                conn.execute(_PRUNE_ADMISSIONS, params)
             row = conn.execute(_READ, params).fetchone()
             assert row is not None
             settled_day, settled_month, held_day, held_month, in_flight, admitted, ends_in, new_id = row
@@ -185,16 +202,30 @@ class PostgresLedger:
         if not hold.id and charge is None:
             return
         try:
-            await trio.to_thread.run_sync(self._settle, hold, charge)
+            await self._write_settlement(hold, charge)
         except StoreError:
             # Kept, and its reservation renewed, until serve() writes it.
             self._unsettled.append(_Unsettled(hold, charge))
             raise
+
+    async def _write_settlement(self, hold: Hold, charge: Charge | None) -> None:
+        while self._renewing is not None:  # a renewal must not bring back what this deletes
+            await self._renewing.wait()
         self._live.pop(hold.id, None)
+        try:
+            await trio.to_thread.run_sync(self._settle, hold, charge)
+        except BaseException:
+            if hold.id:
+                self._live[hold.id] = hold
+            raise
         self._notify(hold.user_id)
 
     def _settle(self, hold: Hold, charge: Charge | None) -> None:
         with self._store.transaction() as conn, conn.pipeline():
+            if charge is None:
+                # A release: if a crash of the server undid it, the reservation would only
+                # count until it expires.
+                conn.execute(_NOT_FLUSHED)
             if hold.id:
                 conn.execute("DELETE FROM reservations WHERE id = %s", (hold.id,))
             if charge is None:
@@ -247,32 +278,41 @@ class PostgresLedger:
                           "unreachable): their usage is not in the ledger", len(self._unsettled))
 
     async def renew(self, *, sweep: bool = False) -> None:
-        """Renew this process's reservations, write the settlements kept for later, forget the
-        settlement events nobody waits for, and (``sweep``) delete every user's expired rows."""
+        """Renew this process's reservations (bringing back any that expired or were lost while
+        their requests still run), write the settlements kept for later, forget the settlement
+        events nobody waits for, and (``sweep``) delete every user's expired rows."""
         for user_id, event in list(self._settled.items()):
             if not event.statistics().tasks_waiting:
                 del self._settled[user_id]
-        ids = list(self._live)
-        if ids:
-            renewed = await trio.to_thread.run_sync(self._renew, ids)
-            lost = [i for i in ids if i not in renewed and i in self._live]
-            if lost:
-                log.error("%d reservations expired before they could be renewed (the database was "
-                          "unreachable for %g s or more): the limits did not count them meanwhile",
-                          len(lost), self.ttl)
+        if self._live:
+            # From here to the end of the write, settlements wait: a reservation a settlement
+            # deletes meanwhile would otherwise be brought back.
+            holds, gate = list(self._live.values()), trio.Event()
+            self._renewing = gate
+            try:
+                missing = await trio.to_thread.run_sync(self._renew, holds)
+            finally:
+                self._renewing = None
+                gate.set()
+            if missing:
+                log.warning("%d reservations of requests still in flight here had expired or were "
+                            "lost (the database was unreachable or restarted): held again", missing)
         while self._unsettled:
             entry = self._unsettled[0]
-            await trio.to_thread.run_sync(self._settle, entry.hold, entry.charge)
+            await self._write_settlement(entry.hold, entry.charge)
             self._unsettled.pop(0)
-            self._live.pop(entry.hold.id, None)
-            self._notify(entry.hold.user_id)
             log.info("a settlement kept while the database was unreachable is written")
         if sweep:
             await trio.to_thread.run_sync(self._sweep)
 
-    def _renew(self, ids: list[int]) -> set[int]:
-        with self._store.transaction() as conn:
-            return {row[0] for row in conn.execute(_RENEW, (self.ttl, ids)).fetchall()}
+    def _renew(self, holds: list[Hold]) -> int:
+        """Renew ``holds``, writing back any that expired or are gone; returns how many those were."""
+        ids = [h.id for h in holds]
+        columns = (ids, [h.user_id for h in holds], [h.day for h in holds], [h.tokens for h in holds])
+        with self._store.transaction() as conn, conn.pipeline():
+            found = conn.execute(_STILL_VALID, (ids,))
+            conn.execute(_RENEW, (self.ttl, *columns))
+            return len(holds) - found.fetchone()[0]
 
     def _sweep(self) -> None:
         with self._store.transaction() as conn:
