@@ -1,6 +1,7 @@
 """What admission and settlement cost, and what the OpenAI-compatible endpoint adds, in one run.
 
     .venv/bin/python -m bench.limits [-n 200] [--streams 50] [--deltas 100] [--rate 50]
+                                     [--database-url postgresql://...]
 
 Starts the bench provider (``bench.provider``) and one ``atlas serve`` in front of it, with two
 users: ``free`` (no limits) and ``capped`` (every limit set, high enough never to refuse, so
@@ -22,6 +23,11 @@ With ``--baseline-tree DIR`` (another checkout of Atlas, e.g. ``git worktree add
 and the run also reports what this tree adds over it for a user without limits: first token over
 the WebSocket (paired, alternating) and CPU per delta (alternating rounds). That is the cost of
 the admission step itself, which every request now passes, limits or not.
+
+With ``--database-url`` (a PostgreSQL database of the bench's own: its ``free*`` and ``capped*``
+users are replaced), ``atlas serve`` keeps its store there, so ``capped`` requests are admitted
+by the database's ledger (a transaction under a per-user lock) and every request is settled in
+it: limits on minus off is then the cost of admission on PostgreSQL.
 
 Prints a table and writes ``bench/results/limits-<time>.json``. Targets: /v1 adds <= 1 ms p50 to
 the first token; limits on add <= 0.1 ms p50 to the first token.
@@ -68,19 +74,26 @@ def summary(values: list[float]) -> dict[str, float]:
     return {"p50": pct(values, 50), "p90": pct(values, 90), "p99": pct(values, 99), "n": len(values)}
 
 
-def make_users(data_dir: Path, streams: int) -> dict[str, list[tuple[str, str]]]:
-    from atlas.store import JsonStore
+def make_users(
+    data_dir: Path, streams: int, database_url: str | None = None
+) -> dict[str, list[tuple[str, str]]]:
+    from atlas.config import Settings
+    from atlas.store import store_for
     from atlas.store.users import create_user, set_limits
 
-    store = JsonStore(data_dir)
+    store = store_for(Settings(data_dir=data_dir, database_url=database_url))
     store.prepare()
     users: dict[str, list[tuple[str, str]]] = {"free": [], "capped": []}
-    for kind in users:
-        for index in range(max(1, streams // 10)):
-            user = f"{kind}{index:03d}"
-            users[kind].append((user, create_user(store, user, f"bench-key-{user}", None)))
-            if kind == "capped":
-                set_limits(store, user, dict(CAPPED_LIMITS))
+    try:
+        for kind in users:
+            for index in range(max(1, streams // 10)):
+                user = f"{kind}{index:03d}"
+                store.remove_user(user)  # a database's users from an earlier run
+                users[kind].append((user, create_user(store, user, f"bench-key-{user}", None)))
+                if kind == "capped":
+                    set_limits(store, user, dict(CAPPED_LIMITS))
+    finally:
+        store.close()
     return users
 
 
@@ -274,7 +287,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="another Atlas checkout to measure this tree against")
     parser.add_argument("--priority", type=int, metavar="NICE", nargs="?", const=-10, default=None,
                         help="run every bench process at this nice value (default -10; below 0 needs root)")
+    parser.add_argument("--database-url", default=None, metavar="URL",
+                        help="keep the store in this PostgreSQL database (the bench's own) instead of files")
     args = parser.parse_args(argv)
+    if args.database_url and args.baseline_tree:
+        parser.error("--baseline-tree runs on a copy of the data directory: not with --database-url")
     if args.priority is not None:
         bench_procs.NICE = args.priority
         os.setpriority(os.PRIO_PROCESS, 0, args.priority)
@@ -288,7 +305,10 @@ def main(argv: list[str] | None = None) -> int:
         provider_proc = Proc("provider", python_module("bench.provider"), log_dir)
         procs.append(provider_proc)
         provider = provider_proc.wait_line("PROVIDER ", 20).split()[1]
-        users = make_users(data_dir, args.streams)
+        users = make_users(data_dir, args.streams, args.database_url)
+        if args.database_url:
+            # For the server, through its environment: a flag shows in ps.
+            os.environ["ATLAS_DATABASE_URL"] = args.database_url
         atlas = Proc("atlas", [*atlas_command(), "serve", "--bind", "127.0.0.1:0", "--data-dir",
                                str(data_dir), "--provider-url", provider, "--log-level", "warning"],
                      log_dir, stderr_lines=True)
@@ -339,8 +359,13 @@ def main(argv: list[str] | None = None) -> int:
                      f"{[round(v, 1) for v in cpu['baseline']]}")
     print("\n".join(lines))
     out = RESULTS / f"limits-{stamp}.json"
+    recorded = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    if args.database_url:
+        from atlas.store.postgres import redact_database_url
+
+        recorded["database_url"] = redact_database_url(args.database_url)
     out.write_text(json.dumps({
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "summary": {k: summary(v) for k, v in samples.items()},
+        "args": recorded, "summary": {k: summary(v) for k, v in samples.items()},
         "cpu_us_per_delta": cpu, "rounds": rounds, "samples": samples,
     }, indent=1))
     print(f"\nwritten: {out.relative_to(REPO)}", file=sys.stderr)

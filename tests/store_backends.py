@@ -88,7 +88,9 @@ class Backend:
                 "SELECT 'users/' || id FROM users WHERE id = %(u)s"
                 " UNION ALL SELECT 'tokens/' || hash FROM tokens WHERE user_id = %(u)s"
                 " UNION ALL SELECT 'rooms/' || id FROM rooms WHERE id = %(u)s"
-                " UNION ALL SELECT 'usage/' || user_id || '/' || day FROM usage_days WHERE user_id = %(u)s",
+                " UNION ALL SELECT 'usage/' || user_id || '/' || day FROM usage_days WHERE user_id = %(u)s"
+                " UNION ALL SELECT 'reservations/' || id FROM reservations WHERE user_id = %(u)s"
+                " UNION ALL SELECT 'admissions/' || user_id FROM admissions WHERE user_id = %(u)s",
                 {"u": user_id},
             ).fetchall()
         return sorted(row[0] for row in rows)
@@ -113,6 +115,34 @@ class Backend:
                 " WHERE user_id NOT IN (SELECT id FROM users)"
             ).fetchall()
         return sorted(row[0] for row in rows)
+
+    def age_ledger(self, seconds: float) -> None:
+        """Make the live ledger's rows ``seconds`` older, as if the database's clock had moved on
+        (PostgreSQL: reservation expiries and admission times; the JSON backend keeps none: its
+        admission counts by the clock the test gives it)."""
+        if self.database_url is None:
+            return
+        import psycopg
+
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            conn.execute("UPDATE reservations SET expires_at = expires_at - make_interval(secs => %s)",
+                         (seconds,))
+            conn.execute("UPDATE admissions SET at = at - make_interval(secs => %s)", (seconds,))
+
+    def clear_reservations(self) -> None:
+        import psycopg
+
+        assert self.database_url is not None
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            conn.execute("DELETE FROM reservations")
+
+    def ledger_rows(self) -> list[tuple]:
+        """(user_id, tokens) of every reservation row still stored (PostgreSQL)."""
+        import psycopg
+
+        assert self.database_url is not None
+        with psycopg.connect(self.database_url) as conn:
+            return conn.execute("SELECT user_id, tokens FROM reservations ORDER BY id").fetchall()
 
     def close(self) -> None:
         for store in self.opened:

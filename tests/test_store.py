@@ -1,7 +1,9 @@
 """What every store backend guarantees (atlas/store/base.py), tested on each: the JSON files and
 PostgreSQL. Round trips, missing values, corrupt values, removal, the owner check, concurrent
-writers in threads and in two stores at once (two processes), and a crash in the middle of writes.
-Each backend's own details are in test_json_store.py and test_postgres_store.py.
+writers in threads and in two stores at once (two processes), a crash in the middle of writes, and
+the live usage ledger (reserve, settle, release, quota against busy, the lowered cap, request
+counts; on PostgreSQL, across processes and after one dies). Each backend's own details are in
+test_json_store.py and test_postgres_store.py.
 """
 
 from __future__ import annotations
@@ -15,12 +17,16 @@ from datetime import date, timedelta
 from pathlib import Path
 
 import pytest
+import trio
+from usage_helpers import Clock
 
+from atlas.gateway.admission import Admission, Refused
 from atlas.store import (
-    Limits, RoomState, StoreCorrupt, TokenRecord, Turn, UsageDay, UsageRecord, UserGone, UserRecord,
-    hash_token, new_token,
+    Charge, Hold, Limits, RoomState, StoreCorrupt, StoreUnavailable, TokenRecord, Turn, UsageDay, UsageRecord,
+    UserGone, UserRecord, hash_token, new_token,
 )
 from atlas.store.records import KEEP_USAGE_DAYS
+from atlas.store.usage import Busy, OverQuota, ResolvedLimits
 from atlas.store.users import create_user, set_limits
 
 WRITER = Path(__file__).with_name("store_writer.py")
@@ -359,3 +365,256 @@ def test_a_users_limits_round_trip(backend):
     assert user.limits == Limits(tokens_per_day=1000, requests_per_minute=None)
     set_limits(store, "alice", {}, clear=True)
     assert backend.open_store().load_user("alice").limits is None
+
+
+# --- The live ledger (Store.usage_ledger) ------------------------------------------------------------
+#
+# On both backends: what one process sees. On PostgreSQL also what several see, each with a store
+# (a connection pool) and a ledger of its own: a JSON data directory has one server process.
+
+DAY = "2025-01-15"
+BUDGET = ResolvedLimits(tokens_per_day=1000, tokens_per_month=1500)
+only_postgres = pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+
+
+async def test_the_ledger_holds_settles_and_releases(backend):
+    store = backend.open_store()
+    ledger = store.usage_ledger()
+    hold = await ledger.reserve("alice", DAY, BUDGET, prompt=50, output=100)
+    assert isinstance(hold, Hold) and (hold.tokens, hold.cap) == (150, 100)
+    assert ledger.held("alice") == 150 and ledger.held("bob") == 0
+    await ledger.settle(hold, Charge(20, 30, 50))  # durable on return
+    assert ledger.held("alice") == 0
+    assert store.load_usage("alice").days == [UsageDay(DAY, 1, 20, 30, 50)]
+    assert (await ledger.usage("alice")).days == [UsageDay(DAY, 1, 20, 30, 50)]
+
+    released = await ledger.reserve("alice", DAY, BUDGET, prompt=10, output=900)
+    await ledger.settle(released, None)  # never answered: costs nothing, frees its room
+    assert store.load_usage("alice").days == [UsageDay(DAY, 1, 20, 30, 50)]
+    whole = await ledger.reserve("alice", DAY, BUDGET, prompt=50, output=10_000)
+    assert whole.cap == 1000 - 50 - 50  # lowered to what the settled usage leaves
+    await ledger.settle(whole, None)
+
+    # The next process on the same data counts what this one settled.
+    again = backend.open_store().usage_ledger()
+    hold = await again.reserve("alice", DAY, BUDGET, prompt=50, output=10_000)
+    assert hold.cap == 900
+    await again.settle(hold, None)
+
+
+async def test_quota_exceeded_is_the_settled_usage_busy_what_requests_in_flight_hold(backend):
+    ledger = backend.open_store().usage_ledger()
+    first = await ledger.reserve("alice", DAY, BUDGET, prompt=100, output=800)
+    assert isinstance(first, Hold) and first.tokens == 900
+    # The settled usage leaves room; only the reservation in flight blocks: busy, not spent.
+    assert isinstance(await ledger.reserve("alice", DAY, BUDGET, prompt=100, output=800), Busy)
+    small = await ledger.reserve("alice", DAY, BUDGET, prompt=50, output=50)
+    assert isinstance(small, Hold) and small.tokens == 100  # what is left still serves
+    await ledger.settle(small, None)
+    await ledger.settle(first, Charge(500, 400, 900))
+
+    refused = await ledger.reserve("alice", DAY, BUDGET, prompt=100, output=10)
+    assert refused == OverQuota("tokensPerDay", 1000, 900, "2025-01-16T00:00:00Z")
+    lowered = await ledger.reserve("alice", DAY, BUDGET, prompt=40, output=100, choices=2)
+    assert (lowered.cap, lowered.tokens) == (30, 100)  # (1000 - 900 - 40) // 2 per choice
+    await ledger.settle(lowered, Charge(40, 60, 100))
+
+    # The month: 1000 spent on the 15th; on the 16th the day is new but 500 is all the month has.
+    refused = await ledger.reserve("alice", "2025-01-16", BUDGET, prompt=100, output=800)
+    assert isinstance(refused, Hold) and refused.cap == 400
+    await ledger.settle(refused, Charge(100, 400, 500))
+    month = await ledger.reserve("alice", "2025-01-17", BUDGET, prompt=1, output=1)
+    assert month == OverQuota("tokensPerMonth", 1500, 1500, "2025-02-01T00:00:00Z")
+    assert ledger.held("alice") == 0
+
+
+async def test_request_counts_on_either_backend(backend):
+    """Concurrency and requests per minute, through admission: kept by admission for the JSON
+    store, by the ledger in the database for PostgreSQL."""
+    clock = Clock()
+    gate = Admission(backend.open_store().usage_ledger(), clock=clock)
+    limits = ResolvedLimits(concurrent_requests=2, requests_per_minute=3)
+    async with gate.admit("ivy", limits, prompt=1, output=1), \
+            gate.admit("ivy", limits, prompt=1, output=1):
+        with pytest.raises(Refused) as refused:
+            async with gate.admit("ivy", limits, prompt=1, output=1):
+                pass
+        assert (refused.value.code, refused.value.retry_after) == ("rate_limited", 1)
+    async with gate.admit("ivy", limits, prompt=1, output=1):
+        pass
+    with pytest.raises(Refused) as refused:  # the 4th admitted within a minute
+        async with gate.admit("ivy", limits, prompt=1, output=1):
+            pass
+    assert refused.value.code == "rate_limited" and 1 <= refused.value.retry_after <= 60
+    clock.advance(61)
+    backend.age_ledger(61)
+    async with gate.admit("ivy", limits, prompt=1, output=1) as ticket:
+        assert ticket.cap is None  # no token limit: the request goes out untouched
+
+
+@only_postgres
+async def test_reservations_hold_across_processes(backend):
+    first, second = backend.open_store().usage_ledger(), backend.open_store().usage_ledger()
+    held = await first.reserve("alice", DAY, BUDGET, prompt=100, output=800)
+    assert isinstance(await second.reserve("alice", DAY, BUDGET, prompt=100, output=800), Busy)
+    small = await second.reserve("alice", DAY, BUDGET, prompt=50, output=50)
+    assert isinstance(small, Hold)
+    assert isinstance(await first.reserve("alice", DAY, BUDGET, prompt=1, output=1), Busy)  # 1000 held
+    await first.settle(held, Charge(500, 400, 900))
+    await second.settle(small, None)
+    assert isinstance(await second.reserve("alice", DAY, BUDGET, prompt=100, output=10), OverQuota)
+    assert backend.ledger_rows() == []
+
+
+@only_postgres
+async def test_concurrent_reservations_from_three_processes_never_hold_more_than_the_budget(backend):
+    ledgers = [backend.open_store().usage_ledger() for _ in range(3)]
+    holds: list[Hold] = []
+    answers: list[object] = []
+
+    async def reserve(ledger) -> None:
+        answer = await ledger.reserve("alice", DAY, BUDGET, prompt=40, output=60)
+        answers.append(answer)
+        if isinstance(answer, Hold):
+            holds.append(answer)
+
+    async with trio.open_nursery() as nursery:
+        for n in range(60):
+            nursery.start_soon(reserve, ledgers[n % 3])
+    assert len(holds) == 10 and sum(h.tokens for h in holds) == 1000  # exactly the budget
+    assert all(isinstance(a, Busy) for a in answers if not isinstance(a, Hold))
+    assert len(backend.ledger_rows()) == 10
+    async with trio.open_nursery() as nursery:
+        for hold in holds:
+            nursery.start_soon(ledgers[hold.id % 3].settle, hold, Charge(40, 10, 50))
+    assert backend.open_store().load_usage("alice").days == [UsageDay(DAY, 10, 400, 100, 500)]
+
+
+@only_postgres
+async def test_request_counts_hold_across_processes(backend):
+    limits = ResolvedLimits(concurrent_requests=1, requests_per_minute=2)
+    first = Admission(backend.open_store().usage_ledger())
+    second = Admission(backend.open_store().usage_ledger())
+    async with first.admit("ivy", limits, prompt=1, output=1):
+        with pytest.raises(Refused) as refused:
+            async with second.admit("ivy", limits, prompt=1, output=1):
+                pass
+        assert refused.value.code == "rate_limited" and "at once" in refused.value.message
+    async with second.admit("ivy", limits, prompt=1, output=1):
+        pass
+    with pytest.raises(Refused) as refused:  # two admitted this minute, one by each process
+        async with first.admit("ivy", limits, prompt=1, output=1):
+            pass
+    assert "per minute" in refused.value.message and 1 <= refused.value.retry_after <= 60
+    backend.age_ledger(61)
+    async with first.admit("ivy", limits, prompt=1, output=1):
+        pass
+
+
+@only_postgres
+async def test_a_dead_processs_reservations_expire(backend):
+    dead_store = backend.open_store()
+    dead = dead_store.usage_ledger()
+    await dead.reserve("alice", DAY, BUDGET, prompt=100, output=800)
+    await dead.reserve("alice", DAY, ResolvedLimits(concurrent_requests=1), prompt=1, output=1)
+    dead_store.close()  # the process dies (kill -9): nothing settles, nothing renews
+    alive = backend.open_store().usage_ledger()
+    assert isinstance(await alive.reserve("alice", DAY, BUDGET, prompt=100, output=800), Busy)
+    backend.age_ledger(alive.ttl - 1)  # not yet
+    assert isinstance(await alive.reserve("alice", DAY, BUDGET, prompt=100, output=800), Busy)
+    backend.age_ledger(2)  # now past the expiry: they no longer count, and are deleted
+    hold = await alive.reserve("alice", DAY, BUDGET, prompt=100, output=800)
+    assert isinstance(hold, Hold) and backend.ledger_rows() == [("alice", 900)]
+    await alive.settle(hold, None)
+
+
+@only_postgres
+async def test_a_live_processs_reservations_are_renewed_and_brought_back(backend):
+    ledger = backend.open_store().usage_ledger()
+    hold = await ledger.reserve("alice", DAY, BUDGET, prompt=100, output=800)
+    backend.age_ledger(ledger.ttl - 1)  # about to expire...
+    await ledger.renew()  # ...what serve() does every ttl / 6
+    backend.age_ledger(ledger.ttl - 1)
+    other = backend.open_store().usage_ledger()
+    assert isinstance(await other.reserve("alice", DAY, BUDGET, prompt=100, output=800), Busy)
+
+    backend.age_ledger(2)  # expired: the database was out of reach for longer than ttl
+    await ledger.renew()  # the request still runs: its reservation counts again
+    assert isinstance(await other.reserve("alice", DAY, BUDGET, prompt=100, output=800), Busy)
+    backend.clear_reservations()  # lost in a crash of the server (they commit without a flush)
+    await ledger.renew()
+    assert backend.ledger_rows() == [("alice", 900)]
+    await ledger.settle(hold, None)
+    await ledger.renew()  # a settled reservation is not brought back
+    assert backend.ledger_rows() == [] and ledger.held("alice") == 0
+
+
+class FlakyDatabase:
+    """A PostgresStore as the ledger uses it, whose database can be made unreachable."""
+
+    def __init__(self, store) -> None:
+        self.store = store
+        self.down = False
+
+    def transaction(self):
+        if self.down:
+            raise StoreUnavailable("database postgresql://test is unavailable: connection refused")
+        return self.store.transaction()
+
+    def add_usage_in(self, *args, **kwargs):
+        return self.store.add_usage_in(*args, **kwargs)
+
+    def load_usage(self, user_id):
+        return self.store.load_usage(user_id)
+
+
+@only_postgres
+async def test_a_settlement_the_database_missed_is_kept_held_and_written_later(backend):
+    from atlas.store.pg_ledger import PostgresLedger
+
+    database = FlakyDatabase(backend.open_store())
+    ledger = PostgresLedger(database)
+    hold = await ledger.reserve("alice", DAY, BUDGET, prompt=100, output=800)
+    database.down = True
+    with pytest.raises(StoreUnavailable):
+        await ledger.settle(hold, Charge(100, 700, 800))
+    with pytest.raises(StoreUnavailable):
+        await ledger.renew()
+    other = backend.open_store().usage_ledger()  # the budget it may have cost stays held
+    assert isinstance(await other.reserve("alice", DAY, BUDGET, prompt=100, output=800), Busy)
+    database.down = False
+    await ledger.renew()  # what serve() does every ttl / 6
+    assert backend.open_store().load_usage("alice").days == [UsageDay(DAY, 1, 100, 700, 800)]
+    assert backend.ledger_rows() == [] and ledger.held("alice") == 0
+    assert (await other.reserve("alice", DAY, BUDGET, prompt=100, output=800)).cap == 100  # 200 left
+
+
+@only_postgres
+async def test_removing_a_user_removes_their_reservations_and_counts(backend):
+    store = backend.open_store()
+    create_user(store, "alice", "sk-test-store-alice-ledger", None)
+    ledger = store.usage_ledger(owner_must_exist=True)
+    hold = await ledger.reserve("alice", DAY, ResolvedLimits(tokens_per_day=100, requests_per_minute=5),
+                                prompt=1, output=1)
+    assert {"admissions/alice", f"reservations/{hold.id}"} <= set(backend.leftovers("alice"))
+    store.remove_user("alice")
+    await ledger.settle(hold, Charge(1, 1, 2))  # the user is gone: nothing of theirs is written back
+    assert backend.leftovers("alice") == []
+
+
+@only_postgres
+async def test_a_database_that_cannot_be_reached_refuses_admission(backend):
+    from atlas.store.postgres import PostgresStore
+
+    port = backend.database_url.rsplit(":", 1)[1].split("/")[0]
+    unreachable = PostgresStore(backend.database_url.replace(f":{port}/", ":1/"), timeout=0.5)
+    try:
+        gate = Admission(unreachable.usage_ledger())
+        with pytest.raises(Refused) as refused:
+            async with gate.admit("alice", BUDGET, prompt=1, output=1):
+                pass
+        assert (refused.value.code, refused.value.status) == ("store_unavailable", 503)
+        async with gate.admit("alice", ResolvedLimits(), prompt=1, output=1):
+            pass  # no limit to check: nothing asked of the database at admission
+    finally:
+        unreachable.close()

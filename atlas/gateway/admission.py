@@ -9,7 +9,10 @@ the agent, and ``/v1/chat/completions``)::
 
 Admission checks the concurrency and per-minute limits (``rate_limited``, 429), then reserves the
 worst case against the token limits (``quota_exceeded``, 402, when the settled usage leaves no
-room for even a one-token reply). A request that does not fit only because requests in flight
+room for even a one-token reply). With the JSON store the request counts are kept here, in this
+process; a ledger that ``counts_requests`` (PostgreSQL) checks them in its ``reserve``, across
+processes, and a ledger that cannot be reached refuses with ``store_unavailable`` (503) rather
+than serving on limits it cannot check. A request that does not fit only because requests in flight
 hold the budget waits up to ``wait_seconds`` for one of them to settle, then is ``rate_limited``.
 Leaving the block settles whatever was not settled, on every exit path (cancel, provider error,
 disconnect, a crash of the request's task), shielded from cancellation: a request the provider
@@ -35,9 +38,12 @@ from atlas.llm.types import AgentError, Usage
 from atlas.store import Charge, Hold, Identity, Ledger, Limits, StoreUnavailable, UserGone
 from atlas.store.usage import (
     REPORT_DAYS,
+    RETRY_SOON_SECONDS,
     UNLIMITED,
     OverQuota,
     ResolvedLimits,
+    TooMany,
+    check_rates,
     days_before,
     day_totals,
     report,
@@ -50,7 +56,6 @@ PER_MESSAGE_TOKENS = 8  # role and framing tokens of one chat message (OpenAI's 
 PER_REQUEST_TOKENS = 8  # the reply's priming tokens and the like
 NON_TEXT_PART_TOKENS = 2048  # an image, audio or file part of a /v1 message (see docs/usage.md)
 TOOL_TOKENS = 16  # framing of one tool definition, beyond its JSON bytes
-RETRY_SOON_SECONDS = 1  # retryAfter for concurrency and budget held in flight
 
 
 def outcome_of(exc: BaseException) -> str:
@@ -75,7 +80,8 @@ def prompt_bound(texts: Iterable[str], messages: int) -> int:
 
 class Refused(Exception):
     """Admission said no; nothing was sent to the provider. ``code`` is ``quota_exceeded`` (402,
-    with ``reset_at`` and ``limit``) or ``rate_limited`` (429, with ``retry_after`` seconds)."""
+    with ``reset_at`` and ``limit``), ``rate_limited`` (429, with ``retry_after`` seconds) or
+    ``store_unavailable`` (503: the limits could not be checked)."""
 
     def __init__(
         self, code: str, message: str, status: int, *, reset_at: str | None = None,
@@ -109,6 +115,18 @@ class Refused(Exception):
 
 def rate_limited(message: str, retry_after: float) -> Refused:
     return Refused("rate_limited", message, 429, retry_after=max(1, math.ceil(retry_after)))
+
+
+def too_many(refusal: TooMany) -> Refused:
+    if refusal.limit == "concurrentRequests":
+        return rate_limited(
+            f"too many requests at once: at most {refusal.value} in flight for this user; "
+            f"retry in {RETRY_SOON_SECONDS} s", RETRY_SOON_SECONDS,
+        )
+    return rate_limited(
+        f"too many requests: at most {refusal.value} per minute for this user; "
+        f"retry in {math.ceil(max(refusal.retry_after, 1))} s", refusal.retry_after,
+    )
 
 
 def quota_exceeded(refusal: OverQuota, need: int) -> Refused:
@@ -183,7 +201,7 @@ class Ticket:
         charge = self.charge(usage)
         if self.trace is not None and charge is not None:
             self.trace.tokens = charge.total_tokens
-        if charge is None and not self.hold.tokens:
+        if charge is None and not self.hold.tokens and not self.hold.id:
             return  # nothing reserved, nothing spent
         with trio.CancelScope(shield=True):
             await self._admission.ledger.settle(self.hold, charge)
@@ -265,19 +283,23 @@ class Admission:
         rate = self._rates.get(user_id)
         if rate is None:
             rate = self._rates[user_id] = _Rate()
-        stamp = self._check_rates(rate, limits)
+        # The ledger counts the requests itself (across processes), or they are counted here.
+        shared = self.ledger.counts_requests
+        stamp = None if shared else self._check_rates(rate, limits)
         rate.in_flight += 1
         try:
             choices = max(1, choices)
             wanted = output or self.default_output_tokens
-            if limits.limits_tokens:
+            if limits.limits_tokens or (shared and limits.limits_anything):
                 try:
                     hold = await self._reserve(user_id, limits, prompt, wanted, choices)
                 except BaseException:
                     if stamp is not None:
                         rate.recent.remove(stamp)  # a refused request is not counted
                     raise
-                ticket = Ticket(self, hold, hold.cap, prompt=prompt, output=hold.cap * choices, trace=trace)
+                # Only counted (no token limit): the request goes out untouched.
+                cap = hold.cap if limits.limits_tokens else None
+                ticket = Ticket(self, hold, cap, prompt=prompt, output=(cap or wanted) * choices, trace=trace)
             else:
                 hold = Hold(user_id, self.today(), 0, wanted)
                 ticket = Ticket(self, hold, None, prompt=prompt, output=wanted * choices, trace=trace)
@@ -295,26 +317,21 @@ class Admission:
                     self._rates.pop(user_id, None)
 
     def _check_rates(self, rate: _Rate, limits: ResolvedLimits) -> float | None:
-        """Refuse over the concurrency or per-minute limit; returns the per-minute stamp taken."""
-        concurrent = limits.concurrent_requests
-        if concurrent is not None and rate.in_flight >= concurrent:
-            raise rate_limited(
-                f"too many requests at once: at most {concurrent} in flight for this user; "
-                f"retry in {RETRY_SOON_SECONDS} s", RETRY_SOON_SECONDS,
-            )
-        per_minute = limits.requests_per_minute
-        if per_minute is None:
+        """Refuse over the concurrency or per-minute limit, counted in this process; returns the
+        per-minute stamp taken."""
+        if limits.concurrent_requests is None and limits.requests_per_minute is None:
             return None
         now = self.clock()
         recent = rate.recent
-        while recent and recent[0] <= now - 60:
-            recent.popleft()
-        if len(recent) >= per_minute:
-            wait = recent[0] + 60 - now if recent else 60
-            raise rate_limited(
-                f"too many requests: at most {per_minute} per minute for this user; "
-                f"retry in {math.ceil(max(wait, 1))} s", wait,
-            )
+        if limits.requests_per_minute is not None:
+            while recent and recent[0] <= now - 60:
+                recent.popleft()
+        refusal = check_rates(limits, in_flight=rate.in_flight, admitted=len(recent),
+                              window_ends_in=recent[0] + 60 - now if recent else 60)
+        if refusal is not None:
+            raise too_many(refusal)
+        if limits.requests_per_minute is None:
+            return None
         recent.append(now)
         return now
 
@@ -324,16 +341,26 @@ class Admission:
         deadline = trio.current_time() + self.wait_seconds
         while True:
             settled = self.ledger.next_settlement(user_id)
-            result = await self.ledger.reserve(
-                user_id, self.today(), limits, prompt=prompt, output=output, choices=choices
-            )
+            try:
+                result = await self.ledger.reserve(
+                    user_id, self.today(), limits, prompt=prompt, output=output, choices=choices
+                )
+            except StoreUnavailable as exc:
+                raise Refused(
+                    "store_unavailable", "the limits cannot be checked now (the database is "
+                    "unavailable); try again shortly", 503, retry_after=RETRY_SOON_SECONDS,
+                ) from exc
             if isinstance(result, Hold):
                 return result
             if isinstance(result, OverQuota):
                 raise quota_exceeded(result, prompt + choices)
-            # Busy: requests in flight hold the budget; one of them settling may make room.
-            with trio.move_on_at(deadline):
+            if isinstance(result, TooMany):
+                raise too_many(result)
+            # Busy: requests in flight hold the budget; one of them settling may make room (a
+            # settlement in another process sets no event: ask again every poll_seconds).
+            with trio.move_on_at(min(deadline, trio.current_time() + self.ledger.poll_seconds)):
                 await settled.wait()
+            if trio.current_time() < deadline:
                 continue
             raise rate_limited(
                 "this user's requests in flight hold the rest of the token budget; "

@@ -139,6 +139,7 @@ async def _serve(
             default_output_tokens=settings.default_output_tokens,
             observer=RequestObserver(metrics), deadline_seconds=settings.request_deadline_seconds,
         )
+        await background.start(admission.ledger.serve)  # keeps this process's reservations alive
         rooms = await background.start(partial(
             serve_rooms, store, idle_seconds=settings.room_idle_seconds,
             users_are_stored=settings.auth_url is None,

@@ -16,9 +16,10 @@ Guarantees every backend gives:
 The usage ledger has two faces. The blocking methods (``load_usage``, ``add_usage`` and
 ``usage_user_ids``) read it and add to it. A server process takes one ``Ledger`` (``usage_ledger()``): the live ledger,
 async, that reserves budget for requests in flight and settles them with their real usage. Its
-``reserve`` is one check-and-hold (``atlas.store.usage.plan``), which a database backend does in
-one conditional ``UPDATE``, so that limits hold across processes; the embedded backend does it in
-memory under the event loop, one process being the only writer of its files.
+``reserve`` is one check-and-hold (``atlas.store.usage.plan``). The embedded backend does it in
+memory under the event loop (``ledger.ProcessLedger``), one process being the only writer of its
+files; PostgreSQL does it in one transaction under a per-user lock (``pg_ledger``), so that the
+limits, request counts included, hold across every process sharing the database.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Protocol
 import trio
 
 from atlas.store.records import RoomState, TokenRecord, UsageDay, UsageRecord, UserRecord
-from atlas.store.usage import Busy, OverQuota, ResolvedLimits
+from atlas.store.usage import Busy, OverQuota, ResolvedLimits, TooMany
 
 
 @dataclass(frozen=True)
@@ -56,11 +57,21 @@ class Charge:
 
 
 class Ledger(Protocol):
+    # False: ``reserve`` checks the token limits only, and the caller counts the requests per
+    # minute and in flight (one process). True: ``reserve`` also counts them, across every
+    # process sharing the ledger (a hold is then the request's place until ``settle``), and is
+    # worth calling for a user with any limit.
+    counts_requests: bool
+    # How long a ``Busy`` answer is worth waiting for a settlement before asking again: a
+    # settlement in another process sets no event here (inf: every settlement sets one).
+    poll_seconds: float
+
     async def reserve(
         self, user_id: str, day: str, limits: ResolvedLimits, *, prompt: int, output: int,
         choices: int = 1,
-    ) -> Hold | OverQuota | Busy:
-        """Check the token limits and, when the worst case fits, hold it (atomically)."""
+    ) -> Hold | OverQuota | Busy | TooMany:
+        """Check the limits and, when the worst case fits, hold it (atomically). ``TooMany``
+        only from a ledger that ``counts_requests``."""
         ...
 
     async def settle(self, hold: Hold, charge: Charge | None) -> None:
@@ -79,6 +90,12 @@ class Ledger(Protocol):
 
     def held(self, user_id: str) -> int:
         """Tokens this process holds for the user's requests in flight."""
+        ...
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """What the ledger does in the background while the process serves (keep its holds
+        alive in a shared database, retry settlements that could not be written). Never
+        returns; cancel it to stop."""
         ...
 
 

@@ -8,16 +8,17 @@ increments (``Store.add_usage``): a user's settlements that arrive while a write
 progress are added together by the next one (group commit), and ``settle`` returns only once its
 own charge is durable.
 
-Increments, not whole records, so that processes sharing a database never overwrite each other's
-usage. The limits this class enforces count this process's requests and what the store held when
-the user was loaded; limits that hold across processes need a ledger whose ``reserve`` is one
-atomic ``UPDATE`` in the database (see ``atlas.store.base``).
+The limits this class enforces count this process's requests and what the store held when the
+user was loaded: it is the ledger of the JSON store, whose data directory one server process
+owns. It checks the token limits only; admission counts requests per minute and in flight itself
+(``counts_requests`` is False). Limits across processes: ``pg_ledger``.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections import OrderedDict
 
 import trio
@@ -133,6 +134,9 @@ class _UserUsage:
 class ProcessLedger:
     """``Ledger`` for one process over a store's ``load_usage``/``add_usage``."""
 
+    counts_requests = False
+    poll_seconds = math.inf  # every settlement is this process's: its event says when
+
     def __init__(
         self, store: Store, *, owner_must_exist: bool = False, max_cached_users: int = MAX_CACHED_USERS
     ) -> None:
@@ -229,3 +233,7 @@ class ProcessLedger:
     def held(self, user_id: str) -> int:
         user = self._users.get(user_id)
         return sum(h.tokens for h in user.holds.values()) if user else 0
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()  # nothing to do in the background: everything is in memory
+        await trio.sleep_forever()

@@ -6,6 +6,8 @@
     rooms           id -> state: the room's ``RoomState`` as msgspec encodes it, in a ``json`` column
     usage_days      (user_id, day) -> requests, prompt, completion and total tokens; no foreign key
                     (users of an external auth API have no row in users)
+    reservations    the requests in flight of every process, with what each holds (pg_ledger.py)
+    admissions      when each request of the last minute was admitted (pg_ledger.py)
 
 A room's state is one value, not a column per field: ``RoomState`` evolves in its struct (a new
 field gets a default) with no migration, both backends decode it with the same struct, and a
@@ -36,7 +38,8 @@ Atomicity, under PostgreSQL's default READ COMMITTED:
 - ``add_usage`` is one ``INSERT ... ON CONFLICT DO UPDATE`` that adds to each day's totals, so
   processes adding at once never lose each other's usage; with ``owner_must_exist`` it takes the
   same ``FOR KEY SHARE`` lock as ``save_room``, and ``remove_user`` deletes the usage rows in its
-  transaction.
+  transaction;
+- the live ledger (``usage_ledger``: reservations, request counts) is ``pg_ledger``'s.
 
 Errors: a database that cannot be reached (a connection that fails, or none free within the
 timeout) raises ``StoreUnavailable``; no message holds the password, and ``location`` shows the
@@ -60,8 +63,7 @@ from psycopg import errors
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from atlas.store.base import Ledger
-from atlas.store.ledger import ProcessLedger
-
+from atlas.store.pg_ledger import PostgresLedger
 from atlas.store.records import (
     KEEP_USAGE_DAYS, Limits, RoomState, StoreCorrupt, StoreError, StoreUnavailable, TokenRecord,
     UsageDay, UsageRecord, UserGone, UserRecord, is_valid_user_id,
@@ -106,6 +108,23 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             total_tokens bigint NOT NULL DEFAULT 0,
             PRIMARY KEY (user_id, day)
         )""",
+    ),
+    (  # 3: the live ledger across processes (pg_ledger.py)
+        "CREATE SEQUENCE reservation_ids",
+        """CREATE TABLE reservations (
+            id bigint PRIMARY KEY,
+            user_id text NOT NULL,
+            day date NOT NULL,
+            tokens bigint NOT NULL,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            expires_at timestamptz NOT NULL
+        )""",
+        "CREATE INDEX reservations_user_id ON reservations (user_id)",
+        """CREATE TABLE admissions (
+            user_id text NOT NULL,
+            at timestamptz NOT NULL DEFAULT now()
+        )""",
+        "CREATE INDEX admissions_user_id_at ON admissions (user_id, at)",
     ),
 )
 
@@ -393,6 +412,8 @@ class PostgresStore:
             conn.execute("DELETE FROM users WHERE id = %s", (user_id,))
             conn.execute("DELETE FROM rooms WHERE id = %s", (user_id,))
             conn.execute("DELETE FROM usage_days WHERE user_id = %s", (user_id,))
+            conn.execute("DELETE FROM reservations WHERE user_id = %s", (user_id,))
+            conn.execute("DELETE FROM admissions WHERE user_id = %s", (user_id,))
 
     # Usage ledger
 
@@ -408,26 +429,9 @@ class PostgresStore:
         if not days:
             return
         _check_id(user_id)
-        columns = (
-            [d.date for d in days], [d.requests for d in days], [d.prompt_tokens for d in days],
-            [d.completion_tokens for d in days], [d.total_tokens for d in days],
-        )
-        latest = max(d.date for d in days)
         with self._connection() as conn, conn.transaction():
-            if owner_must_exist:
-                written = conn.execute(
-                    "WITH owner AS (SELECT id FROM users WHERE id = %s FOR KEY SHARE)"
-                    + _ADD_USAGE.format(owner="owner.id", source="owner,"),
-                    (user_id, *columns),
-                ).rowcount
-                if written == 0:
-                    raise UserGone(user_id)
-            else:
-                conn.execute(_ADD_USAGE.format(owner="%s", source=""), (user_id, *columns))
-            conn.execute(
-                "DELETE FROM usage_days WHERE user_id = %s AND day <= %s::date - %s",
-                (user_id, latest, KEEP_USAGE_DAYS),
-            )
+            if not self.add_usage_in(conn, user_id, days, owner_must_exist=owner_must_exist):
+                raise UserGone(user_id)
 
     def usage_user_ids(self) -> list[str]:
         return [row[0] for row in self._rows(
@@ -435,6 +439,38 @@ class PostgresStore:
         )]
 
     def usage_ledger(self, *, owner_must_exist: bool = False) -> Ledger:
-        # This process's reservations; see atlas.store.ledger for what that means across
-        # processes.
-        return ProcessLedger(self, owner_must_exist=owner_must_exist)
+        return PostgresLedger(self, owner_must_exist=owner_must_exist)
+
+    @contextmanager
+    def transaction(self) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection in a transaction, committed at the end of the block (for
+        ``pg_ledger``), with the store's error mapping."""
+        with self._connection() as conn, conn.transaction():
+            yield conn
+
+
+    def add_usage_in(
+        self, conn: psycopg.Connection[Any], user_id: str, days: list[UsageDay], *,
+        owner_must_exist: bool = False,
+    ) -> bool:
+        """``add_usage`` inside the caller's transaction (``pg_ledger``'s settlement); False, and
+        nothing written, when ``owner_must_exist`` and the user does not exist."""
+        columns = (
+            [d.date for d in days], [d.requests for d in days], [d.prompt_tokens for d in days],
+            [d.completion_tokens for d in days], [d.total_tokens for d in days],
+        )
+        if owner_must_exist:
+            written = conn.execute(
+                "WITH owner AS (SELECT id FROM users WHERE id = %s FOR KEY SHARE)"
+                + _ADD_USAGE.format(owner="owner.id", source="owner,") + " RETURNING 1",
+                (user_id, *columns),
+            ).fetchall()
+            if not written:
+                return False
+        else:
+            conn.execute(_ADD_USAGE.format(owner="%s", source=""), (user_id, *columns))
+        conn.execute(
+            "DELETE FROM usage_days WHERE user_id = %s AND day <= %s::date - %s",
+            (user_id, max(d.date for d in days), KEEP_USAGE_DAYS),
+        )
+        return True

@@ -14,6 +14,10 @@ reply is capped at ``output`` tokens per choice:
   (prompt + cap x choices) does not fit in it, the answer is ``Busy`` (wait for a settlement, or
   come back in a moment: the budget is not spent);
 - otherwise ``Fits``: reserve prompt + cap x choices.
+
+The request-count rule (``check_rates``), checked before the reservation: at most
+``concurrentRequests`` in flight and ``requestsPerMinute`` admitted in the last 60 s, else
+``TooMany`` (refused requests are not counted).
 """
 
 from __future__ import annotations
@@ -177,6 +181,33 @@ def plan(usage: PeriodUsage, limits: ResolvedLimits, prompt: int, output: int, c
         if value - settled - held < need:
             return Busy()
     return Fits(need, cap)
+
+
+# Request counts
+
+
+RETRY_SOON_SECONDS = 1  # retry after this when requests in flight hold what is needed
+
+
+@dataclass(frozen=True)
+class TooMany:
+    """Over ``concurrentRequests`` or ``requestsPerMinute``: retry in ``retry_after`` seconds."""
+
+    limit: str  # concurrentRequests or requestsPerMinute
+    value: int
+    retry_after: float
+
+
+def check_rates(
+    limits: ResolvedLimits, *, in_flight: int, admitted: int, window_ends_in: float
+) -> TooMany | None:
+    """``in_flight``: the user's requests admitted and not yet settled; ``admitted``: those
+    admitted in the last 60 s; ``window_ends_in``: seconds until the oldest of them leaves it."""
+    if limits.concurrent_requests is not None and in_flight >= limits.concurrent_requests:
+        return TooMany("concurrentRequests", limits.concurrent_requests, RETRY_SOON_SECONDS)
+    if limits.requests_per_minute is not None and admitted >= limits.requests_per_minute:
+        return TooMany("requestsPerMinute", limits.requests_per_minute, window_ends_in)
+    return None
 
 
 # Reports
