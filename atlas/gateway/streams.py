@@ -82,6 +82,15 @@ class Stream:
         return self.room is not None
 
     @property
+    def expired(self) -> bool:
+        """Its grace ran out (or the server is shutting down): it is being cancelled, and
+        forgotten as soon as its task ends."""
+        scope = self.scope
+        return self.state == "running" and not self.cancelled and (
+            scope.cancel_called or trio.current_time() >= scope.deadline
+        )
+
+    @property
     def seq(self) -> int:
         return len(self.parts) if self.state == "running" else self.ended_seq
 
@@ -215,7 +224,8 @@ class RoomStreams:
         self.by_id[stream.id] = stream
 
     def get(self, request_id: str) -> Stream | None:
-        return self.by_id.get(request_id)
+        stream = self.by_id.get(request_id)
+        return None if stream is None or stream.expired else stream
 
     def trim(self) -> None:
         while self.size > self.limit and self.ended:
@@ -223,14 +233,16 @@ class RoomStreams:
 
     def forget(self, stream: Stream) -> None:
         """The id is free again; a ``resume`` of it is ``unknown_request``."""
+        assert stream.forgotten is not None
+        if stream.forgotten.is_set():
+            return
+        stream.forgotten.set()
         if self.by_id.get(stream.id) is stream:
             del self.by_id[stream.id]
-            self.size -= len(stream.text) if stream.state != "running" else sum(map(len, stream.parts))
+        self.size -= len(stream.text) if stream.state != "running" else sum(map(len, stream.parts))
         self.ended.pop(stream, None)
         for connection in list(stream.attached):
             stream.detach(connection)
-        if stream.forgotten is not None:
-            stream.forgotten.set()
 
     async def keep(self, stream: Stream) -> None:
         """Hold an ended request for ``grace`` seconds (less if the buffer needs the room)."""
@@ -242,7 +254,7 @@ class RoomStreams:
             self.forget(stream)
 
     def requests(self) -> list[RequestInfo]:
-        return [stream.info() for stream in self.by_id.values()]
+        return [stream.info() for stream in self.by_id.values() if not stream.expired]
 
     def close(self) -> None:
         """The server is shutting down: running requests are cancelled, nothing is kept."""
