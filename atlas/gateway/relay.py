@@ -266,7 +266,9 @@ class Relay:
                                 if event.text:  # seq counts non-empty pieces
                                     if not stream.parts:
                                         ticket.first_token()
-                                    await stream.delta(event.text)
+                                    # Only a solo connection's delta waits (for room in its outbox).
+                                    if (sending := stream.delta(event.text)) is not None:
+                                        await sending
                             else:
                                 finish = event
                     text = "".join(stream.parts)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import math
 from array import array
+from collections.abc import Awaitable
 from itertools import accumulate
 from typing import TYPE_CHECKING, Literal
 
@@ -104,14 +105,16 @@ class Stream:
         for connection in list(self.attached):
             connection.send_nowait(frame)  # a connection too far behind is dropped
 
-    async def delta(self, text: str) -> None:
-        """One provider text piece: the hot path."""
+    def delta(self, text: str) -> Awaitable[None] | None:
+        """One provider text piece: the hot path. Returns what the caller must await (a solo
+        connection's ``send_delta``, which waits for room in its outbox), else None: a resumable
+        request's deltas never wait, and cost no coroutine."""
         parts = self.parts
         parts.append(text)
         if self.solo is not None:
             if self.streaming:
-                await self.solo.send_delta(self._buffer, text, len(parts))  # type: ignore[arg-type]
-            return
+                return self.solo.send_delta(self._buffer, text, len(parts))  # type: ignore[arg-type]
+            return None
         room = self.room
         room.size += len(text)  # type: ignore[union-attr]
         if room.size > room.limit and room.ended:  # type: ignore[union-attr]
@@ -124,6 +127,7 @@ class Stream:
                     lagging = True
             if lagging:
                 self._drop_lagging()
+        return None
 
     def _drop_lagging(self) -> None:
         # A buffer holding text but not queued is one whose outbox was full.
