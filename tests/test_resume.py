@@ -326,3 +326,39 @@ async def test_unknown_ids_reused_ids_and_bad_resumes(tmp_path: Path) -> None:
             reused = await other.answer(stream("r1"), "agent:error")
             assert reused["error"]["code"] == "bad_message"  # still resumable once ended
         assert len(provider.completions()) == 1
+
+
+async def test_a_connection_too_far_behind_is_dropped_and_the_others_go_on() -> None:
+    from atlas.gateway.connection import OUTBOX_SIZE, Connection
+    from atlas.gateway.streams import RoomStreams, Stream
+    from atlas.protocol import CLOSE_TOO_SLOW
+
+    streams = RoomStreams(grace=60, limit=1000)
+    stream = Stream("r1", "atlas-assistant", trio.CancelScope(), streaming=True, room=streams)
+    streams.add(stream)
+    fast, slow = Connection("fast"), Connection("slow")
+    for _ in range(OUTBOX_SIZE):
+        assert slow.send_nowait("{}")  # a client that stopped reading
+    stream.attach(fast)
+    stream.attach(slow)
+    assert stream.delta("Alpha ") is None  # a resumable request's delta never waits
+    assert slow.close_code == CLOSE_TOO_SLOW and list(stream.attached) == [fast]
+    assert stream.delta("beta ") is None
+    frame = json.loads(fast._outbox_receive.receive_nowait().take_frame())
+    assert frame == {"type": "agent:delta", "id": "r1", "text": "Alpha beta ", "seq": 2}
+    assert streams.size == len("Alpha beta ")
+
+
+async def test_shutdown_cancels_resumable_requests_at_once(tmp_path: Path) -> None:
+    with trio.fail_after(WAIT):
+        async with open_server(tmp_path, shutdown_seconds=60) as (server, provider):
+            provider.behaviour = Reply(deltas=PIECES, gate=trio.Event(), hold_after=1)
+            async with open_client(server) as client:
+                await client.send(stream("r1"))
+                await client.until_seq("r1", 1)
+            provider.behaviour = Reply(deltas=PIECES)
+            async with open_client(server) as client:
+                await client.send(stream("r2"))
+                await client.until_end("r2")
+        # The server stopped without waiting for either grace period (60 s) or its drain (60 s).
+        assert provider.completions()[0].disconnected
