@@ -31,9 +31,9 @@ from atlas.gateway.auth import open_token_verifier
 from atlas.gateway.metrics import Metrics
 from atlas.gateway.relay import Relay
 from atlas.gateway.request_log import RequestObserver
-from atlas.gateway.streams import close_all as close_streams
 from atlas.gateway.revocation import serve_revocation_sweeps
 from atlas.gateway.services import Services
+from atlas.gateway.streams import close_all as close_streams
 from atlas.http_server import serve_asgi
 from atlas.llm.agents import AgentSpec, load_agents
 from atlas.lifecycle import run_until_signal
