@@ -270,6 +270,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_requests_per_connection", ("ATLAS_MAX_REQUESTS_PER_CONNECTION",),
             "--max-requests-per-connection", parse_positive_int,
             "agent requests in flight on one WebSocket"),
+    Setting("resume_grace_seconds", ("ATLAS_RESUME_GRACE_SECONDS",), "--resume-grace-seconds",
+            parse_positive_float,
+            "seconds a resumable agent request runs on after its last connection dropped, and "
+            "stays resumable after it ended"),
+    Setting("resume_buffer_bytes", ("ATLAS_RESUME_BUFFER_BYTES",), "--resume-buffer-bytes",
+            parse_positive_int,
+            "reply text a room keeps for resuming, in characters (finished replies go first, "
+            "oldest first)"),
     Setting("conversation_turns", ("ATLAS_CONVERSATION_TURNS",), "--conversation-turns",
             parse_positive_int, "messages kept per conversation"),
     Setting("shutdown_seconds", ("ATLAS_SHUTDOWN_SECONDS",), "--shutdown-seconds",
@@ -327,6 +335,8 @@ class Settings:
     max_message_bytes: int = 1024 * 1024
     max_requests_per_connection: int = 8
     conversation_turns: int = 40
+    resume_grace_seconds: float = 60.0
+    resume_buffer_bytes: int = 1024 * 1024
     shutdown_seconds: float = 5.0
     log_level: str = "INFO"
     log_format: str = "text"

@@ -8,7 +8,7 @@ so that the reply can be an ``agent:error`` for that id instead of a bare ``erro
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Annotated, Any, Literal, Union
 
 import msgspec
 
@@ -59,6 +59,8 @@ class AgentStream(_ClientMessage, tag="agent:stream"):
     agent_id: str | None = None
     conversation_id: str | None = None
     options: dict[str, Any] | None = None
+    # Outlives its connection for the resume grace period (None: the prefs' ``resumable``).
+    resumable: bool | None = None
 
 
 class AgentText(AgentStream, tag="agent:text"):
@@ -67,6 +69,15 @@ class AgentText(AgentStream, tag="agent:text"):
 
 class AgentCancel(_ClientMessage, tag="agent:cancel"):
     id: str
+
+
+class AgentResume(_ClientMessage, tag="agent:resume"):
+    id: str
+    after: Annotated[int, msgspec.Meta(ge=0)] = 0  # the last ``seq`` the client has; 0: from the start
+
+
+class AgentList(_ClientMessage, tag="agent:list"):
+    pass
 
 
 class PrefsGet(_ClientMessage, tag="prefs:get"):
@@ -90,11 +101,12 @@ class UsageGet(_ClientMessage, tag="usage:get"):
 
 
 ClientMessage = Union[
-    AgentStream, AgentText, AgentCancel, PrefsGet, PrefsSet, Broadcast, Ping, UsageGet
+    AgentStream, AgentText, AgentCancel, AgentResume, AgentList, PrefsGet, PrefsSet, Broadcast,
+    Ping, UsageGet,
 ]
 CLIENT_TYPES = frozenset((
-    "agent:stream", "agent:text", "agent:cancel", "prefs:get", "prefs:set", "broadcast", "ping",
-    "usage:get",
+    "agent:stream", "agent:text", "agent:cancel", "agent:resume", "agent:list", "prefs:get",
+    "prefs:set", "broadcast", "ping", "usage:get",
 ))
 
 
@@ -167,6 +179,7 @@ class AgentStart(_ServerMessage, tag="agent:start"):
 class AgentDelta(_ServerMessage, tag="agent:delta"):
     id: str
     text: str
+    seq: int  # provider text pieces included so far in this request (jumps when coalesced)
 
 
 class AgentDone(_ServerMessage, tag="agent:done"):
@@ -174,6 +187,21 @@ class AgentDone(_ServerMessage, tag="agent:done"):
     text: str
     usage: Usage
     finish_reason: str
+    seq: int  # the request's final ``seq``
+
+
+RequestState = Literal["running", "done", "error"]
+
+
+class RequestInfo(msgspec.Struct, rename="camel"):
+    id: str
+    agent_id: str
+    state: RequestState
+    seq: int
+
+
+class AgentRequests(_ServerMessage, tag="agent:requests"):
+    requests: list[RequestInfo]
 
 
 class AgentErrorMessage(_ServerMessage, tag="agent:error"):
@@ -230,8 +258,8 @@ class UsageMessage(_ServerMessage, tag="usage"):
 
 
 ServerMessage = Union[
-    Ready, AgentStart, AgentDelta, AgentDone, AgentErrorMessage, PrefsMessage, BroadcastMessage,
-    Pong, ErrorMessage, UsageMessage,
+    Ready, AgentStart, AgentDelta, AgentDone, AgentErrorMessage, AgentRequests, PrefsMessage,
+    BroadcastMessage, Pong, ErrorMessage, UsageMessage,
 ]
 
 _encoder = msgspec.json.Encoder()

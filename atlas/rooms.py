@@ -56,6 +56,9 @@ class Room:
         self.state = RoomState()
         self.connections: dict[Connection, None] = {}  # insertion-ordered set, keyed by socket
         self.nursery: trio.Nursery | None = None
+        # The gateway's resumable agent requests (``atlas.gateway.streams.RoomStreams``), made on
+        # first use: they belong to the room, not to the connection that sent them.
+        self.streams: Any = None
         self._registry = registry
         self._holders = 0
         self._in_flight = 0

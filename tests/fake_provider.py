@@ -8,7 +8,8 @@
         provider.requests[0].api_key         # the bearer key it saw; .body is the JSON body
         await provider.wait_disconnect()     # a client went away before its reply ended
 
-Behaviours: ``Reply`` (normal stream; ``gate`` holds it after ``hold_after`` deltas), ``Status``
+Behaviours: ``Reply`` (normal stream; ``gate`` holds it after ``hold_after`` deltas, or after the
+last one and before the finish), ``Status``
 (an error status, optionally with Retry-After), ``Stall`` (never sends another byte),
 ``Cut`` (the stream stops mid-way, abruptly or cleanly), ``Malformed`` (a bad chunk mid-way),
 ``Bill`` (bills like a real provider: one token per delta, the output cut at the request's
@@ -45,7 +46,7 @@ class Reply:
     usage_with_choices: bool = False  # the usage chunk still carries a choices entry
     keepalives: bool = False  # comments and blank lines between chunks
     gate: trio.Event | None = None  # after `hold_after` deltas, wait for this before the rest
-    hold_after: int = 1
+    hold_after: int = 1  # len(deltas): after the last delta, before the finish
 
 
 @dataclass
@@ -324,6 +325,8 @@ class FakeProvider:
                 await send({"type": "http.response.body", "body": b": keep-alive\n\n\n",
                             "more_body": True})
             await data(delta(text))
+        if reply.gate is not None and reply.hold_after >= len(reply.deltas):
+            await reply.gate.wait()
         if reply.finish_reason is not None:
             await data({"id": "fake", "choices": [
                 {"index": 0, "delta": {}, "finish_reason": reply.finish_reason}]})

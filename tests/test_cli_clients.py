@@ -20,6 +20,7 @@ import pytest
 import trio
 from fake_provider import Reply, Status, open_fake_provider
 from servers import WAIT, add_user, free_port, open_atlas, start_atlas_process
+from tcp_proxy import open_tcp_proxy
 
 ATLAS = [sys.executable, "-m", "atlas"]
 
@@ -377,6 +378,32 @@ async def test_chat_reconnects_after_a_server_restart(tmp_path: Path) -> None:
     finally:
         if server.process.poll() is None:
             server.kill()
+
+
+async def test_chat_resumes_the_reply_in_flight_after_its_reconnect(tmp_path: Path) -> None:
+    pieces = ["Alpha ", "beta ", "gamma ", "delta."]
+    async with open_fake_provider() as provider, open_atlas(
+        tmp_path, users={"alice": None}, provider_url=provider.url
+    ) as server, open_tcp_proxy(int(server.url.rsplit(":", 1)[1])) as proxy:
+        gate = trio.Event()
+        provider.behaviour = Reply(deltas=pieces, gate=gate, hold_after=2)
+        env = client_env(proxy.url, server.tokens["alice"], ATLAS_USER="alice")
+        async with open_terminal([*ATLAS, "chat"], env) as term:
+            await term.expect("you> ")
+            await term.type("a long answer\r")
+            await term.expect("Alpha beta ")
+            assert await proxy.cut() == 1  # the network drops mid-reply: no close frame
+            await term.expect("connection lost (")
+            await term.expect("reconnected")
+            gate.set()
+            await term.expect("gamma delta.")
+            await term.expect("you> ")
+            await term.type("\x04")
+            assert await term.wait_exit() == 0
+    assert term.output.count("Alpha beta ") == 1 and term.output.count("gamma delta.") == 1
+    assert "lost" not in term.output.split("reconnected", 1)[1]
+    assert "Traceback" not in term.output
+    assert len(provider.completions()) == 1
 
 
 @pytest.mark.parametrize("url, expected", [

@@ -1,7 +1,8 @@
-"""The published ``partysocket`` npm client against ``atlas serve`` (a subprocess), through
-``tests/partysocket/check.mjs``: ready, a streamed reply, a server restart on the same port that
-partysocket survives by reconnecting, and a message sent while disconnected that it delivers
-after. The script prints one JSON event per line; this test restarts the server on cue."""
+"""The published ``partysocket`` npm client against Atlas, through ``tests/partysocket/check.mjs``:
+ready, a streamed reply, a server restart on the same port that partysocket survives by
+reconnecting, and a message sent while disconnected that it delivers after; and a resumable reply
+whose connection is killed mid-way. The script prints one JSON event per line; the tests restart
+the server, or cut the connection, on cue."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from typing import Any
 
 import pytest
 import trio
-from servers import WAIT, add_user, free_port, start_atlas_process
+from fake_provider import Reply, open_fake_provider
+from servers import WAIT, add_user, free_port, open_atlas, start_atlas_process
+from tcp_proxy import open_tcp_proxy
 
 HERE = Path(__file__).parent / "partysocket"
 NODE = shutil.which("node")
@@ -94,3 +97,45 @@ async def test_partysocket_streams_and_survives_a_restart(tmp_path: Path) -> Non
         for server in servers:
             if server.process.poll() is None:
                 server.kill()
+
+
+async def test_partysocket_resumes_a_reply_after_its_connection_is_killed(tmp_path: Path) -> None:
+    """The connection dies mid-reply (a TCP reset: no close frame); partysocket reconnects by
+    itself, the client resumes from the last seq it showed, and the reply is printed whole, once."""
+    pieces = ["Alpha ", "beta ", "gamma ", "delta."]
+    async with open_fake_provider() as provider, open_atlas(
+        tmp_path, users={"alice": None}, provider_url=provider.url
+    ) as server, open_tcp_proxy(int(server.url.rsplit(":", 1)[1])) as proxy:
+        gate = trio.Event()
+        provider.behaviour = Reply(deltas=pieces, gate=gate, hold_after=2)
+        node_env = {k: v for k, v in os.environ.items() if not k.startswith("ATLAS_")}
+        process = await trio.lowlevel.open_process(
+            [NODE, str(HERE / "check.mjs"), "--url", proxy.url, "--user", "alice",
+             "--token", server.tokens["alice"], "--resume"],
+            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=node_env,
+        )
+        assert process.stdout is not None
+        events = Events(process.stdout)
+        try:
+            with trio.fail_after(WAIT * 12):
+                ready = await events.next("ready")
+            with trio.fail_after(WAIT * 3):
+                holding = await events.next("holding")
+                assert holding == {"event": "holding", "seq": 2, "text": "Alpha beta "}
+                assert await proxy.cut() == 1
+                closed = await events.next("closed")
+                assert closed["code"] == 1006  # no close frame: the connection died
+                resumed = await events.next("resumed")
+                assert resumed == {"event": "resumed", "id": "ps-r", "after": 2}
+                gate.set()
+                reply = await events.next("reply")
+                assert reply["text"] == "".join(pieces) and reply["seq"] == len(pieces)
+                await events.next("passed")
+                assert await process.wait() == 0
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+        assert [e["event"] for e in events.seen].count("reply") == 1
+        assert proxy.accepted == 2 and ready["pk"]  # partysocket's own reconnect, through the proxy
+        assert len(provider.completions()) == 1

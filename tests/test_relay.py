@@ -209,7 +209,7 @@ async def test_cancel_mid_stream_closes_the_provider_request(tmp_path, layout):
             await ready(ws)
             await send_json(ws, {"type": "agent:stream", "message": "long", "id": "r1"})
             frames = await receive_until(ws, "agent:delta")
-            assert frames[-1] == {"type": "agent:delta", "id": "r1", "text": "a"}
+            assert frames[-1] == {"type": "agent:delta", "id": "r1", "text": "a", "seq": 1}
             await send_json(ws, {"type": "agent:cancel", "id": "r1"})
             error = await receive_json(ws)
             assert error == {"type": "agent:error", "id": "r1", "error": {

@@ -15,6 +15,7 @@ import pytest
 import trio
 from fake_provider import Reply, open_fake_provider
 from servers import WAIT, add_user, free_port, open_atlas, start_atlas_process
+from tcp_proxy import open_tcp_proxy
 
 pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (scripts/install-test-deps.sh)")
 from browser import CHROMIUM, ONLINE, in_browser, send, sign_in_url  # noqa: E402 (needs Playwright)
@@ -92,6 +93,63 @@ async def test_stop_button_cancels_the_reply(tmp_path: Path) -> None:
         assert facts == {"meta": "Stopped", "send_visible": True}
         with trio.fail_after(WAIT):
             await provider.wait_disconnect()
+
+
+RESUMED = ["Alpha ", "beta ", "gamma ", "delta."]
+LAST_REPLY_TEXT = "() => { const t = [...document.querySelectorAll('.msg.assistant .text')].pop(); return t && t.textContent; }"
+
+
+async def test_reload_mid_reply_resumes_and_the_reply_completes(tmp_path: Path) -> None:
+    async with open_fake_provider() as provider, open_atlas(
+        tmp_path, users={"alice": None}, provider_url=provider.url
+    ) as server:
+        gate = trio.Event()
+        provider.behaviour = Reply(deltas=RESUMED, gate=gate, hold_after=2)
+
+        def steps(page: Any) -> dict[str, Any]:
+            page.wait_for_selector(ONLINE)
+            send(page, "a reply worth keeping")
+            page.wait_for_function(f"() => ({LAST_REPLY_TEXT})() === 'Alpha beta '")
+            page.reload()
+            page.wait_for_selector(ONLINE)
+            trio.from_thread.run_sync(gate.set)
+            page.wait_for_selector('.msg.assistant[data-status="done"]')
+            return {
+                "replies": page.locator(".msg.assistant .text").all_text_contents(),
+                "stop_hidden": page.is_hidden("#stop"),
+                "stored": page.evaluate(
+                    "() => JSON.parse(localStorage.getItem(Object.keys(localStorage)"
+                    ".find((k) => k.startsWith('atlas.messages.')))).map((m) => [m.status, m.text])"),
+            }
+
+        facts = await in_browser(sign_in_url(server.url, "alice", server.tokens["alice"]), steps)
+    assert facts["replies"] == ["".join(RESUMED)]
+    assert facts["stop_hidden"]
+    assert facts["stored"] == [["done", "a reply worth keeping"], ["done", "".join(RESUMED)]]
+    assert len(provider.completions()) == 1  # resumed, not asked again
+
+
+async def test_a_dropped_connection_resumes_the_reply_in_flight(tmp_path: Path) -> None:
+    async with open_fake_provider() as provider, open_atlas(
+        tmp_path, users={"alice": None}, provider_url=provider.url
+    ) as server, open_tcp_proxy(int(server.url.rsplit(":", 1)[1])) as proxy:
+        gate = trio.Event()
+        provider.behaviour = Reply(deltas=RESUMED, gate=gate, hold_after=2)
+
+        def steps(page: Any) -> dict[str, Any]:
+            page.wait_for_selector(ONLINE)
+            send(page, "keep going")
+            page.wait_for_function(f"() => ({LAST_REPLY_TEXT})() === 'Alpha beta '")
+            trio.from_thread.run(proxy.cut)  # the network drops: no close frame
+            page.wait_for_selector('#status[data-state="reconnecting"]')
+            page.wait_for_selector(ONLINE)
+            trio.from_thread.run_sync(gate.set)
+            page.wait_for_selector('.msg.assistant[data-status="done"]')
+            return {"replies": page.locator(".msg.assistant .text").all_text_contents()}
+
+        facts = await in_browser(sign_in_url(proxy.url, "alice", server.tokens["alice"]), steps)
+    assert facts["replies"] == ["".join(RESUMED)]
+    assert len(provider.completions()) == 1
 
 
 async def test_reconnects_after_a_server_restart(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """``atlas chat``: an interactive chat with an agent, in the terminal.
 
 Three tasks share one ``Chat``: ``keep_connected`` owns the WebSocket (and reconnects with
-backoff when it drops, saying so), ``converse`` reads the user's lines and waits for each reply,
+backoff when it drops, saying so, and resumes the reply in flight from the last ``seq`` printed:
+replies are sent ``resumable``), ``converse`` reads the user's lines and waits for each reply,
 ``handle_signals`` turns Ctrl-C into ``agent:cancel`` during a reply and, at the prompt, into
 clearing the line typed or (on an empty line) leaving. Whichever task ends first ends the
 session. Replies are printed by the connection task as frames arrive. On a terminal, lines are
@@ -152,6 +153,8 @@ class Reply:
     id: str
     finished: trio.Event = field(default_factory=trio.Event)
     printed: bool = False
+    seq: int = 0  # the provider pieces printed so far: where a resume starts
+    sent: bool = False  # the server has (or had) it: after a drop, it is resumed
     cancelling: bool = False
     unsent: trio.CancelScope | None = None  # while waiting for a connection to send it
 
@@ -171,6 +174,7 @@ class Chat:
         self.prefs_answer: trio.MemorySendChannel[dict[str, Any] | ClientError] | None = None
         self.usage_answer: trio.MemorySendChannel[dict[str, Any]] | None = None
         self.failure: ClientError | None = None
+        self.cancel_on_reconnect: str | None = None  # a reply given up while disconnected
         self._cancel_all = trio.CancelScope()
 
     async def run(self) -> None:
@@ -203,6 +207,7 @@ class Chat:
                 async with open_connection(self.target, self.user) as connection:
                     self.on_connected(connection, reconnected=delays is not None)
                     delays, lost = backoff(), None
+                    await self.resume_reply(connection)
                     async for frame in connection:
                         self.on_frame(frame)
             except ClientError as exc:
@@ -226,6 +231,17 @@ class Chat:
         if reconnected:
             self.term.notice("reconnected", "32")
 
+    async def resume_reply(self, connection: Connection) -> None:
+        """After a reconnect: ask for the rest of the reply in flight, from the last piece
+        printed (the server sends what came meanwhile, then the rest as it comes)."""
+        if self.cancel_on_reconnect is not None:
+            request_id, self.cancel_on_reconnect = self.cancel_on_reconnect, None
+            await connection.send({"type": "agent:cancel", "id": request_id})
+        reply = self.reply
+        if reply is None or not reply.sent or reply.finished.is_set():
+            return
+        await connection.send({"type": "agent:resume", "id": reply.id, "after": reply.seq})
+
     def on_disconnected(self) -> None:
         self.connection = None
         if self.connected.is_set():
@@ -233,17 +249,22 @@ class Chat:
         reply = self.reply
         if reply is None or reply.unsent is not None or reply.finished.is_set():
             return  # nothing in flight (a message not sent yet waits for the next connection)
+        if not reply.cancelling:
+            return  # the reply runs on in the room: resumed once reconnected
         self.reply = None
-        if reply.cancelling:
-            self.term.notice("[cancelled]")
-        else:
-            self.term.error(ClientError("disconnected", "the connection dropped; that reply is lost"))
+        self.cancel_on_reconnect = reply.id  # so that it does not run on until its grace ends
+        self.term.notice("[cancelled]")
         reply.finished.set()
 
     def on_frame(self, frame: dict[str, Any]) -> None:
         kind, reply = frame["type"], self.reply
         if reply is not None and frame.get("id") == reply.id:
             if kind == "agent:delta":
+                seq = frame.get("seq")
+                if isinstance(seq, int):
+                    if seq <= reply.seq:
+                        return  # printed already
+                    reply.seq = seq
                 self.term.write(str(frame.get("text", "")))
                 reply.printed = True
             elif kind == "agent:done":
@@ -256,6 +277,10 @@ class Chat:
                 error = ClientError.from_error(frame.get("error"))
                 if error.code == "cancelled":
                     self.term.notice("[cancelled]")
+                elif error.code == "unknown_request":
+                    self.term.error(ClientError(
+                        "disconnected", "the connection dropped and the server no longer has that reply"
+                    ))
                 else:
                     self.term.error(error)
                 reply.finished.set()
@@ -321,7 +346,7 @@ class Chat:
         reply = Reply(id=f"chat-{secrets.token_hex(6)}")
         message: dict[str, Any] = {
             "type": "agent:stream", "id": reply.id, "message": text,
-            "conversationId": self.conversation,
+            "conversationId": self.conversation, "resumable": True,
         }
         if self.agent:
             message["agentId"] = self.agent
@@ -330,10 +355,11 @@ class Chat:
             reply.unsent = waiting
             connection = await self.wait_connected()
             reply.unsent = None
+            reply.sent = True
             try:
                 await connection.send(message)
             except Closed:
-                pass  # keep_connected sees the same close and reports the reply as lost
+                pass  # keep_connected sees the same close; the reply is resumed or reported lost
         if waiting.cancelled_caught:
             self.term.notice("[not sent]")
             reply.finished.set()
@@ -432,7 +458,9 @@ class Chat:
                 reply.unsent.cancel()
                 continue
             connection = self.connection
-            if connection is None:
+            if connection is None:  # given up here; cancelled in the room once reconnected
+                self.cancel_on_reconnect = reply.id
+                self.term.notice("[cancelled]")
                 reply.finished.set()
                 continue
             try:

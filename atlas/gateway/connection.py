@@ -8,14 +8,18 @@ Everything sent to a client goes through its outbox, so a slow client never bloc
   fallen too far behind and is dropped;
 - agent deltas are coalesced (``send_delta``): a request queues at most one pending-text buffer,
   the writer takes whatever text has piled up when it gets to it, so a client that reads slower
-  than the provider writes gets fewer, larger deltas instead of an unbounded queue.
+  than the provider writes gets fewer, larger deltas instead of an unbounded queue. A delta's
+  ``seq`` is that of the last piece it includes;
+- deltas of a resumable request, which several connections may receive at once, never wait
+  (``send_delta_nowait``): a connection whose outbox is full is dropped, as a broadcast peer is,
+  and may resume.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -29,12 +33,13 @@ OUTBOX_SIZE = 256
 class DeltaBuffer:
     """Text of one agent request that is waiting to be written, as one ``agent:delta``."""
 
-    __slots__ = ("request_id", "parts", "queued")
+    __slots__ = ("request_id", "parts", "queued", "seq")
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
         self.parts: list[str] = []
         self.queued = False
+        self.seq = 0  # the request's seq after the last piece in ``parts``
 
     def take_frame(self) -> str | None:
         self.queued = False
@@ -42,7 +47,13 @@ class DeltaBuffer:
             return None
         text = self.parts[0] if len(self.parts) == 1 else "".join(self.parts)
         self.parts = []
-        return encode(AgentDelta(self.request_id, text))
+        return encode(AgentDelta(self.request_id, text, self.seq))
+
+
+class Attachment(Protocol):
+    """A resumable request this connection receives (``atlas.gateway.streams.Stream``)."""
+
+    def detach(self, connection: Connection) -> None: ...
 
 
 class Connection:
@@ -50,7 +61,9 @@ class Connection:
         self.id = connection_id
         self.token = token  # checked again before each message
         self.auth_unavailable = False  # the last check could not reach the auth API
-        self.requests: dict[str, trio.CancelScope] = {}
+        self.requests: dict[str, trio.CancelScope] = {}  # its requests that end with it
+        self.attached: dict[str, Attachment] = {}  # resumable requests it receives, by id
+        self.left = False  # closed or finished: it receives nothing more
         self.close_code: int | None = None
         self.close_reason = ""
         self._outbox_send, self._outbox_receive = trio.open_memory_channel[Any](OUTBOX_SIZE)
@@ -77,8 +90,9 @@ class Connection:
             pass
         return False
 
-    async def send_delta(self, buffer: DeltaBuffer, text: str) -> None:
+    async def send_delta(self, buffer: DeltaBuffer, text: str, seq: int) -> None:
         buffer.parts.append(text)
+        buffer.seq = seq
         if not buffer.queued:
             buffer.queued = True
             # The hot path of a stream: queue without a schedule point when there is room (the
@@ -89,6 +103,22 @@ class Connection:
                 await self.send(buffer)  # type: ignore[arg-type]
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 pass
+
+    def send_delta_nowait(self, buffer: DeltaBuffer, text: str, seq: int) -> bool:
+        """``send_delta`` for a request that others receive too: never waits. False when the
+        outbox is full; the caller then drops this connection (``close``), once it is no longer
+        looping over the request's connections."""
+        buffer.parts.append(text)
+        buffer.seq = seq
+        if not buffer.queued:
+            try:
+                self._outbox_send.send_nowait(buffer)  # type: ignore[arg-type]
+            except trio.WouldBlock:
+                return False
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                return True
+            buffer.queued = True
+        return True
 
     async def serve_writer(self, write: Callable[[str], Awaitable[None]]) -> None:
         """Write the outbox to the socket until the connection ends.
@@ -130,6 +160,7 @@ class Connection:
             self._cancel_scope.cancel()
         if self._on_close is not None:
             self._on_close()
+        self._leave()
 
     def close_after_pending(self, code: int, reason: str = "") -> None:
         """End the connection with ``code`` once what is already queued has been written (an
@@ -140,8 +171,18 @@ class Connection:
         self._outbox_send.close()
         if self._on_close is not None:
             self._on_close()
+        self._leave()
 
     def finish(self) -> None:
         self._outbox_send.close()
         for scope in self.requests.values():
             scope.cancel()
+        self._leave()
+
+    def _leave(self) -> None:
+        """Stop receiving resumable requests: they run on without this connection."""
+        self.left = True
+        if self.attached:
+            attached, self.attached = self.attached, {}
+            for request in attached.values():
+                request.detach(self)

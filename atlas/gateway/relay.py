@@ -1,8 +1,12 @@
-"""The WebSocket relay: ``agent:stream`` / ``agent:text`` / ``agent:cancel`` for one room.
+"""The WebSocket relay: ``agent:stream`` / ``agent:text`` / ``agent:cancel`` / ``agent:resume`` /
+``agent:list`` for one room.
 
-A request runs as a task in its room's nursery under its own cancel scope, kept in the
-connection's ``requests`` so that ``agent:cancel`` and the connection's end both cancel it; leaving
-the agent's stream context closes the provider request at once. The agent is anything with
+A request runs as a task in its room's nursery under its own cancel scope; leaving the agent's
+stream context closes the provider request at once. Its output goes through a ``Stream``
+(``atlas.gateway.streams``). A request that is not resumable is kept in its connection's
+``requests``, so that ``agent:cancel`` and the connection's end both cancel it. A resumable one is
+kept in its room (``room.streams``): any connection of the room may resume or cancel it, it runs on
+for the grace period after its last connection left, and once ended it stays for the grace period. The agent is anything with
 ``open_stream(agent_id, input, options, credentials)``: the in-process ``AgentService`` (direct
 calls, no HTTP hop) or ``RemoteAgent`` (``/agents/{id}/stream`` over HTTP).
 
@@ -21,7 +25,8 @@ from typing import Any, AsyncIterator, Protocol
 import trio
 
 from atlas.gateway.admission import PER_MESSAGE_TOKENS, Admission, Refused, prompt_bound
-from atlas.gateway.connection import Connection, DeltaBuffer
+from atlas.gateway.connection import Connection
+from atlas.gateway.streams import Stream, streams_of
 from atlas.llm.types import (
     AgentBudget,
     AgentError,
@@ -34,6 +39,9 @@ from atlas.llm.types import (
 from atlas.llm.types import Usage as AgentUsage
 from atlas.protocol import (
     AgentDone,
+    AgentList,
+    AgentRequests,
+    AgentResume,
     AgentStart,
     AgentStream,
     AgentText,
@@ -86,9 +94,12 @@ def requested_output(options: dict[str, Any]) -> tuple[bool, int | None]:
 class Relay:
     def __init__(
         self, agent: Agent, admission: Admission, *, default_provider_url: str, max_requests: int,
-        conversation_turns: int, default_agent: str | None = None,
+        conversation_turns: int, default_agent: str | None = None, resume_grace_seconds: float = 60.0,
+        resume_buffer_bytes: int = 1024 * 1024,
     ) -> None:
         self.agent = agent
+        self.resume_grace_seconds = resume_grace_seconds
+        self.resume_buffer_bytes = resume_buffer_bytes
         self.admission = admission
         self.default_agent = default_agent  # ATLAS_DEFAULT_AGENT; else the agent's first one
         self.default_provider_url = default_provider_url
@@ -119,10 +130,13 @@ class Relay:
         if not request_id or len(request_id) > MAX_REQUEST_ID_LENGTH:
             await refuse("bad_message", f"id must be 1-{MAX_REQUEST_ID_LENGTH} characters")
             return
-        if request_id in connection.requests:
+        if request_id in connection.requests or request_id in connection.attached:
             await refuse("bad_message", f"request {request_id!r} is already in flight on this connection")
             return
-        if len(connection.requests) >= self.max_requests:
+        if self._taken(room, request_id):
+            await refuse("bad_message", f"request id {request_id!r} can still be resumed in this room; use another")
+            return
+        if len(connection.requests) + len(connection.attached) >= self.max_requests:
             await refuse("too_many_requests", f"at most {self.max_requests} requests may be in flight per connection")
             return
         credentials = self.credentials(room)
@@ -137,29 +151,90 @@ class Relay:
             except AgentError as exc:
                 await connection.send(encode_agent_error(request_id, exc))
                 return
+            if self._taken(room, request_id):  # taken while the agent list was fetched
+                await refuse("bad_message", f"request id {request_id!r} can still be resumed in this room; use another")
+                return
         default_options = prefs.get("options")
         options = dict(default_options) if isinstance(default_options, dict) else {}
         options.update(message.options or {})
+        resumable = message.resumable if message.resumable is not None else prefs.get("resumable") is True
         scope = trio.CancelScope()
-        connection.requests[request_id] = scope
-        room.start_request(lambda: self._run(
-            room, connection, message, request_id, agent_id, options, credentials, scope
-        ))
+        streaming = not isinstance(message, AgentText)
+        if resumable:
+            streams = streams_of(room, grace=self.resume_grace_seconds, limit=self.resume_buffer_bytes)
+            stream = Stream(request_id, agent_id, scope, streaming=streaming, room=streams)
+            streams.add(stream)
+            stream.attach(connection)
+        else:
+            stream = Stream(request_id, agent_id, scope, streaming=streaming, solo=connection)
+            connection.requests[request_id] = scope
+        room.start_request(lambda: self._serve(room, stream, message, options, credentials))
 
-    async def cancel(self, connection: Connection, request_id: str) -> None:
+    def _taken(self, room: Room, request_id: str) -> bool:
+        return room.streams is not None and room.streams.get(request_id) is not None
+
+    async def cancel(self, room: Room, connection: Connection, request_id: str) -> None:
+        """Cancel the connection's own request, or a resumable one of its room."""
         scope = connection.requests.get(request_id)
-        if scope is None:
-            await connection.send(
-                error_frame("bad_message", f"no request {request_id!r} in flight on this connection", request_id)
-            )
+        if scope is not None:
+            scope.cancel()
             return
-        scope.cancel()
+        stream = room.streams.get(request_id) if room.streams is not None else None
+        if stream is not None and stream.state == "running":
+            stream.cancel()
+            return
+        await connection.send(
+            error_frame("bad_message", f"no request {request_id!r} in flight on this connection", request_id)
+        )
+
+    async def resume(self, room: Room, connection: Connection, message: AgentResume) -> None:
+        request_id, after = message.id, message.after
+        stream = room.streams.get(request_id) if room.streams is not None else None
+        if stream is None:
+            await connection.send(error_frame(
+                "unknown_request",
+                f"no request {request_id!r} to resume in this room: unknown, expired, or not resumable",
+                request_id,
+            ))
+            return
+        if request_id in connection.attached:
+            await connection.send(error_frame(
+                "bad_message", f"request {request_id!r} is already streaming to this connection", request_id
+            ))
+            return
+        if after > stream.seq:
+            await connection.send(error_frame(
+                "bad_message", f"after {after} is beyond request {request_id!r}'s seq {stream.seq}", request_id
+            ))
+            return
+        await stream.resume(connection, after)
+
+    async def list(self, room: Room, connection: Connection, message: AgentList) -> None:
+        requests = room.streams.requests() if room.streams is not None else []
+        await connection.send(encode(AgentRequests(requests)))
+
+    async def _serve(
+        self, room: Room, stream: Stream, message: AgentStream, options: dict[str, Any],
+        credentials: Credentials,
+    ) -> None:
+        """Run the request; a resumable one is then kept for the grace period."""
+        streams = stream.room
+        try:
+            await self._run(room, stream, message, options, credentials)
+        finally:
+            if streams is not None and stream.state == "running":
+                streams.forget(stream)  # cancelled by the grace running out, or at shutdown
+            elif stream.solo is not None:
+                stream.solo.requests.pop(stream.id, None)
+        if streams is not None:
+            await streams.keep(stream)
 
     async def _run(
-        self, room: Room, connection: Connection, message: AgentStream, request_id: str,
-        agent_id: str, options: dict[str, Any], credentials: Credentials, scope: trio.CancelScope,
+        self, room: Room, stream: Stream, message: AgentStream, options: dict[str, Any],
+        credentials: Credentials,
     ) -> None:
-        streaming = not isinstance(message, AgentText)
+        request_id, agent_id, scope = stream.id, stream.agent_id, stream.scope
+        streaming = stream.streaming
         conversation_id = message.conversation_id
         history = room.conversation(conversation_id) if conversation_id else []
         agent_input: str | list[ChatMessage] = message.message
@@ -178,55 +253,54 @@ class Relay:
                 ) as ticket:
                     if ticket.cap is not None and replaceable:
                         options = {**options, "maxOutputTokens": ticket.cap}
-                    parts: list[str] = []
                     finish = Finish("unknown", usage=AgentUsage())
-                    buffer = DeltaBuffer(request_id)
                     async with self.agent.open_stream(agent_id, agent_input, options, credentials) as events:
                         ticket.answered()
                         # Started once the agent took the request: a refusal (a limit, unknown
                         # agent, bad options, a misconfigured agent secret, the provider's own)
                         # comes alone.
                         if streaming:
-                            await connection.send(encode(AgentStart(request_id, agent_id)))
+                            await stream.send(encode(AgentStart(request_id, agent_id)))
                         async for event in events:
                             if isinstance(event, TextDelta):
-                                if not parts:
-                                    ticket.first_token()
-                                parts.append(event.text)
-                                if streaming:
-                                    await connection.send_delta(buffer, event.text)
+                                if event.text:  # seq counts non-empty pieces
+                                    if not stream.parts:
+                                        ticket.first_token()
+                                    # Only a solo connection's delta waits (for room in its outbox).
+                                    if (sending := stream.delta(event.text)) is not None:
+                                        await sending
                             else:
                                 finish = event
-                    text = "".join(parts)
+                    text = "".join(stream.parts)
                     await ticket.settle(finish.usage)  # durable before the client hears of it
                 if conversation_id:
                     turns = [Turn("user", message.message), Turn("assistant", text)]
                     await room.append_turns(conversation_id, turns, self.conversation_turns)
                 usage = finish.usage
-                await connection.send(encode(AgentDone(
+                await stream.end(AgentDone(
                     request_id, text,
                     Usage(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens),
-                    finish.finish_reason,
-                )))
-            if scope.cancelled_caught:
-                await connection.send(error_frame("cancelled", "the request was cancelled", request_id))
+                    finish.finish_reason, stream.seq,
+                ), "done")
+            # A resumable request whose grace ran out (or a server shutting down) tells no one:
+            # it is forgotten, and a late resume is unknown_request.
+            if scope.cancelled_caught and (stream.cancelled or not stream.resumable):
+                await stream.end(error_frame("cancelled", "the request was cancelled", request_id), "error")
         except Refused as exc:
-            await connection.send(error_frame(exc.code, exc.message, request_id, **exc.fields()))
+            await stream.end(error_frame(exc.code, exc.message, request_id, **exc.fields()), "error")
         except AgentError as exc:
-            await connection.send(encode_agent_error(request_id, exc))
+            await stream.end(encode_agent_error(request_id, exc), "error")
         except UserGone:
             pass  # the room was revoked: its connections were told and are closing
         except StoreUnavailable as exc:
             log.error("agent request %s in room %s: conversation not saved: %s", request_id, room.id, exc)
-            await connection.send(error_frame(
+            await stream.end(error_frame(
                 "store_unavailable", "the conversation could not be saved now; try again shortly", request_id
-            ))
+            ), "error")
         except Exception:
             # A bug or a failed write (disk full): the request fails, its room and connection live.
             log.exception("agent request %s in room %s failed", request_id, room.id)
-            await connection.send(error_frame("internal", "internal error; see the server log", request_id))
-        finally:
-            connection.requests.pop(request_id, None)
+            await stream.end(error_frame("internal", "internal error; see the server log", request_id), "error")
 
 
 def encode_agent_error(request_id: str, exc: AgentError) -> str:

@@ -33,6 +33,7 @@ from atlas.gateway.relay import Relay
 from atlas.gateway.request_log import RequestObserver
 from atlas.gateway.revocation import serve_revocation_sweeps
 from atlas.gateway.services import Services
+from atlas.gateway.streams import close_all as close_streams
 from atlas.http_server import serve_asgi
 from atlas.llm.agents import AgentSpec, load_agents
 from atlas.lifecycle import run_until_signal
@@ -153,6 +154,8 @@ async def _serve(
                 agent, admission, default_provider_url=provider_url,
                 max_requests=settings.max_requests_per_connection,
                 conversation_turns=settings.conversation_turns, default_agent=settings.default_agent,
+                resume_grace_seconds=settings.resume_grace_seconds,
+                resume_buffer_bytes=settings.resume_buffer_bytes,
             ),
             admission=admission, provider=provider, metrics=metrics,
             default_provider_url=provider_url, agent_app=agent_app, agent_client=agent_client,
@@ -179,6 +182,7 @@ async def _serve(
             log.info("shutting down: closing every connection with 1001")
             services.shutting_down = True
             rooms.close_all(CLOSE_GOING_AWAY, "server shutting down")
+            close_streams(rooms)  # resumable requests end with the process: none to resume here
             with trio.move_on_after(settings.shutdown_seconds):
                 # WebSockets leave at once; proxied HTTP requests hold their room until done.
                 await rooms.wait_drained()

@@ -25,6 +25,8 @@ from atlas.protocol import (
     CLOSE_POLICY,
     CLOSE_UNAUTHORIZED,
     AgentCancel,
+    AgentList,
+    AgentResume,
     AgentStream,
     Broadcast,
     BroadcastMessage,
@@ -171,7 +173,11 @@ async def handle_frame(services: Services, room: Room, connection: Connection, f
                 return
             await services.relay.start(room, connection, message)
         case AgentCancel(id=request_id):
-            await services.relay.cancel(connection, request_id)
+            await services.relay.cancel(room, connection, request_id)
+        case AgentResume():
+            await services.relay.resume(room, connection, message)
+        case AgentList():
+            await services.relay.list(room, connection, message)
         case PrefsGet():
             await connection.send(encode(PrefsMessage(room.prefs)))
         case PrefsSet(prefs=patch):

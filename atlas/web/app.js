@@ -1,4 +1,7 @@
 // Atlas web chat: one WebSocket to the user's room, replies streamed as they arrive.
+// Replies are resumable: after a dropped connection the page asks for the rest of the reply in
+// flight (agent:resume from the last seq it has); after a reload it asks the room which requests
+// it still has (agent:list) and resumes the one its stored history was waiting for.
 // No build step and no dependencies. No reply text ever reaches the page as HTML: the user's
 // messages are set with textContent, and replies are built from parsed Markdown with
 // createElement and textContent by markdown.js, so a reply that contains HTML or a script is
@@ -35,9 +38,12 @@
     countdownTimer: null,
     queue: [],           // frames sent while disconnected, flushed on the next ready
     history: [],         // [{role, text, status, id, meta}] mirrored in localStorage
-    current: null,       // the reply streaming now: {id, entry, node}
+    current: null,       // the reply streaming now: {id, entry, node, sent}
     frame: 0,            // the animation frame that will show the streaming reply's new text
+    restoring: null,     // after a load: the stored reply that was in flight, to look up and resume
+    savedAt: 0,          // when the history was last stored while a reply streamed
   };
+  const SAVE_EVERY_MS = 1000;  // a streaming reply's text and seq are stored this often, and on leaving
 
   // -- storage -------------------------------------------------------------------------------
 
@@ -69,16 +75,34 @@
       const stored = JSON.parse(localStorage.getItem(KEY.messages(state.user, state.conversation)) || "[]");
       if (Array.isArray(stored)) state.history = stored;
     } catch (err) { state.history = []; }
+    // A reply that was still coming when the page went away may still be running in the room:
+    // the last one is looked up on the next ready (agent:list) and resumed; earlier ones are over.
+    state.restoring = null;
     for (const entry of state.history) {
-      if (entry.status === "streaming") { entry.status = "interrupted"; }
+      if (entry.status !== "streaming" && entry.status !== "pending") continue;
+      if (state.restoring) interrupt(state.restoring);
+      if (entry.role === "assistant" && entry.id) state.restoring = entry;
+      else interrupt(entry);
     }
+  }
+
+  function interrupt(entry) {
+    entry.status = "interrupted";
+    entry.meta = "Connection lost — the reply was interrupted";
   }
 
   // -- rendering -----------------------------------------------------------------------------
 
   function render() {
     ui.messages.querySelectorAll(".msg").forEach((node) => node.remove());
-    for (const entry of state.history) ui.messages.appendChild(messageNode(entry));
+    for (const entry of state.history) {
+      const node = messageNode(entry);
+      ui.messages.appendChild(node);
+      if (entry === state.restoring) {
+        state.current = { id: entry.id, entry, node, sent: true };
+        setBusy(true);
+      }
+    }
     ui.empty.hidden = state.history.length > 0;
     ui.who.textContent = state.user ? `Signed in as ${state.user}` : "";
     ui.conversationLabel.textContent = state.conversation ? ` · conversation ${state.conversation.slice(-6)}` : "";
@@ -131,6 +155,8 @@
       const stick = nearBottom();
       updateNode(state.current.node, state.current.entry);
       scrollToEnd(stick);
+      // The text and the seq it goes up to are stored together, so a reload resumes exactly.
+      if (Date.now() - state.savedAt > SAVE_EVERY_MS) { state.savedAt = Date.now(); saveHistory(); }
     });
   }
 
@@ -213,8 +239,8 @@
       if (state.ws !== ws) return;
       state.ws = null;
       state.ready = false;
-      interruptCurrent();
       if (FATAL_CLOSES[event.code]) {
+        interruptCurrent();
         setStatus("error", "Signed out");
         showSettings((refusal && refusal.message) || FATAL_CLOSES[event.code]);
         return;
@@ -243,8 +269,36 @@
   }
 
   function send(frame) {
-    if (state.ws && state.ready) state.ws.send(JSON.stringify(frame));
-    else state.queue.push(frame);
+    if (state.ws && state.ready) {
+      state.ws.send(JSON.stringify(frame));
+      if (state.current && frame.id === state.current.id && frame.type === "agent:stream") state.current.sent = true;
+    } else {
+      state.queue.push(frame);
+    }
+  }
+
+  // On ready: the reply in flight when the connection dropped is resumed from the last seq
+  // shown; after a load, the room is asked what it still has (the reply is looked up by id).
+  function resumeCurrent() {
+    const current = state.current;
+    if (!current || !current.sent) return;
+    if (state.restoring === current.entry) {
+      state.ws.send(JSON.stringify({ type: "agent:list" }));
+      return;
+    }
+    state.ws.send(JSON.stringify({ type: "agent:resume", id: current.id, after: current.entry.seq || 0 }));
+  }
+
+  function onRequests(requests) {
+    const entry = state.restoring;
+    state.restoring = null;
+    if (!entry || !state.current || state.current.entry !== entry) return;
+    const known = (requests || []).some((request) => request.id === entry.id);
+    if (!known) {
+      interruptCurrent();
+      return;
+    }
+    state.ws.send(JSON.stringify({ type: "agent:resume", id: entry.id, after: entry.seq || 0 }));
   }
 
   function onFrame(frame) {
@@ -254,12 +308,22 @@
         state.attempt = 0;
         clearInterval(state.countdownTimer);
         setStatus("online", "Connected");
-        for (const queued of state.queue.splice(0)) state.ws.send(JSON.stringify(queued));
+        resumeCurrent();
+        for (const queued of state.queue.splice(0)) send(queued);
+        break;
+      case "agent:requests":
+        onRequests(frame.requests);
         break;
       case "agent:delta":
         if (state.current && frame.id === state.current.id) {
-          state.current.entry.text += frame.text || "";
-          state.current.entry.status = "streaming";
+          const entry = state.current.entry;
+          if (typeof frame.seq === "number") {
+            if (frame.seq <= (entry.seq || 0)) break;  // already shown
+            entry.seq = frame.seq;
+          }
+          entry.text += frame.text || "";
+          entry.status = "streaming";
+          entry.meta = "";
           scheduleUpdate();
         }
         break;
@@ -280,6 +344,8 @@
           if (error.code === "cancelled") {
             entry.status = "cancelled";
             entry.meta = "Stopped";
+          } else if (error.code === "unknown_request") {
+            interrupt(entry);  // the room no longer has it (expired, or its server went away)
           } else {
             entry.status = "error";
             entry.meta = describeError(error);
@@ -307,10 +373,9 @@
   }
 
   function interruptCurrent() {
-    // A reply in flight on a connection that dropped is lost; a queued one is still to be sent.
+    // A reply that cannot be resumed is lost; a queued one is still to be sent.
     if (!state.current || state.queue.some((frame) => frame.id === state.current.id)) return;
-    state.current.entry.status = "interrupted";
-    state.current.entry.meta = "Connection lost — the reply was interrupted";
+    interrupt(state.current.entry);
     finishCurrent();
   }
 
@@ -346,11 +411,11 @@
     autoGrow();
     addEntry({ role: "user", text, status: "done" });
     const id = newId("web-");
-    const entry = { role: "assistant", text: "", status: "pending", id };
+    const entry = { role: "assistant", text: "", status: "pending", id, seq: 0 };
     const node = addEntry(entry);
-    state.current = { id, entry, node };
+    state.current = { id, entry, node, sent: false };
     setBusy(true);
-    send({ type: "agent:stream", id, message: text, conversationId: state.conversation });
+    send({ type: "agent:stream", id, message: text, conversationId: state.conversation, resumable: true });
   }
 
   function stop() {
@@ -450,6 +515,7 @@
     signIn(ui.userField.value.trim(), token);
   });
   window.addEventListener("online", reconnectNow);
+  window.addEventListener("pagehide", saveHistory);  // a reload resumes from what was shown
   document.addEventListener("visibilitychange", () => { if (!document.hidden) reconnectNow(); });
 
   readFragment();

@@ -1,12 +1,15 @@
 // Checks the published `partysocket` client against a running `atlas serve`.
 //
-//   node check.mjs --url http://127.0.0.1:PORT --user alice --token TOKEN [--restart]
+//   node check.mjs --url http://127.0.0.1:PORT --user alice --token TOKEN [--restart | --resume]
 //
 // Prints one JSON object per line on stdout ({"event": ...}) so that a driver (tests/test_partysocket.py)
 // can follow along. Steps: connect and receive `ready`; stream one reply to `agent:done`; with
 // --restart, wait for the server to go away, send a message while disconnected (partysocket
 // queues it), and expect partysocket to reconnect by itself and deliver that message once the
-// server is back. Exit status: 0 passed, 1 failed, 3 partysocket/ws could not be installed.
+// server is back. With --resume: start a resumable reply, wait for the connection to drop
+// mid-reply (the driver kills it), let partysocket reconnect by itself, resume from the last seq
+// received, and print the whole reply once. Exit status: 0 passed, 1 failed, 3 partysocket/ws
+// could not be installed.
 
 import { spawnSync } from "node:child_process";
 import { existsSync } from "node:fs";
@@ -27,10 +30,11 @@ function fail(message) {
 }
 
 function parseArgs(argv) {
-  const args = { restart: false };
+  const args = { restart: false, resume: false };
   for (let i = 0; i < argv.length; i++) {
     const name = argv[i];
     if (name === "--restart") args.restart = true;
+    else if (name === "--resume") args.resume = true;
     else if (["--url", "--user", "--token"].includes(name)) args[name.slice(2)] = argv[++i];
     else fail(`unknown argument ${name}`);
   }
@@ -88,6 +92,48 @@ async function streamReply(socket, next, message, id) {
   }
 }
 
+// The few lines a client needs to survive a dropped connection (docs/clients.md): remember the
+// reply in flight and the last seq shown; on every ready, ask for the rest.
+function resumable(socket, onText, onEnd) {
+  let inflight = null;  // {id, seq}
+  socket.addEventListener("message", (event) => {
+    const frame = JSON.parse(event.data);
+    if (frame.type === "ready" && inflight) {
+      socket.send(JSON.stringify({ type: "agent:resume", id: inflight.id, after: inflight.seq }));
+      emit("resumed", { id: inflight.id, after: inflight.seq });
+    } else if (frame.type === "agent:delta" && inflight && frame.id === inflight.id && frame.seq > inflight.seq) {
+      inflight.seq = frame.seq;
+      onText(frame.text, frame.seq);
+    } else if ((frame.type === "agent:done" || frame.type === "agent:error") && inflight && frame.id === inflight.id) {
+      inflight = null;
+      onEnd(frame);
+    }
+  });
+  return (id, message) => {
+    inflight = { id, seq: 0 };
+    socket.send(JSON.stringify({ type: "agent:stream", id, message, resumable: true }));
+  };
+}
+
+async function resumeAfterDrop(socket, closed) {
+  let text = "";
+  let ended;
+  const end = new Promise((resolve) => { ended = resolve; });
+  let holding = null;
+  const held = new Promise((resolve) => { holding = resolve; });
+  const ask = resumable(socket, (piece, seq) => {
+    text += piece;
+    if (seq >= 2 && holding) { emit("holding", { seq, text }); holding(); holding = null; }
+  }, ended);
+  ask("ps-r", "a reply that survives a drop");
+  await held;
+  const code = await new Promise((resolve) => closed.push(resolve));  // the driver cuts it
+  const frame = await end;
+  if (frame.type !== "agent:done") fail(`the resumed reply ended with ${JSON.stringify(frame)}`);
+  if (text !== frame.text) fail(`shown ${JSON.stringify(text)} but agent:done says ${JSON.stringify(frame.text)}`);
+  emit("reply", { text, seq: frame.seq, closeCode: code });
+}
+
 async function main() {
   const args = parseArgs(process.argv.slice(2));
   ensureInstalled();
@@ -115,6 +161,13 @@ async function main() {
   if (ready.type === "error") fail(`refused: ${ready.error.code}: ${ready.error.message}`);
   if (ready.roomId !== args.user) fail(`ready for room ${ready.roomId}, expected ${args.user}`);
   emit("ready", { connectionId: ready.connectionId, pk: socket.id, url: socket.roomUrl });
+
+  if (args.resume) {
+    await resumeAfterDrop(socket, closed);
+    socket.close();
+    emit("passed", { closes });
+    process.exit(0);
+  }
 
   const first = await streamReply(socket, next, "hello from partysocket", "ps-1");
   if (first.deltas.length === 0) fail("agent:done arrived without any agent:delta");

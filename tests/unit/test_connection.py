@@ -43,8 +43,8 @@ class Closes:
         self.calls += 1
 
 
-def delta(request_id: str, text: str) -> dict[str, str]:
-    return {"type": "agent:delta", "id": request_id, "text": text}
+def delta(request_id: str, text: str, seq: int) -> dict[str, object]:
+    return {"type": "agent:delta", "id": request_id, "text": text, "seq": seq}
 
 
 @bounded
@@ -126,21 +126,21 @@ async def test_deltas_of_one_request_coalesce_while_the_writer_is_behind(autojum
     connection, socket = Connection("c1"), Socket()
     buffer = DeltaBuffer("r1")
     await connection.send("before")
-    for text in ["Hel", "lo", ", "]:
-        await connection.send_delta(buffer, text)
+    for seq, text in enumerate(["Hel", "lo", ", "], 1):
+        await connection.send_delta(buffer, text, seq)
     await connection.send("between")
-    await connection.send_delta(buffer, "world")  # joins the buffer already queued ahead of "between"
+    await connection.send_delta(buffer, "world", 4)  # joins the buffer already queued ahead of "between"
     async with trio.open_nursery() as nursery:
         nursery.start_soon(connection.serve_writer, socket.write)
         await trio.testing.wait_all_tasks_blocked()
         assert socket.frames[0] == "before"
-        assert json.loads(socket.frames[1]) == delta("r1", "Hello, world")
+        assert json.loads(socket.frames[1]) == delta("r1", "Hello, world", 4)  # seq: the last piece in it
         assert socket.frames[2:] == ["between"]
         # Once written, the buffer queues again for the next text.
-        await connection.send_delta(buffer, "!")
+        await connection.send_delta(buffer, "!", 5)
         await trio.testing.wait_all_tasks_blocked()
         connection.close_after_pending(1000)
-    assert json.loads(socket.frames[3]) == delta("r1", "!")
+    assert json.loads(socket.frames[3]) == delta("r1", "!", 5)
     assert len(socket.frames) == 4
 
 
@@ -148,12 +148,12 @@ async def test_deltas_of_one_request_coalesce_while_the_writer_is_behind(autojum
 async def test_deltas_of_two_requests_stay_apart(autojump_clock):
     connection, socket = Connection("c1"), Socket()
     one, two = DeltaBuffer("r1"), DeltaBuffer("r2")
-    await connection.send_delta(one, "a")
-    await connection.send_delta(two, "x")
-    await connection.send_delta(one, "b")
+    await connection.send_delta(one, "a", 1)
+    await connection.send_delta(two, "x", 1)
+    await connection.send_delta(one, "b", 2)
     connection.close_after_pending(1000)
     await connection.serve_writer(socket.write)
-    assert socket.decoded() == [delta("r1", "ab"), delta("r2", "x")]
+    assert socket.decoded() == [delta("r1", "ab", 2), delta("r2", "x", 1)]
 
 
 @bounded
@@ -165,7 +165,7 @@ async def test_a_delta_waits_for_room_like_send(autojump_clock):
     queued = trio.Event()
 
     async def stream() -> None:
-        await connection.send_delta(buffer, "a")
+        await connection.send_delta(buffer, "a", 1)
         queued.set()
 
     async with trio.open_nursery() as nursery:
@@ -173,12 +173,12 @@ async def test_a_delta_waits_for_room_like_send(autojump_clock):
         await trio.testing.wait_all_tasks_blocked()
         assert not queued.is_set() and connection.close_code is None
         # More text for the same request while it waits: no second queue entry, no wait.
-        await connection.send_delta(buffer, "b")
+        await connection.send_delta(buffer, "b", 2)
         nursery.start_soon(connection.serve_writer, socket.write)
         await trio.testing.wait_all_tasks_blocked()
         assert queued.is_set()
         connection.close_after_pending(1000)
-    assert json.loads(socket.frames[-1]) == delta("r1", "ab")
+    assert json.loads(socket.frames[-1]) == delta("r1", "ab", 2)
     assert len(socket.frames) == OUTBOX_SIZE + 1
 
 
@@ -188,7 +188,7 @@ async def test_close_after_pending_drains_the_outbox_then_the_writer_ends(autoju
     with trio.CancelScope() as scope:
         connection.bind(scope, closes)
         await connection.send('{"type": "error"}')
-        await connection.send_delta(DeltaBuffer("r1"), "last words")
+        await connection.send_delta(DeltaBuffer("r1"), "last words", 1)
         connection.close_after_pending(4001, "this user was removed")
         assert closes.calls == 1  # out of the room at once, before the writer has drained
         await connection.send("too late")  # refused quietly: nothing is queued after the close
@@ -196,7 +196,7 @@ async def test_close_after_pending_drains_the_outbox_then_the_writer_ends(autoju
         await connection.serve_writer(socket.write)
     assert not scope.cancel_called  # nothing was cut short
     assert socket.frames[0] == '{"type": "error"}'
-    assert socket.decoded()[1:] == [delta("r1", "last words")]
+    assert socket.decoded()[1:] == [delta("r1", "last words", 1)]
     assert (connection.close_code, connection.close_reason) == (4001, "this user was removed")
 
 
@@ -243,7 +243,39 @@ async def test_sending_to_a_finished_connection_neither_fails_nor_blocks(autojum
     connection.finish()
     with trio.fail_after(1):
         await connection.send("x")
-        await connection.send_delta(DeltaBuffer("r1"), "y")
+        await connection.send_delta(DeltaBuffer("r1"), "y", 1)
     assert connection.send_nowait("z") is False
     assert connection.close_code is None  # a finished connection is not a slow one
 
+
+
+@bounded
+async def test_a_shared_delta_never_waits_and_says_when_the_outbox_is_full(autojump_clock):
+    connection = Connection("c1")
+    buffer = DeltaBuffer("r1")
+    assert connection.send_delta_nowait(buffer, "a", 1)
+    assert connection.send_delta_nowait(buffer, "b", 2)  # joins the queued buffer
+    full = Connection("c2")
+    for n in range(OUTBOX_SIZE):
+        full.send_nowait(f"frame {n}")
+    assert full.send_delta_nowait(DeltaBuffer("r1"), "a", 1) is False
+    assert full.close_code is None  # the caller drops it, once it is done with its loop
+    assert json.loads(connection._outbox_receive.receive_nowait().take_frame()) == delta("r1", "ab", 2)
+
+
+class Attached:
+    def __init__(self) -> None:
+        self.detached: list[Connection] = []
+
+    def detach(self, connection: Connection) -> None:
+        self.detached.append(connection)
+
+
+@bounded
+async def test_a_connection_that_ends_leaves_the_requests_it_receives(autojump_clock):
+    for end in (lambda c: c.close(1000), lambda c: c.close_after_pending(4001), lambda c: c.finish()):
+        connection, request = Connection("c1"), Attached()
+        connection.attached["r1"] = request
+        end(connection)
+        end(connection)
+        assert request.detached == [connection] and connection.attached == {} and connection.left

@@ -18,7 +18,8 @@ from atlas.protocol import (
     decode_client_message,
 )
 
-KNOWN = "known: agent:cancel, agent:stream, agent:text, broadcast, ping, prefs:get, prefs:set, usage:get"
+KNOWN = ("known: agent:cancel, agent:list, agent:resume, agent:stream, agent:text, broadcast, ping, prefs:get, "
+         "prefs:set, usage:get")
 
 
 @pytest.mark.parametrize(("frame", "expected"), [
