@@ -1,0 +1,124 @@
+"""Crash loop: ``atlas serve`` is killed with SIGKILL at a random moment under load, again and again.
+
+Each cycle: several users' connections write prefs and run agent requests that extend a
+conversation, concurrently; the server is killed (``kill -9``) at a random moment; then every
+JSON file in the data directory must decode, every prefs write a client saw acknowledged (the
+``prefs`` reply) must be on disk, and so must every conversation turn whose ``agent:done`` a client
+received (the turn is durable before ``agent:done``). The server restarts on the same directory,
+and no temporary file of an interrupted write may survive its start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+import wsproto
+from fake_provider import Reply
+from probes import Closed, RawWebSocket, record, scaled
+from servers import AtlasProcess, add_user, start_atlas_process
+
+CYCLES = scaled(3, 25)
+USERS = ("ann", "ben", "cyd")
+CONNECTIONS_PER_USER = 2
+BROKEN = (Closed, trio.BrokenResourceError, trio.ClosedResourceError, OSError,
+          wsproto.utilities.LocalProtocolError)
+
+
+@dataclass
+class Acks:
+    prefs: dict[tuple[str, str], int] = field(default_factory=dict)  # (user, key) -> last value acked
+    turns: dict[tuple[str, str], str] = field(default_factory=dict)  # (user, conversation) -> message
+    prefs_count: int = 0
+    turns_count: int = 0
+
+
+async def client(port: int, user: str, token: str, slot: int, acks: Acks, seq: list[int]) -> None:
+    """Write prefs and extend a conversation until the server dies under us."""
+    key, conversation = f"c{slot}", f"conv{slot}"
+    try:
+        ws = await RawWebSocket.open(port, f"/party/{user}?token={token}")
+    except BROKEN:
+        return
+    try:
+        assert (await ws.receive_json())["type"] == "ready"
+        while True:
+            seq[0] += 1
+            value = seq[0]
+            await ws.send_json({"type": "prefs:set", "prefs": {key: value}})
+            reply = await ws.receive_json()
+            assert reply["type"] == "prefs" and reply["prefs"][key] == value, reply
+            acks.prefs[(user, key)] = value
+            acks.prefs_count += 1
+            message = f"turn {user} {slot} {value}"
+            await ws.send_json({"type": "agent:text", "message": message, "conversationId": conversation})
+            done = await ws.receive_json()
+            assert done["type"] == "agent:done", done
+            acks.turns[(user, conversation)] = message
+            acks.turns_count += 1
+    except BROKEN:
+        return
+    finally:
+        await ws.abort()
+
+
+def check_files(data_dir: Path) -> int:
+    """Every JSON file decodes; returns how many temporary files were left behind."""
+    leftovers = 0
+    for path in data_dir.rglob("*"):
+        if path.name.endswith(".tmp"):
+            leftovers += 1
+        elif path.suffix == ".json":
+            json.loads(path.read_bytes())  # raises on a torn file
+    return leftovers
+
+
+def check_acks(data_dir: Path, acks: Acks) -> None:
+    for (user, key), value in acks.prefs.items():
+        state = json.loads((data_dir / "rooms" / f"{user}.json").read_bytes())
+        # A write may have reached the disk without its reply reaching the client: never less.
+        assert state["prefs"].get(key, -1) >= value, (user, key, value, state["prefs"])
+    for (user, conversation), message in acks.turns.items():
+        state = json.loads((data_dir / "rooms" / f"{user}.json").read_bytes())
+        contents = [turn["content"] for turn in state["conversations"].get(conversation, [])]
+        assert message in contents, (user, conversation, message, contents[-4:])
+
+
+async def test_no_acknowledged_write_is_lost_across_kill_9(tmp_path, provider):
+    provider.behaviour = Reply(deltas=["a", "b", "c"])
+    data_dir = tmp_path / "data"
+    tokens = {user: add_user(data_dir, user) for user in USERS}
+    env = {"ATLAS_PROVIDER_URL": provider.url}
+    rng = random.Random(14)
+    acks = Acks()
+    seq = [0]
+    leftovers_after_kill = 0
+    process: AtlasProcess = await start_atlas_process(data_dir, env=env)
+    processes = [process]
+    try:
+        for cycle in range(CYCLES):
+            port = int(process.url.rsplit(":", 1)[1])
+            with trio.fail_after(30):
+                async with trio.open_nursery() as nursery:
+                    for user in USERS:
+                        for slot in range(CONNECTIONS_PER_USER):
+                            nursery.start_soon(client, port, user, tokens[user], slot, acks, seq)
+                    await trio.sleep(rng.uniform(0.2, 0.8))  # the random moment of the crash
+                    process.kill()
+            assert process.process.returncode == -9
+            leftovers_after_kill += check_files(data_dir)
+            check_acks(data_dir, acks)
+            process = await start_atlas_process(data_dir, env=env)
+            processes.append(process)
+            assert check_files(data_dir) == 0, "a temporary file survived the start-up"
+    finally:
+        if process.process.poll() is None:
+            process.terminate()
+    for each in processes:
+        assert "Traceback" not in each.log(), each.log()[-3000:]
+    record("crash loop", cycles=CYCLES, acknowledged_prefs=acks.prefs_count,
+           acknowledged_turns=acks.turns_count, leftover_tmp_after_kill=leftovers_after_kill, lost=0)
+    assert acks.prefs_count >= CYCLES and acks.turns_count >= 1
