@@ -76,11 +76,30 @@ def all_tasks() -> int:
     return _tree_size(trio.lowlevel.current_root_task())
 
 
-def atlas_tasks(name: str = "atlas.gateway.server.serve_atlas") -> int:
-    """Tasks of the in-process Atlas server (``open_atlas``); there must be exactly one."""
-    task = _find(trio.lowlevel.current_root_task(), name)
-    assert task is not None, f"no task named {name}"
-    return _tree_size(task)
+ATLAS_TASK = "atlas.gateway.server.serve_atlas"
+CONNECTION_TASK = "trio._highlevel_serve_listeners._run_handler"  # one per TCP connection
+
+
+def _atlas_task() -> trio.lowlevel.Task:
+    task = _find(trio.lowlevel.current_root_task(), ATLAS_TASK)
+    assert task is not None, f"no task named {ATLAS_TASK}"
+    return task
+
+
+def atlas_tasks() -> int:
+    """Tasks of the in-process Atlas server (``open_atlas``, exactly one per test)."""
+    return _tree_size(_atlas_task())
+
+
+def atlas_connections() -> int:
+    """TCP connections the in-process Atlas server is serving."""
+    return task_names(_atlas_task()).count(CONNECTION_TASK)
+
+
+async def idle_atlas_tasks(timeout: float = 10.0) -> int:
+    """The server's task count once it serves no connection (what must not grow)."""
+    await wait_for(lambda: atlas_connections() == 0, timeout, "every connection gone")
+    return atlas_tasks()
 
 
 async def wait_for(predicate: Any, timeout: float, what: str) -> None:
@@ -183,6 +202,7 @@ class RawWebSocket:
     _text: list[str] = field(default_factory=list)
     _bytes: list[bytes] = field(default_factory=list)
     closed: Closed | None = None
+    _send_lock: trio.Lock = field(default_factory=trio.Lock)  # a reader answers pings and closes
 
     @classmethod
     async def open(
@@ -211,7 +231,8 @@ class RawWebSocket:
             raise
 
     async def _write(self, event: Any) -> None:
-        await self.stream.send_all(self.ws.send(event))
+        async with self._send_lock:
+            await self.stream.send_all(self.ws.send(event))
 
     async def _next_event(self) -> Any:
         while not self._pending:
@@ -232,7 +253,8 @@ class RawWebSocket:
         await self._write(BytesMessage(data=data))
 
     async def send_raw(self, data: bytes) -> None:
-        await self.stream.send_all(data)
+        async with self._send_lock:
+            await self.stream.send_all(data)
 
     async def receive(self) -> str | bytes:
         """The next whole message; ``Closed`` once the server closed."""
@@ -274,6 +296,13 @@ class RawWebSocket:
                 frames.append(await self.receive_json(timeout))
                 if frames[-1]["type"] == kind:
                     return frames
+
+    async def send_close(self, code: int = 1000) -> None:
+        """Start the closing handshake (for a client whose reading is done by another task)."""
+        try:
+            await self._write(CloseConnection(code=code))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, wsproto.utilities.LocalProtocolError):
+            pass
 
     async def close(self, code: int = 1000) -> None:
         """Close politely (bounded), then drop the socket."""
@@ -348,3 +377,31 @@ async def raw_http(
                     chunks.append(event.data)
                 elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
                     return HttpReply(status, reply_headers, b"".join(chunks))
+
+
+def task_names(task: trio.lowlevel.Task | None = None) -> list[str]:
+    task = task or trio.lowlevel.current_root_task()
+    names = [task.name]
+    for nursery in task.child_nurseries:
+        for child in nursery.child_tasks:
+            names += task_names(child)
+    return names
+
+
+def task_stacks(task: trio.lowlevel.Task | None = None) -> list[str]:
+    """Where each task of a tree is waiting (for a report of what is stuck)."""
+    task = task or trio.lowlevel.current_root_task()
+    where = [f"{frame_.f_code.co_name}:{lineno}" for frame_, lineno in task.iter_await_frames()]
+    lines = [f"{task.name}: {' > '.join(where)}"]
+    for nursery in task.child_nurseries:
+        for child in nursery.child_tasks:
+            lines += task_stacks(child)
+    return lines
+
+
+REQUEST_TASK = "atlas.rooms.Room.start_request.<locals>.run_and_release"  # one per agent request
+
+
+def atlas_requests() -> int:
+    """Agent requests in flight in the in-process Atlas server."""
+    return task_names(_atlas_task()).count(REQUEST_TASK)
