@@ -126,14 +126,15 @@ async def idle_atlas_tasks(timeout: float = 10.0) -> int:
     return atlas_tasks()
 
 
-async def wait_for(predicate: Any, timeout: float, what: str) -> None:
+async def wait_for(predicate: Any, timeout: float, what: Any) -> None:
     """Poll ``predicate`` (a cheap check of state outside this process's control, such as a
-    server's task count or a socket table) until true, at most ``timeout`` seconds."""
+    server's task count or a socket table) until true, at most ``timeout`` seconds. ``what``
+    (a string, or a function giving one) says what was awaited when it fails."""
     with trio.move_on_after(timeout):
         while not predicate():
             await trio.sleep(0.01)
         return
-    raise AssertionError(f"not within {timeout} s: {what}")
+    raise AssertionError(f"not within {timeout} s: {what() if callable(what) else what}")
 
 
 # Memory of a subprocess

@@ -261,7 +261,7 @@ async def test_fuzzed_frames_get_contract_answers_and_leave_nothing_behind(tmp_p
                 async with open_session(port, token) as session:
                     await ping_pong(session)
             await wait_for(lambda: atlas_tasks() <= baseline, 10,
-                           f"the server's tasks back to {baseline} (now {atlas_tasks()})")
+                           lambda: f"the server's tasks back to {baseline} (now {atlas_tasks()})")
 
         @fuzz_settings(100, 2000)
         @given(frames)

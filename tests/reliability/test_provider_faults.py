@@ -131,7 +131,7 @@ async def test_faults_under_100_concurrent_streams(tmp_path, transport):
                         nursery.start_soon(run_connection, port, "zed", server.tokens["zed"],
                                            ["refused"] * REQUESTS_PER_CONNECTION, outcomes)
                 await wait_for(lambda: atlas_tasks() <= baseline, 10,
-                               f"the server's tasks back to {baseline} (now {atlas_tasks()})")
+                               lambda: f"the server's tasks back to {baseline} (now {atlas_tasks()})")
                 await wait_for(lambda: provider_requests_open() == 0, 10, "no provider request open")
                 await wait_for(lambda: tcp_states(provider_port).get("CLOSE_WAIT", 0) == 0, 10,
                                "no half-closed provider connection")
