@@ -4,8 +4,8 @@ that go silent, and one user with hundreds of connections.
 The stuck reader runs against an ``atlas serve`` subprocess (its memory is measured from
 ``/proc/<pid>/status``): it asks for eight large streamed replies (4 MiB each; five such clients
 with 8 MiB replies in the long run) and never reads a byte of them, while another client of the
-same server pings and measures its latency. The same load read in full is the baseline. Each
-scenario runs once per test session and is checked by several tests (it is the expensive part).
+same server pings and measures its latency, before and during. The scenario runs once per test
+session and is checked by several tests (it is the expensive part).
 
 Half-open TCP: a peer whose machine is gone (no FIN, no RST, no ACK) cannot be made on loopback
 without netfilter rules or a network namespace, which a test on a shared machine must not
@@ -40,7 +40,7 @@ DELTA = "x" * 65536
 REPLY_DELTAS = scaled(64, 128)  # 4 MiB per reply (8 MiB in the long run)
 STUCK_CONNECTIONS = scaled(1, 5)
 STREAMS = 8  # per connection, the default limit
-RESULTS: dict[str, dict[str, Any]] = {}
+RESULTS: dict[str, Any] = {}
 
 
 async def ping_latencies(ws: RawWebSocket, stop: trio.Event, into: list[float]) -> None:
@@ -61,20 +61,10 @@ async def room_connections(port: int, user: str, token: str) -> int:
     return reply.json()["connections"]
 
 
-async def drain(ws: RawWebSocket, streams: int) -> None:
-    ended = 0
-    while ended < streams:
-        frame = await ws.receive_json(timeout=60)
-        ended += frame["type"] in ("agent:done", "agent:error")
-
-
-async def stuck_reader_scenario(tmp_path_factory: pytest.TempPathFactory, kind: str = "stuck") -> dict[str, Any]:
-    """``kind`` "stuck": the streaming clients never read; "reading": the same load, read in
-    full (the baseline the stuck run is compared with)."""
-    if kind in RESULTS:
-        return RESULTS[kind]
-    results: dict[str, Any] = {}
-    data_dir = tmp_path_factory.mktemp(kind) / "data"
+async def stuck_reader_scenario(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    if RESULTS:
+        return RESULTS
+    data_dir = tmp_path_factory.mktemp("stuck") / "data"
     token = add_user(data_dir, "ann")
     async with open_fake_provider() as provider:
         provider.behaviour = Reply(deltas=[DELTA] * REPLY_DELTAS)
@@ -88,7 +78,7 @@ async def stuck_reader_scenario(tmp_path_factory: pytest.TempPathFactory, kind: 
             await healthy.receive_until("agent:done")
             before: list[float] = []
             stop = trio.Event()
-            with trio.move_on_after(0.5):
+            with trio.move_on_after(1):
                 await ping_latencies(healthy, stop, before)
             rss_before = rss_bytes(pid)
             during: list[float] = []
@@ -101,19 +91,24 @@ async def stuck_reader_scenario(tmp_path_factory: pytest.TempPathFactory, kind: 
                     await ws.receive_json()
                     for n in range(STREAMS):
                         await ws.send_json({"type": "agent:stream", "id": f"s{n}", "message": "long"})
-                    stuck.append(ws)  # and never read again, unless this is the baseline run
-                    if kind == "reading":
-                        nursery.start_soon(drain, ws, STREAMS)
-                wanted = 1 + STUCK_CONNECTIONS * STREAMS
-                with trio.fail_after(60):
-                    while sum(r.completed for r in provider.requests) < wanted:
+                    stuck.append(ws)  # and never read again
+                streams = STUCK_CONNECTIONS * STREAMS
+
+                def completed() -> int:
+                    return sum(r.completed for r in provider.requests) - 1  # not the warm-up
+
+                # With backpressure the replies would stall once the sockets' buffers are full;
+                # without it they are read to the end, at full speed.
+                with trio.move_on_after(scaled(5, 30)):
+                    while completed() < streams:
                         peak = max(peak, rss_bytes(pid))
                         await trio.sleep(0.05)  # sampling memory while the replies stream
                 peak = max(peak, rss_bytes(pid))
+                replies_read = completed()
                 # A write timeout would drop the stalled readers now: give it 3 s.
                 dropped_after = None
                 t0 = trio.current_time()
-                with trio.move_on_after(3 if kind == "stuck" else 0):
+                with trio.move_on_after(3):
                     while await room_connections(port, "ann", token) > 1:
                         await trio.sleep(0.05)
                     dropped_after = trio.current_time() - t0
@@ -131,9 +126,9 @@ async def stuck_reader_scenario(tmp_path_factory: pytest.TempPathFactory, kind: 
         finally:
             if process.process.poll() is None:
                 process.terminate()
-    results.update(
-        kind=kind, stuck_connections=STUCK_CONNECTIONS, stuck_streams=STUCK_CONNECTIONS * STREAMS,
-        reply_mib=len(DELTA) * REPLY_DELTAS / MiB,
+    RESULTS.update(
+        stuck_connections=STUCK_CONNECTIONS, stuck_streams=streams,
+        reply_mib=len(DELTA) * REPLY_DELTAS / MiB, replies_read_to_the_end=replies_read,
         rss_before_mib=round(rss_before / MiB, 1), rss_peak_mib=round(peak / MiB, 1),
         rss_after_leaving_mib=round(rss_after / MiB, 1),
         ping_p99_before_ms=round(percentile(before, 0.99) * 1000, 2),
@@ -141,20 +136,27 @@ async def stuck_reader_scenario(tmp_path_factory: pytest.TempPathFactory, kind: 
         pings_during=len(during), stalled_reader_dropped_after_s=dropped_after,
         traceback_in_log="Traceback" in log,
     )
-    record(f"slow clients: {kind} reader", **results)
-    RESULTS[kind] = results
-    return results
+    record("slow clients: stuck reader", **RESULTS)
+    return RESULTS
 
 
-async def test_a_stuck_reader_slows_no_one_else(tmp_path_factory):
-    reading = await stuck_reader_scenario(tmp_path_factory, "reading")
-    results = await stuck_reader_scenario(tmp_path_factory, "stuck")
+async def test_a_stuck_reader_leaves_the_server_responsive(tmp_path_factory):
+    results = await stuck_reader_scenario(tmp_path_factory)
     assert not results["traceback_in_log"]
     assert results["pings_during"] > 20, results
-    # Against the same load read in full. Generous on purpose (a shared 2-CPU machine, a p99 of a
-    # few hundred pings): the issue asks for 20%, which is noise here.
-    limit = 1.5 * reading["ping_p99_during_ms"] + 10
-    assert results["ping_p99_during_ms"] < limit, (results, reading)
+    # Generous on purpose (a shared 2-CPU machine): the server keeps answering everyone else.
+    assert results["ping_p99_during_ms"] < 500, results
+
+
+@pytest.mark.xfail(strict=True, reason="no backpressure from a client that stops reading: its "
+                   "replies are still read from the provider to the end, at full speed, and "
+                   "other clients' ping p99 rises several-fold (the issue asks for within 20%)")
+async def test_a_stuck_reader_costs_its_peers_nothing(tmp_path_factory):
+    results = await stuck_reader_scenario(tmp_path_factory)
+    # Deterministic part first: the unread replies are far larger than any socket buffer.
+    assert results["replies_read_to_the_end"] < results["stuck_streams"], results
+    limit = 1.2 * results["ping_p99_before_ms"] + 5  # + 5 ms of noise on a shared machine
+    assert results["ping_p99_during_ms"] <= limit, results
 
 
 @pytest.mark.xfail(strict=True, reason="no bound on memory per stalled reader: a client that "
