@@ -87,9 +87,9 @@ class FaultyProvider(FakeProvider):
     def behaviour(self, value: Behaviour) -> None:
         pass  # the message decides
 
-    async def _respond(self, behaviour: Any, send: Any) -> None:
+    async def _respond(self, behaviour: Any, send: Any, record: Any) -> None:
         if not isinstance(behaviour, (Giant, Drip)):
-            await super()._respond(behaviour, send)
+            await super()._respond(behaviour, send, record)
             return
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream")]})

@@ -22,7 +22,8 @@ CLIENT_ERROR_CODES = frozenset({
     "unknown_agent", "provider_auth", "provider_rate_limited", "provider_error",
     "provider_unreachable", "provider_timeout", "cancelled", "too_many_requests", "too_large",
     "quota_exceeded", "rate_limited", "provider_not_allowed", "agent_unavailable",
-    "auth_unavailable", "bad_room_id", "shutting_down", "unknown_request",
+    "auth_unavailable", "bad_room_id", "shutting_down", "unknown_request", "store_unavailable",
+    "no_provider", "agent_secret_mismatch", "too_many_connections", "bad_request",
 })
 
 

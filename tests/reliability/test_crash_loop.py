@@ -5,7 +5,8 @@ conversation, concurrently; the server is killed (``kill -9``) at a random momen
 JSON file in the data directory must decode, every prefs write a client saw acknowledged (the
 ``prefs`` reply) must be on disk, and so must every conversation turn whose ``agent:done`` a client
 received (the turn is durable before ``agent:done``). The server restarts on the same directory,
-and no temporary file of an interrupted write may survive its start-up.
+no temporary file of an interrupted write may survive its start-up, and its usage ledger counts
+at least every request whose ``agent:done`` arrived (usage is durable before ``agent:done`` too).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import trio
 import wsproto
 from fake_provider import Reply
-from probes import Closed, RawWebSocket, record, scaled
+from probes import Closed, RawWebSocket, raw_http, record, scaled
 from servers import AtlasProcess, add_user, start_atlas_process
 
 CYCLES = scaled(3, 25)
@@ -32,6 +33,7 @@ BROKEN = (Closed, trio.BrokenResourceError, trio.ClosedResourceError, OSError,
 class Acks:
     prefs: dict[tuple[str, str], int] = field(default_factory=dict)  # (user, key) -> last value acked
     turns: dict[tuple[str, str], str] = field(default_factory=dict)  # (user, conversation) -> message
+    requests: dict[str, int] = field(default_factory=dict)  # user -> agent:done received
     prefs_count: int = 0
     turns_count: int = 0
 
@@ -59,6 +61,7 @@ async def client(port: int, user: str, token: str, slot: int, acks: Acks, seq: l
             assert done["type"] == "agent:done", done
             acks.turns[(user, conversation)] = message
             acks.turns_count += 1
+            acks.requests[user] = acks.requests.get(user, 0) + 1
     except BROKEN:
         return
     finally:
@@ -85,6 +88,20 @@ def check_acks(data_dir: Path, acks: Acks) -> None:
         state = json.loads((data_dir / "rooms" / f"{user}.json").read_bytes())
         contents = [turn["content"] for turn in state["conversations"].get(conversation, [])]
         assert message in contents, (user, conversation, message, contents[-4:])
+
+
+async def check_usage(port: int, tokens: dict[str, str], acks: Acks) -> int:
+    """Every request whose agent:done arrived is in the usage ledger (it is durable before
+    agent:done), read back through the restarted server. Returns the requests counted."""
+    counted = 0
+    for user, token in tokens.items():
+        reply = await raw_http(port, b"GET", f"/party/{user}/usage".encode(),
+                               [(b"authorization", f"Bearer {token}".encode())])
+        assert reply is not None and reply.status == 200, reply
+        requests = sum(day["requests"] for day in reply.json()["days"])
+        assert requests >= acks.requests.get(user, 0), (user, requests, acks.requests.get(user))
+        counted += requests
+    return counted
 
 
 async def test_no_acknowledged_write_is_lost_across_kill_9(tmp_path, provider):
@@ -114,11 +131,13 @@ async def test_no_acknowledged_write_is_lost_across_kill_9(tmp_path, provider):
             process = await start_atlas_process(data_dir, env=env)
             processes.append(process)
             assert check_files(data_dir) == 0, "a temporary file survived the start-up"
+            ledger = await check_usage(int(process.url.rsplit(":", 1)[1]), tokens, acks)
     finally:
         if process.process.poll() is None:
             process.terminate()
     for each in processes:
         assert "Traceback" not in each.log(), each.log()[-3000:]
     record("crash loop", cycles=CYCLES, acknowledged_prefs=acks.prefs_count,
-           acknowledged_turns=acks.turns_count, leftover_tmp_after_kill=leftovers_after_kill, lost=0)
+           acknowledged_turns=acks.turns_count, requests_in_ledger=ledger,
+           leftover_tmp_after_kill=leftovers_after_kill, lost=0)
     assert acks.prefs_count >= CYCLES and acks.turns_count >= 1

@@ -1,7 +1,8 @@
 """Fuzzing HTTP on the transport's port with hypothesis, against a real in-process server.
 
-Every route (``/party/{room}`` and ``/parties/main/{room}`` with and without ``?proxy=``,
-``/healthz``, ``/``, ``/api/me``, ``/static/...``, unknown paths), any method, query strings with
+Every route (``/party/{room}`` and ``/parties/main/{room}`` with and without ``?proxy=``, their
+``/usage``, ``/v1/chat/completions`` and ``/v1/models``, ``/metrics``, ``/healthz``, ``/``,
+``/api/me``, ``/static/...``, unknown paths), any method, query strings with
 the transport's own parameters and junk, headers (credentials, spoofed provider headers, bytes
 outside ASCII, huge values) and bodies (JSON for the agent routes and garbage), each request
 written byte for byte. For every request:
@@ -11,9 +12,8 @@ written byte for byte. For every request:
   only bodiless refusals allowed are Hypercorn's own 400s, for requests h11 cannot parse;
 - once the connection is gone, the server's task count is back to its baseline.
 
-The strategies leave out two inputs that fail for known reasons, each kept as a strict xfail
-below so that its fix flips it: credentials with bytes outside ASCII (a 500), and a method a
-page route does not take (an HTML 405). Widen the strategies when those are fixed.
+A method a page route does not take gets an HTML 405 (a strict xfail below): the check accepts
+that one, and should stop accepting it when the xfail is fixed.
 """
 
 from __future__ import annotations
@@ -73,13 +73,20 @@ agent_paths = st.one_of(
 
 @st.composite
 def targets(draw: st.DrawFn) -> bytes:
-    kind = draw(st.sampled_from(["party", "parties", "page", "api", "unknown", "raw"]))
+    kind = draw(st.sampled_from(["party", "parties", "page", "api", "v1", "metrics", "unknown", "raw"]))
     query: list[tuple[str, str]] = []
     if kind in ("party", "parties"):
         prefix = "/party/" if kind == "party" else "/parties/main/"
-        path = prefix + draw(rooms)
+        path = prefix + draw(rooms) + draw(st.sampled_from(["", "", "/usage", "/usage/", "/x"]))
         if draw(st.booleans()):
             query.append(("proxy", draw(agent_paths)))
+        if path.endswith("/usage") and draw(st.booleans()):
+            query.append(("since", draw(st.sampled_from(["2026-01-01", "2026-13-01", "x", ""]))))
+    elif kind == "v1":
+        path = draw(st.sampled_from(["/v1/chat/completions", "/v1/models", "/v1", "/v1/", "/v1/embeddings",
+                                     "/v1/chat/completions/x"]))
+    elif kind == "metrics":
+        path = "/metrics"
     elif kind == "page":
         path = draw(st.sampled_from([p.decode() for p in PAGE_ROUTES] + ["/static/", "/static/../pyproject.toml",
                                                                           "/static/%2e%2e/x", "/static/nope.js"]))
@@ -109,13 +116,19 @@ def requests(draw: st.DrawFn, tokens: dict[str, str]) -> tuple[bytes, bytes, lis
         method = draw(st.from_regex(rb"\A[A-Z]{1,12}\Z"))
     target = draw(targets())
     headers: list[Header] = []
-    credential = draw(st.sampled_from(["alice", "bob", "none", "junk", "basic"]))
+    credential = draw(st.sampled_from(["alice", "bob", "none", "junk", "basic", "bytes"]))
     if credential in tokens:
         headers.append((b"authorization", b"Bearer " + tokens[credential].encode()))
     elif credential == "junk":
         headers.append((b"authorization", b"Bearer " + draw(ascii_text).encode()))
     elif credential == "basic":
         headers.append((b"authorization", b"Basic " + draw(ascii_text).encode()))
+    elif credential == "bytes":  # bytes outside ASCII, raw or percent-encoded in ?token=
+        raw = draw(header_bytes(24))
+        if draw(st.booleans()):
+            headers.append((b"authorization", b"Bearer " + raw))
+        else:
+            target += (b"&" if b"?" in target else b"?") + b"token=" + quote(raw).encode()
     if b"token=" not in target and credential == "none" and draw(st.booleans()):
         target += (b"&" if b"?" in target else b"?") + b"token=" + tokens["alice"].encode()
     # Framing headers (transfer-encoding, expect, upgrade, te, connection) are drawn less often:
@@ -135,6 +148,10 @@ def requests(draw: st.DrawFn, tokens: dict[str, str]) -> tuple[bytes, bytes, lis
                   st.one_of(st.text(max_size=40), json_values), st.dictionaries(
                       st.sampled_from(["temperature", "maxOutputTokens", "topP", "x"]), json_values, max_size=2)),
         st.builds(lambda m: json.dumps({"messages": m}).encode(), json_values),
+        st.builds(lambda m, stream, extra: json.dumps({"model": "fake", "messages": m, "stream": stream, **extra}).encode(),
+                  st.one_of(st.just([{"role": "user", "content": "hi"}]), json_values), st.booleans(),
+                  st.dictionaries(st.sampled_from(["max_tokens", "max_completion_tokens", "stream_options", "n",
+                                                   "tools", "temperature"]), json_values, max_size=2)),
         json_values.map(lambda v: json.dumps(v).encode()),
     ))
     return method, target, headers, body
@@ -197,9 +214,10 @@ async def test_fuzzed_http_requests_never_get_a_5xx(tmp_path, provider):
 NON_ASCII = [b"Bearer \xff\xfe", b"Bearer \xc3\xa9t\xc3\xa9"]
 
 
+# Found by this suite before main's "ASCII tokens" change, kept as regression tests.
+
+
 @pytest.mark.parametrize("value", NON_ASCII, ids=["latin-1", "utf-8"])
-@pytest.mark.xfail(strict=True, reason="a bearer token with bytes outside ASCII is a 500 with a "
-                   "traceback (httpx cannot encode it for /api/me), not a 401")
 async def test_non_ascii_bearer_token_is_a_401(tmp_path, value):
     async with open_atlas(tmp_path, users={"alice": None}) as server:
         port = int(server.url.rsplit(":", 1)[1])
@@ -208,7 +226,6 @@ async def test_non_ascii_bearer_token_is_a_401(tmp_path, value):
         assert json.loads(reply.body)["error"]["code"] == "unauthorized"
 
 
-@pytest.mark.xfail(strict=True, reason="?token= with a non-ASCII value (%C3%A9) is a 500 on HTTP")
 async def test_non_ascii_query_token_is_a_401(tmp_path):
     async with open_atlas(tmp_path, users={"alice": None}) as server:
         port = int(server.url.rsplit(":", 1)[1])
@@ -216,8 +233,6 @@ async def test_non_ascii_query_token_is_a_401(tmp_path):
         assert reply is not None and reply.status == 401, reply
 
 
-@pytest.mark.xfail(strict=True, reason="?token= with a non-ASCII value closes the WebSocket with "
-                   "1011 and no error frame, not 4001 after an unauthorized error")
 async def test_non_ascii_query_token_closes_with_4001(tmp_path):
     from probes import Closed
 
@@ -299,5 +314,6 @@ async def test_many_fuzzed_requests_at_once(tmp_path, provider):
             async with trio.open_nursery() as nursery:
                 for n in range(200):
                     nursery.start_soon(one, n)
-        assert sorted(set(statuses)) == [200, 400, 401], sorted(set(statuses))
+        # 429: a burst of failed token checks from one address is refused for a while (issue 14).
+        assert {200, 400} <= set(statuses) <= {200, 400, 401, 429}, sorted(set(statuses))
         assert await idle_atlas_tasks() <= baseline + 1  # + the room, loaded by the first request

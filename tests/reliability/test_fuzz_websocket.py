@@ -37,9 +37,10 @@ from servers import open_atlas
 MAX_MESSAGE = 128 * 1024  # smaller than the default 1 MiB so that the over-size path is cheap
 SERVER_TYPES = frozenset({
     "ready", "agent:start", "agent:delta", "agent:done", "agent:error", "prefs", "broadcast",
-    "pong", "error",
+    "pong", "error", "usage",
 })
-CLIENT_TYPES = ("agent:stream", "agent:text", "agent:cancel", "prefs:get", "prefs:set", "broadcast", "ping")
+CLIENT_TYPES = ("agent:stream", "agent:text", "agent:cancel", "prefs:get", "prefs:set", "broadcast", "ping",
+                "usage:get")
 BROKEN = (Closed, trio.BrokenResourceError, trio.ClosedResourceError, wsproto.utilities.LocalProtocolError)
 
 
@@ -84,13 +85,16 @@ valid = st.one_of(
                               json_values, max_size=2)),
     st.builds(lambda data: {"type": "broadcast", "data": data}, json_values),
     st.builds(lambda request_id: {"type": "agent:cancel", "id": request_id}, short_ids),
+    st.builds(lambda since: {"type": "usage:get", "since": since},
+              st.sampled_from(["2026-01-01", "1999-12-31", "2026-02-30", "yesterday", ""])),
 ).map(text_frame)
 
 shaped = st.builds(
     lambda kind, fields: {"type": kind, **fields},
     st.sampled_from(CLIENT_TYPES),
     st.dictionaries(
-        st.sampled_from(["message", "id", "agentId", "conversationId", "options", "prefs", "data", "extra"]),
+        st.sampled_from(["message", "id", "agentId", "conversationId", "options", "prefs", "data", "since",
+                         "extra"]),
         json_values, max_size=4,
     ),
 ).map(text_frame)

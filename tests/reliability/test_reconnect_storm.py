@@ -5,7 +5,7 @@ Every WebSocket handshake must complete within partysocket's 4 s connection time
 client must get its ``ready``; the server must not crash or log a traceback; once the clients
 have left, its open file descriptors are back to their baseline, and a second storm leaves its
 memory where the first left it (CPython keeps what a peak took; growth per storm would be a leak).
-Clients are spread over 50 users. The times are measured by the test process, which shares the
+Clients are spread over users, ten connections each. The times are measured by the test process, which shares the
 machine's CPUs with the server: they include the client's own work.
 """
 
@@ -14,14 +14,13 @@ from __future__ import annotations
 import os
 import resource
 
-import pytest
 import trio
 import trio.testing
-from probes import LONG, Closed, Rejected, RawWebSocket, percentile, record, rss_bytes, scaled
+from probes import Closed, Rejected, RawWebSocket, percentile, record, rss_bytes, scaled
 from servers import add_user, start_atlas_process
 
 HANDSHAKE_BUDGET = 4.0  # partysocket's connectionTimeout
-USERS = 50
+PER_USER = 10  # connections per user (the default cap is 32)
 MiB = 1024 * 1024
 
 
@@ -37,6 +36,7 @@ def open_fds(pid: int) -> int:
 
 
 async def one_storm(port: int, tokens: list[str], clients: int) -> dict:
+    users = len(tokens)
     """``clients`` connect at the same moment, each reads ``ready``; then all close."""
     go = trio.Event()
     handshakes: list[float] = []
@@ -49,11 +49,13 @@ async def one_storm(port: int, tokens: list[str], clients: int) -> dict:
         t0 = trio.current_time()
         try:
             with trio.fail_after(30):
-                ws = await RawWebSocket.open(port, f"/party/user{n % USERS}?token={tokens[n % USERS]}")
+                ws = await RawWebSocket.open(port, f"/party/user{n % users}?token={tokens[n % users]}")
                 handshakes.append(trio.current_time() - t0)
                 sockets.append(ws)
                 frame = await ws.receive_json()
-                assert frame["type"] == "ready", frame
+                if frame["type"] != "ready":
+                    failures.append(frame.get("error", {}).get("code", frame["type"]))
+                    return
                 readies.append(trio.current_time() - t0)
         except (OSError, trio.TooSlowError, Closed, Rejected) as exc:
             failures.append(type(exc).__name__)
@@ -85,7 +87,7 @@ async def storm(tmp_path, clients: int, rounds: int = 2) -> dict:
     memory after the first (what CPython keeps after a peak is not a leak; growth per storm is)."""
     raise_fd_limit(2 * clients + 1000)  # the subprocess inherits it
     data_dir = tmp_path / "data"
-    tokens = [add_user(data_dir, f"user{n}") for n in range(USERS)]
+    tokens = [add_user(data_dir, f"user{n}") for n in range(clients // PER_USER)]
     process = await start_atlas_process(data_dir)
     try:
         port = int(process.url.rsplit(":", 1)[1])
@@ -123,18 +125,10 @@ def check(results: dict) -> None:
     assert last - first <= 8, results  # no growth storm on storm
 
 
-@pytest.mark.skipif(LONG, reason="the long run storms with 2,000 clients instead")
 async def test_reconnect_storm(tmp_path):
-    results = await storm(tmp_path, 300)
-    record("reconnect storm", **results)
-    check(results)
-
-
-@pytest.mark.skipif(not LONG, reason="long run only (ATLAS_RELIABILITY_LONG=1)")
-@pytest.mark.xfail(strict=True, reason="Hypercorn's accept backlog is 100 and not configurable: "
-                   "at 2,000 simultaneous clients connections wait for SYN retransmits and "
-                   "handshakes pass partysocket's 4 s timeout")
-async def test_reconnect_storm_2000(tmp_path):
+    """300 clients at once (2,000 in the long run). Found by this suite at 2,000 before
+    ATLAS_BACKLOG existed: Hypercorn's backlog of 100 made most handshakes wait for SYN
+    retransmits, past 4 s; half of them waited over 1 s already at 300."""
     results = await storm(tmp_path, scaled(300, 2000))
     record("reconnect storm", **results)
     check(results)
