@@ -37,10 +37,10 @@ from servers import open_atlas
 MAX_MESSAGE = 128 * 1024  # smaller than the default 1 MiB so that the over-size path is cheap
 SERVER_TYPES = frozenset({
     "ready", "agent:start", "agent:delta", "agent:done", "agent:error", "prefs", "broadcast",
-    "pong", "error", "usage",
+    "pong", "error", "usage", "agent:requests",
 })
 CLIENT_TYPES = ("agent:stream", "agent:text", "agent:cancel", "prefs:get", "prefs:set", "broadcast", "ping",
-                "usage:get")
+                "usage:get", "agent:resume", "agent:list")
 BROKEN = (Closed, trio.BrokenResourceError, trio.ClosedResourceError, wsproto.utilities.LocalProtocolError)
 
 
@@ -85,6 +85,12 @@ valid = st.one_of(
                               json_values, max_size=2)),
     st.builds(lambda data: {"type": "broadcast", "data": data}, json_values),
     st.builds(lambda request_id: {"type": "agent:cancel", "id": request_id}, short_ids),
+    st.builds(lambda kind, message, request_id: {"type": kind, "message": message, "id": request_id,
+                                                 "resumable": True},
+              st.sampled_from(["agent:text", "agent:stream"]), st.text(max_size=16), short_ids),
+    st.builds(lambda request_id, after: {"type": "agent:resume", "id": request_id, "after": after},
+              short_ids, json_values),
+    st.just({"type": "agent:list"}),
     st.builds(lambda since: {"type": "usage:get", "since": since},
               st.sampled_from(["2026-01-01", "1999-12-31", "2026-02-30", "yesterday", ""])),
 ).map(text_frame)
@@ -94,7 +100,7 @@ shaped = st.builds(
     st.sampled_from(CLIENT_TYPES),
     st.dictionaries(
         st.sampled_from(["message", "id", "agentId", "conversationId", "options", "prefs", "data", "since",
-                         "extra"]),
+                         "resumable", "after", "extra"]),
         json_values, max_size=4,
     ),
 ).map(text_frame)
@@ -225,8 +231,10 @@ async def ping_pong(session: Session) -> None:
 async def test_fuzzed_frames_get_contract_answers_and_leave_nothing_behind(tmp_path, provider):
     provider.behaviour = Reply(deltas=["fuzz ", "reply"])
     stats = {"examples": 0, "frames": 0, "closed_1009": 0}
+    # A resumable request is kept for the grace period after it ends or its connection drops:
+    # short here, so that the task count can return to its baseline between examples.
     async with open_atlas(tmp_path, users={"alice": None}, provider_url=provider.url,
-                          max_message_bytes=MAX_MESSAGE) as server:
+                          max_message_bytes=MAX_MESSAGE, resume_grace_seconds=0.2) as server:
         port = int(server.url.rsplit(":", 1)[1])
         token = server.tokens["alice"]
         async with open_session(port, token) as session:  # the room is loaded, the pool is open

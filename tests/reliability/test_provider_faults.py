@@ -168,14 +168,13 @@ async def test_a_giant_event_on_many_lines_is_refused(tmp_path, transport):
     assert outcomes[0][1] == "provider_error", outcomes
 
 
-@pytest.mark.xfail(strict=True, reason="no overall deadline for a request: a provider that sends "
-                   "a keep-alive comment more often than provider_timeout holds it forever "
-                   "(when a deadline setting exists, set it here)")
 async def test_a_dripping_provider_cannot_hold_a_request_forever(tmp_path):
+    """Found by this suite (and issue 14); ATLAS_REQUEST_DEADLINE_SECONDS on main since."""
     timeout = 0.4  # the provider drips every 0.1 s
     async with open_faulty_provider() as provider:
         async with open_atlas(tmp_path, users={"ann": None}, provider_url=provider.url,
-                              provider_timeout=timeout, provider_retries=0) as server:
+                              provider_timeout=timeout, provider_retries=0,
+                              request_deadline_seconds=2 * timeout) as server:
             port = int(server.url.rsplit(":", 1)[1])
             ws = await RawWebSocket.open(port, f"/party/ann?token={server.tokens['ann']}")
             try:
@@ -184,6 +183,7 @@ async def test_a_dripping_provider_cannot_hold_a_request_forever(tmp_path):
                 with trio.move_on_after(5 * timeout):
                     frame = await ws.receive_json(timeout=10 * timeout)
                     assert frame["type"] == "agent:error", frame
+                    assert frame["error"]["code"] == "provider_timeout", frame
                     return
                 raise AssertionError(f"the request was still running after {5 * timeout} s")
             finally:
