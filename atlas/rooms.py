@@ -39,7 +39,8 @@ import trio
 
 from atlas.protocol import CLOSE_INTERNAL, CLOSE_TRY_AGAIN, CLOSE_UNAUTHORIZED, error_frame
 from atlas.store import (
-    Identity, Lease, LeaseLost, RoomLeases, RoomState, Store, StoreError, Turn, UserGone,
+    Identity, Lease, LeaseLost, RoomLeases, RoomState, Store, StoreError, StoreUnavailable, Turn,
+    UserGone,
 )
 
 
@@ -93,6 +94,7 @@ class Room:
         self.lease: Lease | None = None  # taken before the room is loaded
         self.gone = False  # given up (revoked, or its lease lost): it never writes again
         self.revoked = False  # given up because its user was removed
+        self._farewell = (CLOSE_INTERNAL, "internal", "")  # what its connections were told
 
     # Life cycle
 
@@ -191,13 +193,17 @@ class Room:
         if self.gone:
             return
         self.gone = True
+        self._farewell = (close_code, code, message)
         self._registry._forget(self)
-        frame = error_frame(code, message)
         for connection in list(self.connections):
-            connection.send_nowait(frame)
-            connection.close_after_pending(close_code, message)
+            self._send_farewell(connection)
         if self.nursery is not None:
             self.nursery.cancel_scope.cancel()
+
+    def _send_farewell(self, connection: Connection) -> None:
+        close_code, code, message = self._farewell
+        connection.send_nowait(error_frame(code, message))
+        connection.close_after_pending(close_code, message)
 
     @property
     def owned(self) -> bool:
@@ -276,6 +282,9 @@ class Room:
     def attach(self, connection: Connection) -> None:
         self.connections[connection] = None
         self._notify()
+        if self.gone:
+            # Given up between being opened and this connection joining: told the same.
+            self._send_farewell(connection)
 
     def detach(self, connection: Connection) -> None:
         # Keyed by the connection object itself: a stale close never removes a live connection.
@@ -408,6 +417,9 @@ class RoomRegistry:
                     except RoomElsewhere:
                         view = None
                 if view is None:
+                    if not await self.leases.healthy():
+                        # Known to be down: say so now rather than after the store's timeout.
+                        raise StoreUnavailable(f"{self.store.location} is unavailable")
                     state = await trio.to_thread.run_sync(self.store.load_room, room_id)
                     view = RoomSnapshot(room_id, state, identity)
                 yield view
