@@ -108,6 +108,7 @@ class _Session:
         self.scope = trio.CancelScope()
         self.unlocks: list[int] = []
         self.unlock_wanted = trio.Event()
+        self.closed = False
 
 
 class PostgresLeases:
@@ -215,10 +216,14 @@ class PostgresLeases:
             session.answer.error = session.reason
             session.answer.done.set()
             session.answer = None
+        # Cancelled first: a task of the session waiting for the socket gets Cancelled, not
+        # the ClosedResourceError that notify_closing gives to waiters left (a shielded query).
         session.scope.cancel()
-        if not session.conn.closed:
+        if not session.closed:
+            session.closed = True
             trio.lowlevel.notify_closing(session.fd)
             session.conn.close()  # ends the session: PostgreSQL releases its locks
+            session.pgconn.finish()  # (close() skips it when the connection is already broken)
 
     def _lose(self, session: _Session, reason: str) -> None:
         if not session.lost.is_set():
@@ -256,8 +261,9 @@ class PostgresLeases:
             if trio.current_time() - session.last_answer >= HEARTBEAT_SECONDS:
                 try:
                     await self._ask(session, PING, ())
-                except StoreError:
-                    return  # the session is lost (and being closed) or answers nonsense
+                except StoreError as exc:
+                    self._lose(session, str(exc))  # lost already, or answers nonsense: start over
+                    return
 
     async def _unlock(self, session: _Session) -> None:
         while True:
@@ -267,7 +273,8 @@ class PostgresLeases:
                 key = session.unlocks.pop(0)
                 try:
                     await self._ask(session, UNLOCK, (str(key).encode(),))
-                except StoreError:
+                except StoreError as exc:
+                    self._lose(session, str(exc))  # a lock that cannot be released goes with its session
                     return
 
     async def _ask(
@@ -287,7 +294,7 @@ class PostgresLeases:
                     pgconn.send_query_params(sql, list(params) or None)
                     while pgconn.flush():
                         await trio.lowlevel.wait_writable(session.fd)
-                except (psycopg.OperationalError, OSError) as exc:
+                except (psycopg.OperationalError, OSError, trio.ClosedResourceError) as exc:
                     self._lose(session, _first_line(str(exc)) or "the connection broke")
                     raise self._unavailable(session.reason) from None
                 with trio.move_on_after(timeout):
