@@ -398,12 +398,13 @@ class RoomRegistry:
 
     @asynccontextmanager
     async def visit_room(
-        self, room_id: str, identity: Identity | None = None
+        self, room_id: str, identity: Identity | None = None, *, read: bool = True,
     ) -> AsyncIterator[Room | RoomSnapshot]:
-        """For a request that reads the room and changes nothing (HTTP status, the proxy): the
-        room, held, if this process serves it; else the room as stored, without taking its lease
-        (so that such a request, answered by any process, never keeps the room from its owner).
-        Counted until the block exits, so that a graceful shutdown waits for it.
+        """For a request that reads the room and changes nothing (HTTP status, the proxy, /v1):
+        the room, held, if this process serves it; else the room as stored (``read=False``: an
+        empty one, for a request that needs none of it), without taking its lease, so that such
+        a request, answered by any process, never keeps the room from its owner. Counted until
+        the block exits, so that a graceful shutdown waits for it.
 
         Raises StoreError when the room's stored state cannot be read."""
         self._visits += 1
@@ -416,6 +417,8 @@ class RoomRegistry:
                         view = await stack.enter_async_context(self.open_room(room_id, identity))
                     except RoomElsewhere:
                         view = None
+                if view is None and not read:
+                    view = RoomSnapshot(room_id, RoomState(), identity)
                 if view is None:
                     if not await self.leases.healthy():
                         # Known to be down: say so now rather than after the store's timeout.

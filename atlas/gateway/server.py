@@ -145,6 +145,7 @@ async def _serve(
             serve_rooms, store, idle_seconds=settings.room_idle_seconds,
             users_are_stored=settings.auth_url is None, handoff_seconds=settings.room_handoff_seconds,
         ))
+        admission.store_ready = rooms.leases.healthy
         await background.start(partial(
             serve_revocation_sweeps, verifier, rooms, store, period=settings.auth_cache_seconds
         ))
