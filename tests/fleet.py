@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from urllib.parse import urlsplit
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ import httpx
 import trio
 from haproxy_proc import HAProxy, deploy_config
 from servers import SECRETS, AtlasProcess, atlas_command, free_port, new_key, start_atlas_process
-from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, open_websocket_url
+from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, wrap_client_stream
 
 from atlas.backoff import backoff_delay
 
@@ -181,19 +182,36 @@ class Client:
         return None
 
     async def _hold(self, task_status: trio.TaskStatus[tuple[Any, Any]]) -> None:
-        """Own one connection (trio-websocket ties it to a task) until ``close``."""
+        """Own one connection (trio-websocket ties it to a task) until ``close``, on a TCP stream
+        of our own that is closed on the way out: trio-websocket's client leaves its socket
+        unclosed after a refused handshake or a close the server started (see servers.connect)."""
+        parts = urlsplit(self.url)
+        resource = parts.path + (f"?{parts.query}" if parts.query else "")
         started = False
+        failure: BaseException | None = None
         try:
-            # Bounded handshakes: a stall is a refusal (ConnectionTimeout) the test can see.
-            async with open_websocket_url(self.url, connect_timeout=WAIT, disconnect_timeout=2) as ws:
+            stream = await trio.open_tcp_stream(parts.hostname, parts.port)
+        except OSError as exc:
+            task_status.started((None, exc))
+            return
+        try:
+            async with trio.open_nursery() as nursery:
+                with trio.fail_after(WAIT):  # a stalled handshake is a refusal the test sees
+                    ws = await wrap_client_stream(nursery, stream, parts.netloc, resource)
                 release = trio.Event()
                 self._releases.append(release)
                 task_status.started((ws, None))
                 started = True
                 await release.wait()
-        except (OSError, HandshakeError, ConnectionClosed) as exc:
-            if not started:
-                task_status.started((None, exc))
+                with trio.move_on_after(2):
+                    await ws.aclose()
+                nursery.cancel_scope.cancel()
+        except* (HandshakeError, ConnectionClosed, trio.TooSlowError, trio.BrokenResourceError, OSError) as group:
+            failure = group.exceptions[0]
+        finally:
+            await trio.aclose_forcefully(stream)
+        if not started:
+            task_status.started((None, failure))
 
     def _release(self) -> None:
         while self._releases:
