@@ -240,6 +240,11 @@ async def test_a_database_restart_under_load_fails_cleanly_then_rooms_are_served
                 json={"input": "hello"},
             )
             assert (proxied.status_code, proxied.json()["error"]["code"]) == (503, "store_unavailable")
+            completion = await http.post(
+                f"{process.url}/v1/chat/completions", headers=bearer(token),
+                json={"model": "atlas-dev", "messages": [{"role": "user", "content": "hello"}]},
+            )
+            assert (completion.status_code, completion.json()["error"]["code"]) == (503, "store_unavailable")
             async with open_client(ws_url(process, "alice", token)) as direct:
                 assert await direct.attempt() is None
                 assert direct.refusals == [("store_unavailable", 1011)]
