@@ -265,6 +265,10 @@ SETTINGS: tuple[Setting, ...] = (
             "TOML file defining agents (default DATA_DIR/agents.toml when it exists)"),
     Setting("room_idle_seconds", ("ATLAS_ROOM_IDLE_SECONDS",), "--room-idle-seconds",
             parse_positive_float, "seconds an idle room stays in memory"),
+    Setting("room_handoff_seconds", ("ATLAS_ROOM_HANDOFF_SECONDS",), "--room-handoff-seconds",
+            parse_non_negative_float, "with several processes on one database: seconds a room "
+            "with connections stays with its process before it is handed to another process "
+            "that was asked for it (see docs/scaling.md)"),
     Setting("max_message_bytes", ("ATLAS_MAX_MESSAGE_BYTES",), "--max-message-bytes",
             parse_positive_int, "largest WebSocket message accepted"),
     Setting("max_requests_per_connection", ("ATLAS_MAX_REQUESTS_PER_CONNECTION",),
@@ -332,6 +336,7 @@ class Settings:
     default_agent: str | None = None
     agents_file: Path | None = None
     room_idle_seconds: float = 60.0
+    room_handoff_seconds: float = 10.0
     max_message_bytes: int = 1024 * 1024
     max_requests_per_connection: int = 8
     conversation_turns: int = 40

@@ -18,6 +18,7 @@ CLOSE_GOING_AWAY = 1001
 CLOSE_ABNORMAL = 1006  # never sent: what a client sees when the connection dropped without a close
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL = 1011
+CLOSE_TRY_AGAIN = 1013  # the room is served by another process: reconnect (through the balancer)
 CLOSE_TOO_SLOW = 1008
 CLOSE_POLICY = 1008  # policy violation: too many failed token checks from one address
 CLOSE_UNAUTHORIZED = 4001

@@ -242,13 +242,21 @@ class Bench:
                              f"{sp['p99']:+.2f} ms", "-", None))
         progress(f"proxy: added p50 {sp['p50']:.2f} ms; Atlas CPU {cpu_per_request * 1e6:.0f} us per request")
 
-    def stream_level(self, mode: str, url: str, streams: int, atlas_pid: int | None) -> dict[str, Any]:
+    def stream_level(
+        self, mode: str, url: str, streams: int, atlas_pid: int | tuple[int, ...] | None, *,
+        first_user: int = 0, extra_pids: dict[str, int] | None = None,
+    ) -> dict[str, Any]:
+        """One streaming level. ``atlas_pid``: the server's process, or its processes (their CPU
+        is added up); ``first_user``: the streams' users are the store's from there on;
+        ``extra_pids``: other processes whose CPU is reported by name (a load balancer's)."""
         plan = self.plan
+        pids = atlas_pid if isinstance(atlas_pid, tuple) else (atlas_pid,) if atlas_pid else ()
+        extra_pids = extra_pids or {}
         period = 1.0 / plan.stream_rate
         spec = f"bench deltas={plan.stream_deltas} rate={plan.stream_rate:g}"
         per_client: list[list[Any]] = [[] for _ in range(plan.stream_clients)]
         for i in range(streams):
-            user, token = self.pairs[i]
+            user, token = self.pairs[first_user + i]
             # Starts spread over the ramp (and so over every phase of the delta period): N streams
             # arriving within a few milliseconds is a thundering herd, not N concurrent streams.
             per_client[i % plan.stream_clients].append([user, token, i / streams * max(period, plan.stream_ramp)])
@@ -260,15 +268,17 @@ class Bench:
         try:
             connected = [proc.event(120) for proc in procs]
             start = time.monotonic() + 0.3
-            cpu0 = cpu_seconds(atlas_pid) if atlas_pid else 0.0
+            cpu0 = sum(cpu_seconds(pid) for pid in pids)
+            extra0 = {name: cpu_seconds(pid) for name, pid in extra_pids.items()}
             provider0 = cpu_seconds(self.provider.pid)  # type: ignore[union-attr]
             machine0, wall0 = machine_busy_seconds(), time.monotonic()
-            profiler = self.profiler(atlas_pid, f"streams-{streams}") if atlas_pid and mode == "atlas" else None
+            profiler = self.profiler(pids[0], f"streams-{streams}") if len(pids) == 1 and mode == "atlas" else None
             for proc in procs:
                 proc.send({"start": start})
             results = [proc.event(timeout + 30) for proc in procs]
             self.stop_profiler(profiler, f"streams-{streams}")
-            cpu = cpu_seconds(atlas_pid) - cpu0 if atlas_pid else 0.0
+            cpu = sum(cpu_seconds(pid) for pid in pids) - cpu0
+            extra = {name: cpu_seconds(pid) - extra0[name] for name, pid in extra_pids.items()}
             provider_cpu = cpu_seconds(self.provider.pid) - provider0  # type: ignore[union-attr]
             machine, wall = machine_busy_seconds() - machine0, time.monotonic() - wall0
         finally:
@@ -286,10 +296,12 @@ class Bench:
             "delay_ms": summary(delays), "atlas_cpu_s": cpu, "provider_cpu_s": provider_cpu,
             "last_done_s": max((max(r["done_ms"], default=0) for r in results), default=0) / 1000,
             "client_cpu_s": sum(r["cpu_s"] - c["cpu_s"] for r, c in zip(results, connected)), "wall_s": wall, "machine_busy_s": machine,
-            "cpu_us_per_delta": cpu / deltas * 1e6 if deltas and atlas_pid else None,
+            "cpu_us_per_delta": cpu / deltas * 1e6 if deltas and pids else None,
+            "extra_cpu_us_per_delta": {name: value / deltas * 1e6 if deltas else None for name, value in extra.items()},
         }
         # CPU the rest of the machine used meanwhile (other people's tests, browsers...): noise.
-        out["others_cpu_share"] = max(0.0, machine - cpu - provider_cpu - out["client_cpu_s"]) / wall / (os.cpu_count() or 1)
+        out["others_cpu_share"] = max(
+            0.0, machine - cpu - sum(extra.values()) - provider_cpu - out["client_cpu_s"]) / wall / (os.cpu_count() or 1)
         out["ok"] = (out["errors"] == 0 and deltas == expected and out["delay_ms"]["p99"] <= STREAM_DELAY_P99_MS)
         self.samples.setdefault("stream delay per delta", {})[f"{mode} {streams}"] = delays[:: max(1, len(delays) // 5000)]
         return out
@@ -385,20 +397,21 @@ class Bench:
         progress("streaming: Atlas's CPU per delta / minimal relay's at every common stream count: " + ", ".join(
             f"@{n} x{r:.2f}" for n, r in compared["relay"]["cpu_ratio_by_streams"].items()))
 
-    def measure_streams(self, kind: str, server: tuple[int, str], n: int) -> dict[str, Any]:
+    def measure_streams(self, kind: str, server: tuple[Any, ...], n: int) -> dict[str, Any]:
         """One level on one server. A level that failed while other processes (not the bench's)
         used more than NOISY_SHARE of the machine is measured once more, and the second try counts:
         on a shared machine a burst of someone's tests must not decide a capacity."""
         plan = self.plan
         progress(f"streaming: {n} streams through {SERVER_NAMES[kind]}, {plan.stream_deltas} deltas each at {plan.stream_rate:g}/s")
-        pid, url = server
-        level = self.stream_level(kind, url, n, pid)
+        pid, url, *more = server  # (pids, url, first user, extra pids) for several processes
+        options = dict(zip(("first_user", "extra_pids"), more))
+        level = self.stream_level(kind, url, n, pid, **options)
         self.report_streams(kind, level)
         if not level["ok"] and level["others_cpu_share"] > NOISY_SHARE:
             progress(f"streaming: {SERVER_NAMES[kind]}, {n} streams failed while other processes used "
                      f"{level['others_cpu_share']:.0%} of the machine: once more")
             first = level
-            level = self.stream_level(kind, url, n, pid)
+            level = self.stream_level(kind, url, n, pid, **options)
             level["noisy_first_try"] = {key: first[key] for key in (
                 "delay_ms", "cpu_us_per_delta", "others_cpu_share", "errors", "deltas")}
             self.report_streams(kind, level)
@@ -414,7 +427,7 @@ class Bench:
             + (f" {level['error_samples'][:1]}" if level["error_samples"] else "")
         )
 
-    def stream_capacities(self, servers: dict[str, tuple[int, str]]) -> tuple[
+    def stream_capacities(self, servers: dict[str, tuple[Any, ...]]) -> tuple[
             dict[str, dict[int, dict[str, Any]]], dict[str, int], dict[str, bool]]:
         """Each server's capacity, searched the same way and level by level in turns, so that a
         drift of the machine hits all of them: the plan's levels up to the server's first failing
@@ -540,6 +553,11 @@ class Bench:
             progress(f"idle ({kind}): {kib:.1f} KiB/connection (bare {kib0:.1f}), ping p99 {p99:.2f} ms (bare {p99b:.2f})")
         self.data["idle"] = results
 
+    def scale(self) -> None:
+        from bench.scale import run_scale
+
+        run_scale(self)
+
     def cold(self) -> None:
         plan = self.plan
         progress("cold users: baseline start-up on an empty data directory")
@@ -574,6 +592,8 @@ class Bench:
 
 
 SCENARIOS = ("first_token", "proxy", "streaming", "idle", "cold")
+# Run only when asked (--only scale): it needs PostgreSQL and HAProxy (bench/scale.py).
+OPTIONAL_SCENARIOS = ("scale",)
 
 
 def render_table(rows: list[Row]) -> str:
@@ -631,7 +651,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--priority", type=int, metavar="NICE", nargs="?", const=-10, default=None,
                         help="run every bench process at this nice value (default -10; below 0 needs root), "
                         "so that other work on a shared machine disturbs the figures less")
-    parser.add_argument("--only", action="append", choices=SCENARIOS, help="run only this scenario (repeatable)")
+    parser.add_argument("--only", action="append", choices=SCENARIOS + OPTIONAL_SCENARIOS,
+                        help="run only this scenario (repeatable); scale (several processes on PostgreSQL "
+                        "behind HAProxy) runs only when named")
     parser.add_argument("--streams", metavar="N[,N...]", default=None,
                         help="streaming: measure exactly these stream counts (no bisection)")
     args = parser.parse_args(argv)

@@ -5,6 +5,8 @@ with its ports put in).
         httpx.get(proxy.url + "/healthz")
         proxy.command("show servers state")      # the runtime API, if the config has "stats socket"
 
+    deploy_config(port, [port1, port2], socket)  # deploy/haproxy.cfg in front of those ports
+
 haproxy runs in a temp dir of its own, removed by ``close()``; if the test process is killed
 instead, a reaper (reaper.py) stops haproxy and removes the directory. Without haproxy the tests
 that need it skip, or fail on CI (``require_haproxy``, see optional.py).
@@ -24,6 +26,33 @@ from optional import unavailable
 from reaper import start_reaper, stop_reaper
 
 WAIT = 10.0  # seconds haproxy may take to start, to stop, or to answer a runtime command
+DEPLOY_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "haproxy.cfg"
+DEPLOY_SERVERS = 3  # atlas1..atlas3 on 127.0.0.1:2001..2003
+
+
+def deploy_config(
+    port: int, server_ports: list[int], stats_socket: Path, *, check: str = "inter 100ms fall 2 rise 2",
+) -> str:
+    """deploy/haproxy.cfg with the test's addresses, ``check`` for its health-check timing, and
+    a runtime API on ``stats_socket``. With fewer than three ports, the other servers are left
+    out. Every replaced text must be there, so a change to the file cannot silently escape the
+    tests."""
+    text = DEPLOY_CONFIG.read_text()
+    replacements = {
+        "bind :8080": f"bind 127.0.0.1:{port}",
+        "inter 2s fall 2 rise 2": check,
+        "\nglobal\n": f"\nglobal\n    stats socket {stats_socket} level admin\n",
+    }
+    for n, server_port in enumerate(server_ports, start=1):
+        replacements[f"127.0.0.1:200{n}"] = f"127.0.0.1:{server_port}"
+    for old, new in replacements.items():
+        assert old in text, f"deploy/haproxy.cfg no longer has {old!r}"
+        text = text.replace(old, new)
+    for n in range(len(server_ports) + 1, DEPLOY_SERVERS + 1):
+        lines = [line for line in text.splitlines() if f" atlas{n} " not in line]
+        assert len(lines) < len(text.splitlines()), f"deploy/haproxy.cfg has no server atlas{n}"
+        text = "\n".join(lines) + "\n"
+    return text
 
 
 class HAProxyError(Exception):

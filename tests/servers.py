@@ -214,15 +214,19 @@ async def start_atlas_process(
             stdout=out_file, stderr=log_file, env=full_env, stdin=subprocess.DEVNULL,
         )
     marker = "listening on "
-    with trio.move_on_after(WAIT * 2):
-        while True:
-            text = log_path.read_text(errors="replace")
-            for line in text.splitlines():
-                if line.startswith("Atlas") and marker in line:
-                    url = line.split(marker, 1)[1].split()[0]
-                    return AtlasProcess(process, url, log_path, out_path)
-            if process.poll() is not None:
-                raise RuntimeError(f"atlas {command} exited with {process.returncode}:\n{text}")
-            await trio.sleep(0.02)  # polling the log for the start-up line, not a timing guess
-    process.kill()
-    raise RuntimeError(f"atlas {command} did not start:\n{log_path.read_text(errors='replace')}")
+    try:
+        with trio.move_on_after(WAIT * 2):
+            while True:
+                text = log_path.read_text(errors="replace")
+                for line in text.splitlines():
+                    if line.startswith("Atlas") and marker in line:
+                        url = line.split(marker, 1)[1].split()[0]
+                        return AtlasProcess(process, url, log_path, out_path)
+                if process.poll() is not None:
+                    raise RuntimeError(f"atlas {command} exited with {process.returncode}:\n{text}")
+                await trio.sleep(0.02)  # polling the log for the start-up line, not a timing guess
+        raise RuntimeError(f"atlas {command} did not start:\n{log_path.read_text(errors='replace')}")
+    except BaseException:  # not started, or the caller gave up waiting (cancelled): none left behind
+        process.kill()
+        process.wait(WAIT)
+        raise

@@ -18,7 +18,7 @@ from types import ModuleType
 import httpx
 import pytest
 
-from haproxy_proc import HAProxy, check_config, require_haproxy
+from haproxy_proc import HAProxy, check_config, deploy_config, require_haproxy
 from optional import require_module
 from pg_cluster import PostgresCluster, require_bin_dir
 from servers import free_port
@@ -245,29 +245,13 @@ def test_deploy_haproxy_cfg_is_valid():
     assert "Configuration file is valid" in check_config((ROOT / "deploy" / "haproxy.cfg").read_text())
 
 
-def deploy_config(port: int, servers: list[NamedServer], stats_socket: Path) -> str:
-    """deploy/haproxy.cfg with the test's addresses, a short check interval, and a runtime API.
-    Every replaced text must be there, so a change to the file cannot silently escape the test."""
-    text = (ROOT / "deploy" / "haproxy.cfg").read_text()
-    replacements = {
-        "bind :8080": f"bind 127.0.0.1:{port}",
-        "inter 2s": "inter 100ms",
-        "\nglobal\n": f"\nglobal\n    stats socket {stats_socket} level admin\n",
-    }
-    for n, server in enumerate(servers, start=1):
-        replacements[f"127.0.0.1:200{n}"] = f"127.0.0.1:{server.port}"
-    for old, new in replacements.items():
-        assert old in text, f"deploy/haproxy.cfg no longer has {old!r}"
-        text = text.replace(old, new)
-    return text
-
-
 @pytest.fixture
 def deployed(named_servers, tmp_path_factory) -> Iterator[HAProxy]:
     require_haproxy()
     port = free_port()
     socket_path = tmp_path_factory.mktemp("haproxy") / "admin.sock"
-    with HAProxy(deploy_config(port, named_servers, socket_path), port) as proxy:
+    config = deploy_config(port, [server.port for server in named_servers], socket_path)
+    with HAProxy(config, port) as proxy:
         yield proxy
 
 

@@ -13,6 +13,7 @@ import time
 import psycopg
 import pytest
 import trio
+from trio_websocket import ConnectionClosed
 from servers import (
     SECRETS, atlas_command, connect, free_port, new_key, open_atlas, ready, receive_json,
     send_json, start_atlas_process,
@@ -274,23 +275,51 @@ async def test_a_database_outage_is_store_unavailable_then_the_room_works_again(
         async with open_atlas(
             tmp_path, users={"alice": None}, database_url=postgres_url, store=store, auth_cache_seconds=60,
         ) as server:
-            async with connect(server.ws_url("alice", server.tokens["alice"])) as ws:
+            url = server.ws_url("alice", server.tokens["alice"])
+            async with connect(url) as ws:
                 await ready(ws)
                 await send_json(ws, {"type": "prefs:set", "prefs": {"a": 1}})
                 assert (await receive_json(ws))["prefs"] == {"a": 1}
                 await trio.to_thread.run_sync(postgres_cluster.stop)
                 try:
-                    await send_json(ws, {"type": "prefs:set", "prefs": {"a": 2}})
+                    # The room's lease went with the database session: the room is given up.
                     frame = await receive_json(ws)
                     assert frame["type"] == "error" and frame["error"]["code"] == "store_unavailable"
                     assert PASSWORD not in frame["error"]["message"]
+                    await closed(ws)
+                    assert ws.closed.code == 1011
+                    # While the database is down the room is not served here (the token is cached).
+                    async with connect(url) as refused:
+                        frame = await receive_json(refused)
+                        assert frame["type"] == "error" and frame["error"]["code"] == "store_unavailable"
+                        await closed(refused)
+                        assert refused.closed.code == 1011
                 finally:
                     await trio.to_thread.run_sync(postgres_cluster.start)
-                await send_json(ws, {"type": "prefs:set", "prefs": {"b": 3}})
-                # The failed write changed nothing; the next one lands.
-                assert (await receive_json(ws))["prefs"] == {"a": 1, "b": 3}
+            # Back: the room is served again (its lease taken again), with what was acknowledged.
+            with trio.fail_after(10):
+                while True:
+                    async with connect(url) as ws:
+                        frame = await receive_json(ws)
+                        if frame["type"] == "ready":
+                            assert frame["prefs"] == {"a": 1}
+                            await send_json(ws, {"type": "prefs:set", "prefs": {"b": 3}})
+                            assert (await receive_json(ws))["prefs"] == {"a": 1, "b": 3}
+                            break
+                        assert frame["error"]["code"] == "store_unavailable", frame
+                    await trio.sleep(0.1)  # a client's reconnect delay, not a synchronisation
     finally:
         store.close()
     with psycopg.connect(postgres_url) as conn:
         stored = conn.execute("SELECT state->'prefs' FROM rooms WHERE id = 'alice'").fetchone()[0]
     assert stored == {"a": 1, "b": 3}
+
+
+async def closed(ws) -> None:
+    """Wait until the server closed ``ws`` (frames still arriving are skipped)."""
+    with trio.fail_after(10):
+        try:
+            while True:
+                await ws.get_message()
+        except ConnectionClosed:
+            return

@@ -7,7 +7,9 @@ the agent, and ``/v1/chat/completions``)::
         ...
         await ticket.settle(usage)      # durable; before the client is told the request is done
 
-Admission checks the concurrency and per-minute limits (``rate_limited``, 429), then reserves the
+Admission first refuses everything (``store_unavailable``, 503) while the store does not answer
+(``store_ready``: on PostgreSQL, the room leases' heartbeat; with or without limits), then checks
+the concurrency and per-minute limits (``rate_limited``, 429), then reserves the
 worst case against the token limits (``quota_exceeded``, 402, when the settled usage leaves no
 room for even a one-token reply). With the JSON store the request counts are kept here, in this
 process; a ledger that ``counts_requests`` (PostgreSQL) checks them in its ``reserve``, across
@@ -28,7 +30,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 
 import trio
@@ -111,6 +113,13 @@ class Refused(Exception):
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         return [(b"retry-after", str(self.retry_after).encode())] if self.retry_after else []
+
+
+def store_unavailable() -> Refused:
+    return Refused(
+        "store_unavailable", "the limits cannot be checked now (the database is unavailable); "
+        "try again shortly", 503, retry_after=RETRY_SOON_SECONDS,
+    )
 
 
 def rate_limited(message: str, retry_after: float) -> Refused:
@@ -222,8 +231,12 @@ class Admission:
         self, ledger: Ledger, defaults: Limits | None = None, *, clock: Callable[[], float] = time.time,
         wait_seconds: float = 3.0, default_output_tokens: int = 4096,
         observer: RequestObserver | None = None, deadline_seconds: float = math.inf,
+        store_ready: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         self.ledger = ledger
+        # Whether the store answers now (the room leases' health): a process that lost its
+        # database admits nothing, rather than serving on limits it can no longer check.
+        self.store_ready = store_ready
         self.deadline_seconds = deadline_seconds
         self.observer = observer or RequestObserver()
         self.defaults = None if defaults is None or defaults.is_empty() else defaults
@@ -280,6 +293,8 @@ class Admission:
         self, user_id: str, limits: ResolvedLimits, prompt: int, output: int | None, choices: int,
         trace: RequestTrace,
     ) -> AsyncIterator[Ticket]:
+        if self.store_ready is not None and not await self.store_ready():
+            raise store_unavailable()
         rate = self._rates.get(user_id)
         if rate is None:
             rate = self._rates[user_id] = _Rate()
@@ -346,10 +361,7 @@ class Admission:
                     user_id, self.today(), limits, prompt=prompt, output=output, choices=choices
                 )
             except StoreUnavailable as exc:
-                raise Refused(
-                    "store_unavailable", "the limits cannot be checked now (the database is "
-                    "unavailable); try again shortly", 503, retry_after=RETRY_SOON_SECONDS,
-                ) from exc
+                raise store_unavailable() from exc
             if isinstance(result, Hold):
                 return result
             if isinstance(result, OverQuota):

@@ -28,7 +28,7 @@ from quart import Response
 from quart_trio import QuartTrio
 
 from atlas.asgi import query_param, send_json
-from atlas.gateway.auth import AccessDenied, admit, builtin_me_app, store_denial
+from atlas.gateway.auth import STORE_UNAVAILABLE, AccessDenied, admit, builtin_me_app, store_denial
 from atlas.gateway.metrics import CONTENT_TYPE
 from atlas.gateway.cors import Cors
 from atlas.gateway.metered import billable_route, proxy_billable
@@ -95,7 +95,8 @@ async def party_http(services: Services, room_id: str, scope: dict[str, Any], re
             await send_error(send, 400, "bad_proxy_path", str(exc))
             return
     try:
-        async with services.rooms.open_room(room_id, identity) as room:
+        # Reads the room, changes nothing: any process may answer, the room's owner or not.
+        async with services.rooms.visit_room(room_id, identity) as room:
             if path is None:
                 await send_json(send, 200, {
                     "roomId": room.id, "userId": identity.id, "credentials": room.has_credentials,
@@ -104,6 +105,10 @@ async def party_http(services: Services, room_id: str, scope: dict[str, Any], re
                     "prefs": room.prefs, "connections": len(room.connections),
                     "usageToday": await services.admission.usage_today(identity.id),
                 })
+                return
+            if not await services.rooms.leases.healthy():
+                # A process that cannot reach the database serves no billable work.
+                await send_denied(send, STORE_UNAVAILABLE)
                 return
             headers = forwarded_headers(
                 scope["headers"], services.relay.credentials(room), services.settings.agent_secret
@@ -193,8 +198,15 @@ def build_pages_app(services: Services) -> QuartTrio:
         return response
 
     @pages.get("/healthz")
-    async def healthz() -> dict[str, Any]:
-        return {"ok": not services.shutting_down, "rooms": len(services.rooms.rooms)}
+    async def healthz() -> tuple[dict[str, Any], int]:
+        # 503 takes the process out of a load balancer's rotation: while it shuts down, and
+        # while it cannot reach the database (the room leases' heartbeat says; no query here).
+        rooms = len(services.rooms.rooms)
+        if services.shutting_down:
+            return _unhealthy(rooms, "shutting_down", "the server is shutting down"), 503
+        if not await services.rooms.leases.healthy():
+            return _unhealthy(rooms, "store_unavailable", "the store (database) is unavailable"), 503
+        return {"ok": True, "rooms": rooms}, 200
 
     @pages.errorhandler(404)
     async def not_found(_: Exception) -> tuple[dict[str, Any], int]:
@@ -210,6 +222,10 @@ async def send_metrics(services: Services, send: Any) -> None:
         (b"cache-control", b"no-store"),
     ]})
     await send({"type": "http.response.body", "body": body})
+
+
+def _unhealthy(rooms: int, code: str, message: str) -> dict[str, Any]:
+    return {"ok": False, "rooms": rooms, "error": {"code": code, "message": message}}
 
 
 def build_app(services: Services):

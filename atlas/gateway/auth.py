@@ -9,6 +9,7 @@ Errors:
     AuthError
     ├── Unauthorized      401 / WebSocket 4001: missing, unknown or revoked token
     └── AuthUnavailable   503 / WebSocket 1011: the auth API is down, slow or answers nonsense
+        └── AuthStoreUnavailable   the built-in auth's store (the database) cannot be reached
 
 ``admit`` is the one door to a room, for WebSocket and HTTP alike (``authenticate`` is the same
 door for the ``/v1`` routes, which name no room): it raises ``AccessDenied`` carrying both the
@@ -66,6 +67,12 @@ class TooManyFailures(AuthError):
     def __init__(self, retry_after: float) -> None:
         super().__init__("too many failed token checks from this address; try again later")
         self.retry_after = retry_after
+
+
+class AuthStoreUnavailable(AuthUnavailable):
+    """Built-in auth only: the store it reads is unavailable; the client hears the store's code."""
+
+    code = "store_unavailable"
 
 
 class AccessDenied(Exception):
@@ -291,10 +298,11 @@ class TokenVerifier:
     def __init__(
         self, client: httpx.AsyncClient, *, cache_seconds: float, timeout: float,
         max_concurrent: int = 32, failures: FailureLimiter | None = None,
-        trusted_proxies: frozenset[str] = frozenset(),
+        trusted_proxies: frozenset[str] = frozenset(), builtin: bool = False,
     ) -> None:
         self.trusted_proxies = trusted_proxies
         self._client = client
+        self._builtin = builtin
         self._cache_seconds = cache_seconds
         self._timeout = timeout
         # token hash -> (expiry, identity, or None for a refused token)
@@ -381,6 +389,8 @@ class TokenVerifier:
             raise AuthUnavailable("the auth API did not answer in time")
         if response.status_code in (401, 403):
             raise Unauthorized("invalid or revoked token")
+        if response.status_code == 503 and self._builtin:
+            raise AuthStoreUnavailable("the store (database) is unavailable; try again shortly")
         if response.status_code != 200:
             log.warning("auth API answered %d", response.status_code)
             raise AuthUnavailable(f"the auth API answered {response.status_code}")
@@ -409,4 +419,5 @@ async def open_token_verifier(settings: Settings, store: Store) -> AsyncIterator
             max_concurrent=settings.auth_max_concurrent,
             failures=FailureLimiter(settings.auth_failures_per_minute),
             trusted_proxies=frozenset(settings.trusted_proxies),
+            builtin=settings.auth_url is None,
         )

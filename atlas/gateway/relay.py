@@ -49,8 +49,8 @@ from atlas.protocol import (
     encode,
     error_frame,
 )
-from atlas.rooms import Room
-from atlas.store import StoreUnavailable, Turn, UserGone
+from atlas.rooms import Room, RoomSnapshot
+from atlas.store import LeaseLost, StoreUnavailable, Turn, UserGone
 
 log = logging.getLogger("atlas.gateway.relay")
 
@@ -106,7 +106,7 @@ class Relay:
         self.max_requests = max_requests
         self.conversation_turns = conversation_turns
 
-    def credentials(self, room: Room) -> Credentials | None:
+    def credentials(self, room: Room | RoomSnapshot) -> Credentials | None:
         identity = room.identity
         if identity is None or not identity.virtual_key:
             return None
@@ -132,6 +132,11 @@ class Relay:
             return
         if request_id in connection.requests or request_id in connection.attached:
             await refuse("bad_message", f"request {request_id!r} is already in flight on this connection")
+            return
+        if not room.owned:
+            # The room is being given up (its lease was lost with the database): no billable
+            # work from a process that cannot reach the database.
+            await refuse("store_unavailable", "the database is unavailable; try again shortly")
             return
         if self._taken(room, request_id):
             await refuse("bad_message", f"request id {request_id!r} can still be resumed in this room; use another")
@@ -290,8 +295,8 @@ class Relay:
             await stream.end(error_frame(exc.code, exc.message, request_id, **exc.fields()), "error")
         except AgentError as exc:
             await stream.end(encode_agent_error(request_id, exc), "error")
-        except UserGone:
-            pass  # the room was revoked: its connections were told and are closing
+        except (UserGone, LeaseLost):
+            pass  # the room was given up: its connections were told and are closing
         except StoreUnavailable as exc:
             log.error("agent request %s in room %s: conversation not saved: %s", request_id, room.id, exc)
             await stream.end(error_frame(

@@ -143,8 +143,9 @@ async def _serve(
         await background.start(admission.ledger.serve)  # keeps this process's reservations alive
         rooms = await background.start(partial(
             serve_rooms, store, idle_seconds=settings.room_idle_seconds,
-            users_are_stored=settings.auth_url is None,
+            users_are_stored=settings.auth_url is None, handoff_seconds=settings.room_handoff_seconds,
         ))
+        admission.store_ready = rooms.leases.healthy
         await background.start(partial(
             serve_revocation_sweeps, verifier, rooms, store, period=settings.auth_cache_seconds
         ))

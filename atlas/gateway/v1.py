@@ -40,7 +40,7 @@ from atlas.gateway.services import Services
 from atlas.llm.provider import DRAIN_SECONDS, provider_error, status_error, transport_error
 from atlas.llm.sse import SseDataParser, SseTooLong
 from atlas.llm.types import AgentError, Usage
-from atlas.store import Identity, StoreError, is_valid_user_id
+from atlas.store import Identity, StoreError, StoreUnavailable, is_valid_user_id
 
 log = logging.getLogger("atlas.gateway.v1")
 
@@ -69,6 +69,9 @@ class V1Error(Exception):
         self.message = message
         self.extra = extra
         self.headers: list[tuple[bytes, bytes]] = []
+
+
+STORE_UNAVAILABLE = V1Error(503, "store_unavailable", "the store (database) is unavailable; try again shortly")
 
 
 def error_body(status: int, code: str, message: str, **extra: Any) -> dict[str, Any]:
@@ -129,14 +132,17 @@ async def v1_endpoint(services: Services, scope: dict[str, Any], receive: Any, s
         if not is_valid_user_id(identity.id):
             log.warning("the auth API named a user id that is not a valid room id")
             raise V1Error(403, "forbidden", "this user's id is not usable here (1-128 of A-Z a-z 0-9 . _ @ -)")
-        async with services.rooms.open_room(identity.id, identity):
-            # Held for the request's length: shutdown waits for it as for a proxied request.
+        async with services.rooms.visit_room(identity.id, identity, read=False):
+            # Counted for the request's length: shutdown waits for it as for a proxied request.
+            # /v1 changes no room, so any process may answer it without taking the room's lease.
             if allowed == "GET":
                 await list_models(services, identity, send)
             else:
                 await chat_completions(services, identity, scope, receive, send)
     except V1Error as error:
         await send_error(send, error)
+    except StoreUnavailable:
+        await send_error(send, STORE_UNAVAILABLE)
     except StoreError:
         await send_error(send, V1Error(500, "internal", "this user's stored state is unreadable; the server log names the file"))
 
@@ -289,13 +295,16 @@ async def chat_completions(
                 event = b"data: " + _encode(error_body(exc.status, exc.code, exc.message)) + b"\n\n"
                 await send({"type": "http.response.body", "body": event, "more_body": False})
         except Exception as exc:  # the request's boundary: a bug, a store that cannot be read
-            outcome = "internal"
+            outcome = "store_unavailable" if isinstance(exc, StoreUnavailable) else "internal"
             if isinstance(exc, StoreError):
                 log.error("v1 request of %r: %s", identity.id, exc)
             else:
                 log.exception("v1 request of %r failed", identity.id)
             if not response_started:
-                failure = V1Error(500, "internal", "internal error; see the server log")
+                failure = (
+                    STORE_UNAVAILABLE if isinstance(exc, StoreUnavailable)
+                    else V1Error(500, "internal", "internal error; see the server log")
+                )
             else:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:

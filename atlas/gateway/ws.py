@@ -2,7 +2,9 @@
 
 Order of events: accept the upgrade (so the client can see a close code), check the room id
 (4400), verify the token (4001, or 1011 when the auth API is unavailable), check it is this room's
-user (4003), open the room, send ``ready``, then read frames until the client leaves. A 4xxx close
+user (4003), open the room (1013 ``room_elsewhere`` when another process serves it, 1011
+``store_unavailable`` when its lease cannot be taken now), send ``ready``, then read frames until
+the client leaves. A 4xxx close
 is preceded by an ``error`` frame. Every frame the server cannot use gets an error reply and the
 connection stays open; an unexpected failure while handling one frame is logged and answered with
 ``internal``, and the connection still stays open.
@@ -23,6 +25,7 @@ from atlas.gateway.connection import Connection
 from atlas.gateway.services import Services
 from atlas.protocol import (
     CLOSE_POLICY,
+    CLOSE_TRY_AGAIN,
     CLOSE_UNAUTHORIZED,
     AgentCancel,
     AgentList,
@@ -43,14 +46,19 @@ from atlas.protocol import (
     error_frame,
     usage_message,
 )
-from atlas.rooms import PrefsTooLarge, Room
-from atlas.store import StoreError, StoreUnavailable, UserGone
+from atlas.rooms import PrefsTooLarge, Room, RoomElsewhere
+from atlas.store import LeaseLost, StoreError, StoreUnavailable, UserGone
 from atlas.store.usage import parse_day
 
 log = logging.getLogger("atlas.gateway.ws")
 
 PONG = encode(Pong())
 CLOSE_WAIT_SECONDS = 2.0
+# The client's reconnect, through the load balancer, reaches the process that serves the room.
+ROOM_ELSEWHERE = AccessDenied(
+    "room_elsewhere", "this room is served by another server; reconnect",
+    status=409, close_code=CLOSE_TRY_AGAIN,
+)
 
 
 def connection_id_from_scope(scope: dict[str, Any]) -> str:
@@ -92,6 +100,12 @@ async def websocket_endpoint(
                 ))
                 return
             await serve_connection(services, room, connection, receive, send)
+    except RoomElsewhere:
+        log.info("room %s: connection refused, another process serves the room", room_id)
+        await reject(ROOM_ELSEWHERE)
+        # The balancer sent this connection here: the owner may hand the room over.
+        await services.rooms.leases.want(room_id)
+        return
     except StoreError as exc:
         await reject(store_denial(exc))
         return
@@ -186,8 +200,8 @@ async def handle_frame(services: Services, room: Room, connection: Connection, f
             except PrefsTooLarge as exc:
                 await connection.send(error_frame("too_large", str(exc)))
                 return
-            except UserGone:
-                return  # the room was revoked: this connection was told and is closing
+            except (UserGone, LeaseLost):
+                return  # the room was given up: this connection was told and is closing
             except StoreUnavailable as exc:
                 log.error("room %s: prefs not saved: %s", room.id, exc)
                 await connection.send(error_frame(

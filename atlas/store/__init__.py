@@ -5,8 +5,10 @@ from typing import TYPE_CHECKING
 
 from atlas.store.base import Charge, Hold, Ledger, Store
 from atlas.store.json_store import JsonStore
+from atlas.store.leases import Lease, LocalLeases, RoomLeases
 from atlas.store.records import (
     Identity,
+    LeaseLost,
     Limits,
     RoomState,
     StoreCorrupt,
@@ -28,9 +30,10 @@ if TYPE_CHECKING:
     from atlas.config import Settings
 
 __all__ = [
-    "Charge", "Hold", "Identity", "JsonStore", "Ledger", "Limits", "RoomState", "Store", "StoreCorrupt",
-    "StoreError", "StoreUnavailable", "TokenRecord", "Turn", "UsageDay", "UsageRecord", "UserGone",
-    "UserRecord", "hash_token", "is_valid_user_id", "mask_key", "new_token", "store_for",
+    "Charge", "Hold", "Identity", "JsonStore", "Lease", "LeaseLost", "Ledger", "Limits", "LocalLeases",
+    "RoomLeases", "RoomState", "Store", "StoreCorrupt", "StoreError", "StoreUnavailable", "TokenRecord",
+    "Turn", "UsageDay", "UsageRecord", "UserGone", "UserRecord", "hash_token", "is_valid_user_id",
+    "mask_key", "new_token", "store_for",
 ]
 
 

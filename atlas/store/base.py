@@ -11,7 +11,9 @@ Guarantees every backend gives:
 - a stored value that cannot be decoded raises ``StoreCorrupt`` naming where it is, and is never
   overwritten silently;
 - removing a user removes everything kept for them;
-- a store that cannot be reached raises ``StoreUnavailable`` (nothing written, try again later).
+- a store that cannot be reached raises ``StoreUnavailable`` (nothing written, try again later);
+- ``room_leases()`` says which process owns a room (``leases.py``), and a room write that carries
+  a lease's fence is refused with ``LeaseLost`` once that lease is no longer the room's current one.
 
 The usage ledger has two faces. The blocking methods (``load_usage``, ``add_usage`` and
 ``usage_user_ids``) read it and add to it. A server process takes one ``Ledger`` (``usage_ledger()``): the live ledger,
@@ -29,6 +31,7 @@ from typing import Protocol
 
 import trio
 
+from atlas.store.leases import RoomLeases
 from atlas.store.records import RoomState, TokenRecord, UsageDay, UsageRecord, UserRecord
 from atlas.store.usage import Busy, OverQuota, ResolvedLimits, TooMany
 
@@ -113,6 +116,11 @@ class Store(Protocol):
         """Release what the store holds open (database connections). Safe to call again."""
         ...
 
+    def room_leases(self) -> RoomLeases:
+        """Who owns which room, for the processes sharing this store (a new object: the server
+        runs its ``serve`` and uses it for its rooms)."""
+        ...
+
     # Users (built-in auth)
     def load_user(self, user_id: str) -> UserRecord | None: ...
     def save_user(self, user: UserRecord) -> None: ...
@@ -136,10 +144,14 @@ class Store(Protocol):
     # Rooms: preferences and conversations
     def load_room(self, room_id: str) -> RoomState: ...
 
-    def save_room(self, room_id: str, state: RoomState, *, owner_must_exist: bool = False) -> None:
+    def save_room(
+        self, room_id: str, state: RoomState, *, owner_must_exist: bool = False, fence: int | None = None,
+    ) -> None:
         """With ``owner_must_exist`` (built-in auth), raises ``UserGone`` and writes nothing
         when the room's user no longer exists, atomically with ``remove_user``: a write racing a
-        removal either lands before it (and is removed with the rest) or is refused."""
+        removal either lands before it (and is removed with the rest) or is refused. With
+        ``fence`` (the room's ``Lease.fence``), raises ``LeaseLost`` and writes nothing unless
+        that lease still owns the room, atomically with another process taking it over."""
         ...
 
     def delete_room(self, room_id: str) -> None: ...

@@ -39,6 +39,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from atlas.store.base import Ledger
+from atlas.store.leases import LocalLeases
 from atlas.store.ledger import ProcessLedger
 from atlas.store.records import (
     RoomState,
@@ -117,6 +118,10 @@ class JsonStore:
 
     def close(self) -> None:
         pass  # nothing held open between calls
+
+    def room_leases(self) -> LocalLeases:
+        """One process owns the data directory, and with it every room."""
+        return LocalLeases()
 
     def prepare(self) -> None:
         for directory in (self.data_dir, self.users_dir, self.tokens_dir, self.rooms_dir, self.usage_dir):
@@ -210,7 +215,10 @@ class JsonStore:
     def load_room(self, room_id: str) -> RoomState:
         return read_struct(self.room_path(room_id), RoomState) or RoomState()
 
-    def save_room(self, room_id: str, state: RoomState, *, owner_must_exist: bool = False) -> None:
+    def save_room(
+        self, room_id: str, state: RoomState, *, owner_must_exist: bool = False, fence: int | None = None,
+    ) -> None:
+        # One process owns the data directory: its leases carry no fence (LocalLeases).
         self._write(self.room_path(room_id), state, owner=room_id if owner_must_exist else None)
 
     def delete_room(self, room_id: str) -> None:

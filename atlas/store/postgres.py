@@ -8,6 +8,8 @@
                     (users of an external auth API have no row in users)
     reservations    the requests in flight of every process, with what each holds (pg_ledger.py)
     admissions      when each request of the last minute was admitted (pg_ledger.py)
+    room_leases     id -> epoch: the fence of the room's current owner (pg_leases.py), from the
+                    sequence room_lease_epochs
 
 A room's state is one value, not a column per field: ``RoomState`` evolves in its struct (a new
 field gets a default) with no migration, both backends decode it with the same struct, and a
@@ -39,7 +41,11 @@ Atomicity, under PostgreSQL's default READ COMMITTED:
   processes adding at once never lose each other's usage; with ``owner_must_exist`` it takes the
   same ``FOR KEY SHARE`` lock as ``save_room``, and ``remove_user`` deletes the usage rows in its
   transaction;
-- the live ledger (``usage_ledger``: reservations, request counts) is ``pg_ledger``'s.
+- the live ledger (``usage_ledger``: reservations, request counts) is ``pg_ledger``'s;
+- ``save_room(fence=)`` (a room owned under a lease, see ``pg_leases``) locks the room's
+  ``room_leases`` row ``FOR SHARE`` and writes only if its epoch is still the fence. Taking the
+  lease over updates that row, so it waits for a write in progress (which the new owner then
+  loads) or makes it find another epoch (``LeaseLost``, nothing written).
 
 Errors: a database that cannot be reached (a connection that fails, or none free within the
 timeout) raises ``StoreUnavailable``; no message holds the password, and ``location`` shows the
@@ -64,8 +70,9 @@ from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from atlas.store.base import Ledger
 from atlas.store.pg_ledger import PostgresLedger
+from atlas.store.pg_leases import PostgresLeases
 from atlas.store.records import (
-    KEEP_USAGE_DAYS, Limits, RoomState, StoreCorrupt, StoreError, StoreUnavailable, TokenRecord,
+    KEEP_USAGE_DAYS, LeaseLost, Limits, RoomState, StoreCorrupt, StoreError, StoreUnavailable, TokenRecord,
     UsageDay, UsageRecord, UserGone, UserRecord, is_valid_user_id,
 )
 
@@ -125,6 +132,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             at timestamptz NOT NULL DEFAULT now()
         )""",
         "CREATE INDEX admissions_user_id_at ON admissions (user_id, at)",
+    ),
+    (  # 4: room leases' fences (pg_leases.py): the epoch under which a room is owned now
+        "CREATE SEQUENCE room_lease_epochs",
+        """CREATE TABLE room_leases (
+            id text PRIMARY KEY,
+            epoch bigint NOT NULL
+        )""",
     ),
 )
 
@@ -309,6 +323,13 @@ class PostgresStore:
                 self._pool.close()
                 self._opened = False
 
+    def room_leases(self) -> PostgresLeases:
+        """Leases on a connection of their own, outside the pool (``pg_leases``)."""
+        return PostgresLeases(
+            self._url, location=self._location, scrub=self._scrub,
+            connect_timeout=self._connection_options().get("connect_timeout", CONNECT_TIMEOUT),
+        )
+
     # Users (built-in auth)
 
     def load_user(self, user_id: str) -> UserRecord | None:
@@ -381,23 +402,35 @@ class PostgresStore:
         except msgspec.DecodeError as exc:
             raise StoreCorrupt(f"row {room_id!r} of table rooms", str(exc)) from None
 
-    def save_room(self, room_id: str, state: RoomState, *, owner_must_exist: bool = False) -> None:
+    def save_room(
+        self, room_id: str, state: RoomState, *, owner_must_exist: bool = False, fence: int | None = None,
+    ) -> None:
         data = _encoder.encode(state).decode()
-        if not owner_must_exist:
+        _check_id(room_id)
+        sources, params = [], []
+        if owner_must_exist:
+            sources.append("(SELECT id FROM users WHERE id = %s FOR KEY SHARE) AS owner")
+            params.append(room_id)
+        if fence is not None:
+            sources.append("(SELECT id FROM room_leases WHERE id = %s AND epoch = %s FOR SHARE) AS lease")
+            params += [room_id, fence]
+        if not sources:
             self._execute(
                 "INSERT INTO rooms (id, state) VALUES (%s, %s::json)"
                 " ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state",
-                (_check_id(room_id), data),
+                (room_id, data),
             )
             return
         written = self._execute(
-            "WITH owner AS (SELECT id FROM users WHERE id = %s FOR KEY SHARE)"
-            " INSERT INTO rooms (id, state) SELECT id, %s::json FROM owner"
+            f"INSERT INTO rooms (id, state) SELECT %s, %s::json FROM {', '.join(sources)}"
             " ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state",
-            (_check_id(room_id), data),
+            (room_id, data, *params),
         )
-        if written == 0:
+        if written:
+            return
+        if owner_must_exist and self.load_user(room_id) is None:
             raise UserGone(room_id)
+        raise LeaseLost(room_id)
 
     def delete_room(self, room_id: str) -> None:
         self._execute("DELETE FROM rooms WHERE id = %s", (_check_id(room_id),))
@@ -414,6 +447,8 @@ class PostgresStore:
             conn.execute("DELETE FROM usage_days WHERE user_id = %s", (user_id,))
             conn.execute("DELETE FROM reservations WHERE user_id = %s", (user_id,))
             conn.execute("DELETE FROM admissions WHERE user_id = %s", (user_id,))
+            # Its fence too: fences come from a sequence, so a room owned again gets a new one.
+            conn.execute("DELETE FROM room_leases WHERE id = %s", (user_id,))
 
     # Usage ledger
 

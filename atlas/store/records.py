@@ -30,6 +30,15 @@ class UserGone(Exception):
         self.user_id = user_id
 
 
+class LeaseLost(Exception):
+    """A room write refused because this process no longer owns the room: the lease it was
+    loaded under was lost, and another process may have taken the room since. Nothing written."""
+
+    def __init__(self, room_id: str) -> None:
+        super().__init__(f"room {room_id!r} is no longer owned by this process")
+        self.room_id = room_id
+
+
 class StoreCorrupt(StoreError):
     """A stored value exists but cannot be used. The message names where it is: a file's path
     (JSON backend), or a table and a key (PostgreSQL)."""

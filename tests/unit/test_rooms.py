@@ -17,9 +17,14 @@ import pytest
 import trio
 import trio.testing
 
-from atlas.protocol import CLOSE_UNAUTHORIZED
-from atlas.rooms import MAX_CONVERSATION_CHARS, MAX_PREFS_BYTES, PrefsTooLarge, Room, RoomRegistry
-from atlas.store import Identity, RoomState, Store, StoreCorrupt, TokenRecord, Turn, UserGone, UserRecord
+from atlas.protocol import CLOSE_INTERNAL, CLOSE_TRY_AGAIN, CLOSE_UNAUTHORIZED
+from atlas.rooms import (
+    MAX_CONVERSATION_CHARS, MAX_PREFS_BYTES, PrefsTooLarge, Room, RoomElsewhere, RoomRegistry, RoomSnapshot,
+)
+from atlas.store import (
+    Identity, Lease, LocalLeases, RoomState, Store, StoreCorrupt, StoreUnavailable, TokenRecord, Turn, UserGone,
+    UserRecord,
+)
 from atlas.store.base import Ledger
 from atlas.store.records import UsageDay, UsageRecord, add_usage_days
 
@@ -89,7 +94,12 @@ class MemoryStore:
         # A copy, as a real backend decodes a new value each time.
         return msgspec.json.decode(msgspec.json.encode(self.rooms.get(room_id, RoomState())), type=RoomState)
 
-    def save_room(self, room_id: str, state: RoomState, *, owner_must_exist: bool = False) -> None:
+    def room_leases(self) -> LocalLeases:
+        return LocalLeases()
+
+    def save_room(
+        self, room_id: str, state: RoomState, *, owner_must_exist: bool = False, fence: int | None = None,
+    ) -> None:
         if owner_must_exist and room_id not in self.users:
             raise UserGone(room_id)
         self.saves.append(room_id)
@@ -426,3 +436,111 @@ async def test_wait_drained_returns_once_nothing_holds_a_room(autojump_clock):
             room.detach(connection)
             await trio.testing.wait_all_tasks_blocked()
             assert drained.is_set()
+
+
+class FakeLeases(LocalLeases):
+    """Room leases as several processes see them: rooms held ``elsewhere`` are refused, a lease
+    can be lost (``lose``), and hand-over requests are fed in by the test (``wanted``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.elsewhere: set[str] = set()
+        self.taken: list[str] = []
+        self.released: list[str] = []
+        self.session = trio.Event()
+        self.down = False
+        self.wanted_send, self.wanted_receive = trio.open_memory_channel[str](10)
+
+    async def acquire(self, room_id: str) -> Lease | None:
+        if self.down:
+            raise StoreUnavailable("memory is unavailable")
+        if room_id in self.elsewhere:
+            return None
+        self.taken.append(room_id)
+        return Lease(room_id, len(self.taken), self.session)
+
+    def release(self, lease: Lease) -> None:
+        self.released.append(lease.room_id)
+
+    def lose(self) -> None:
+        self.session.set()
+        self.session = trio.Event()
+
+    async def healthy(self) -> bool:
+        return not self.down
+
+    async def wait_wanted(self) -> str:
+        return await self.wanted_receive.receive()
+
+
+async def test_a_room_owned_elsewhere_is_not_loaded_here(autojump_clock):
+    store, leases = MemoryStore(), FakeLeases()
+    leases.elsewhere.add("alice")
+    async with open_registry(store, leases=leases) as registry:
+        with pytest.raises(RoomElsewhere):
+            async with registry.open_room("alice"):
+                pass
+        assert store.loads == [] and "alice" not in registry.rooms
+        # A request that only reads the room is answered from the store, without the lease.
+        store.rooms["alice"] = RoomState(prefs={"a": 1})
+        async with registry.visit_room("alice") as view:
+            assert isinstance(view, RoomSnapshot) and view.prefs == {"a": 1} and not view.connections
+        assert leases.taken == []
+
+
+async def test_a_room_gives_itself_up_when_its_lease_is_lost(autojump_clock):
+    store, leases = MemoryStore(), FakeLeases()
+    async with open_registry(store, leases=leases) as registry:
+        connection = FakeConnection()
+        async with registry.open_room("alice") as room:
+            room.attach(connection)
+            leases.lose()
+            await trio.testing.wait_all_tasks_blocked()
+            assert room.gone and not room.owned and "alice" not in registry.rooms
+            assert connection.frames[-1]["error"]["code"] == "store_unavailable"
+            assert connection.closed_after_pending[0] == CLOSE_INTERNAL
+            # A connection joining now is told the same.
+            late = FakeConnection()
+            room.attach(late)
+            assert late.closed_after_pending == connection.closed_after_pending
+        await trio.testing.wait_all_tasks_blocked()
+        assert leases.released == ["alice"]
+        # The next use takes a new lease.
+        async with registry.open_room("alice") as again:
+            assert again is not room and again.owned and leases.taken == ["alice", "alice"]
+
+
+async def test_while_leases_cannot_be_taken_rooms_are_refused_and_visits_fail_at_once(autojump_clock):
+    store, leases = MemoryStore(), FakeLeases()
+    leases.down = True
+    async with open_registry(store, leases=leases) as registry:
+        with pytest.raises(StoreUnavailable):
+            async with registry.open_room("alice"):
+                pass
+        with pytest.raises(StoreUnavailable):
+            async with registry.visit_room("alice"):
+                pass
+        assert store.loads == []
+
+
+async def test_a_wanted_room_is_handed_over_once_owned_long_enough_or_at_once_when_idle(autojump_clock):
+    store, leases = MemoryStore(), FakeLeases()
+    async with open_registry(store, leases=leases, handoff_seconds=10) as registry:
+        registry._nursery.start_soon(registry.serve_handoffs)
+        connection = FakeConnection()
+        async with registry.open_room("alice") as room:
+            room.attach(connection)
+            await leases.wanted_send.send("alice")
+            await trio.testing.wait_all_tasks_blocked()
+            assert not room.gone  # owned for less than 10 s, with a connection: kept
+            await trio.sleep(10)
+            await leases.wanted_send.send("alice")
+            await trio.testing.wait_all_tasks_blocked()
+            assert room.gone
+            assert connection.frames[-1]["error"]["code"] == "room_elsewhere"
+            assert connection.closed_after_pending[0] == CLOSE_TRY_AGAIN
+        async with registry.open_room("bob") as idle:
+            pass
+        await leases.wanted_send.send("bob")  # no connection: handed over at once
+        await trio.testing.wait_all_tasks_blocked()
+        assert idle.gone and leases.released.count("bob") == 1
