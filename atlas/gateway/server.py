@@ -175,7 +175,7 @@ async def _serve(
                 graceful_seconds=LEFTOVER_GRACE_SECONDS, app_handles_lifespan=True, backlog=settings.backlog,
                 write_timeout=settings.write_timeout_seconds,
             ))
-            log.info("ready on %s; store: %s", settings.bind, store.location)
+            log.info("ready; store: %s", store.location)
             if settings.provider_url is None and settings.auth_url is None and not store.has_users():
                 announce_demo_user(store, url, command_as_invoked())
             task_status.started(url)
