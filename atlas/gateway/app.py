@@ -212,6 +212,14 @@ def build_pages_app(services: Services) -> QuartTrio:
     async def not_found(_: Exception) -> tuple[dict[str, Any], int]:
         return {"error": {"code": "not_found", "message": "no such route"}}, 404
 
+    @pages.errorhandler(405)
+    async def method_not_allowed(error: Any) -> tuple[dict[str, Any], int, dict[str, str]]:
+        # Errors on the transport are JSON, Quart's own pages too (its default is an HTML page).
+        allowed = ", ".join(sorted(getattr(error, "allowed_methods", None) or ()))
+        message = f"this route takes {allowed}" if allowed else "method not allowed here"
+        headers = {"Allow": allowed} if allowed else {}
+        return {"error": {"code": "method_not_allowed", "message": message}}, 405, headers
+
     return pages
 
 

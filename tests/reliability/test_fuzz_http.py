@@ -280,8 +280,6 @@ async def test_a_closed_connection_leaves_nothing_behind(tmp_path, client):
 
 
 @pytest.mark.parametrize("route", PAGE_ROUTES)
-@pytest.mark.xfail(strict=True, reason="a method a page route does not take gets Quart's HTML 405, "
-                   "not a JSON error (docs/protocol.md: errors on the transport are JSON)")
 async def test_wrong_method_on_a_page_route_is_a_json_error(tmp_path, route):
     async with open_atlas(tmp_path) as server:
         port = int(server.url.rsplit(":", 1)[1])
