@@ -25,6 +25,7 @@ from atlas.gateway.connection import Connection
 from atlas.gateway.services import Services
 from atlas.protocol import (
     CLOSE_POLICY,
+    CLOSE_TOO_BIG,
     CLOSE_TRY_AGAIN,
     CLOSE_UNAUTHORIZED,
     AgentCancel,
@@ -158,6 +159,12 @@ async def read_frames(services: Services, room: Room, connection: Connection, re
                 "bad_message", "binary frames are not supported: send JSON text frames"
             ))
             continue
+        limit = services.settings.max_message_bytes
+        if len(frame) * 4 > limit and len(frame.encode()) > limit:
+            # Hypercorn counts a text message's characters; the limit is in bytes (a character
+            # is up to 4 of them), so only a message near the limit is measured again here.
+            connection.close(CLOSE_TOO_BIG, "message too large")
+            return
         if not await still_authorized(services, room, connection, frame):
             # Closing after what is queued: the writer drains the error frame, then ends the
             # connection (reading goes on meanwhile, so the drain is not cut short).

@@ -320,8 +320,6 @@ async def test_invalid_utf8_is_closed_with_1007(tmp_path, payload):
         assert closed.value.code == 1007, closed.value
 
 
-@pytest.mark.xfail(strict=True, reason="the message size limit counts characters, not bytes: "
-                   "a text message of 4-byte characters may be 4x ATLAS_MAX_MESSAGE_BYTES")
 async def test_the_size_limit_counts_bytes(tmp_path):
     async with open_atlas(tmp_path, users={"alice": None}, max_message_bytes=MAX_MESSAGE) as server:
         port = int(server.url.rsplit(":", 1)[1])
