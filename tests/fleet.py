@@ -14,12 +14,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from urllib.parse import urlsplit
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import trio
@@ -85,6 +86,13 @@ def start_proxy(tmp_path: Path, processes: list[AtlasProcess]) -> Proxy:
     socket_path = tmp_path / "haproxy-admin.sock"
     haproxy = HAProxy(deploy_config(port, ports, socket_path, check=HEALTH_CHECK), port)
     haproxy.start()
+    # Listening on its port does not mean its runtime API socket is there yet.
+    deadline = time.monotonic() + WAIT
+    while not socket_path.exists():
+        if time.monotonic() > deadline:
+            haproxy.close()
+            raise AssertionError(f"haproxy made no runtime API socket within {WAIT:g} s:\n{haproxy.log()}")
+        time.sleep(0.01)  # polling for the socket file, not a timing guess
     return Proxy(haproxy, [f"atlas{n}" for n in range(1, len(processes) + 1)])
 
 
