@@ -618,3 +618,12 @@ async def test_a_database_that_cannot_be_reached_refuses_admission(backend):
             pass  # no limit to check: nothing asked of the database at admission
     finally:
         unreachable.close()
+
+
+def test_new_tokens_never_start_with_a_dash(monkeypatch):
+    """A token is pasted after --token on a command line, where a leading '-' reads as a flag."""
+    import atlas.store.records as records
+
+    drawn = iter(["-looks-like-a-flag", "fine-token"])
+    monkeypatch.setattr(records.secrets, "token_urlsafe", lambda n: next(drawn))
+    assert records.new_token() == "fine-token"

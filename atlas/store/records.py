@@ -109,7 +109,12 @@ def hash_token(token: str) -> str:
 
 
 def new_token() -> str:
-    return secrets.token_urlsafe(32)
+    """A new random token (256 bits). Never one starting with ``-``: on a command line
+    (``atlas chat --token ...``) it would read as a flag (1 token in 64 did)."""
+    while True:
+        token = secrets.token_urlsafe(32)
+        if not token.startswith("-"):
+            return token
 
 
 def mask_key(key: str) -> str:
