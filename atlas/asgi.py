@@ -55,6 +55,23 @@ async def read_body(receive: Receive, limit: int) -> bytes:
             return b"".join(chunks)
 
 
+class BadBody(ValueError):
+    """A request body that is not usable JSON; the message names the problem (``body: ...``)."""
+
+
+_decode = msgspec.json.Decoder().decode
+
+
+def decode_json(body: bytes) -> Any:
+    """The body's JSON value, or ``BadBody`` saying what is wrong with it."""
+    try:
+        return _decode(body)
+    except msgspec.DecodeError as exc:
+        raise BadBody(f"body: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise BadBody("body: nested too deeply") from None
+
+
 def query_pairs(scope: dict[str, Any]) -> list[tuple[str, str]]:
     """The query string's pairs in order, blank values kept (bytes read as latin-1, as ASGI says)."""
     return parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)

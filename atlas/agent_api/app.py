@@ -26,7 +26,7 @@ import trio
 
 from atlas.agent import AgentService
 from atlas.agent_api.sse import FullStream, UIMessageStream, usage_camel
-from atlas.asgi import BodyTooLarge, ClientGone, read_body
+from atlas.asgi import BadBody, BodyTooLarge, ClientGone, decode_json, read_body
 from atlas.config import Settings
 from atlas.llm.types import AgentError, ChatMessage, Credentials, Finish, TextDelta, bad_request
 
@@ -257,11 +257,9 @@ async def _read_json(receive: Receive, limit: int) -> Any:
     except BodyTooLarge as exc:
         raise AgentError("too_large", str(exc), 413) from None
     try:
-        return _decode(body)
-    except msgspec.DecodeError as exc:
-        raise bad_request(f"body: not valid JSON ({exc})") from None
-    except RecursionError:
-        raise bad_request("body: nested too deeply") from None
+        return decode_json(body)
+    except BadBody as exc:
+        raise bad_request(str(exc)) from None
 
 
 def parse_body(body: Any) -> tuple[str | list[ChatMessage], dict[str, Any] | None]:

@@ -24,7 +24,7 @@ from typing import Any
 import msgspec
 
 from atlas.agent_api.app import Response
-from atlas.asgi import BodyTooLarge, ClientGone, read_body, send_json
+from atlas.asgi import BadBody, BodyTooLarge, ClientGone, decode_json, read_body, send_json
 from atlas.gateway.admission import PER_MESSAGE_TOKENS, PER_REQUEST_TOKENS, Refused, Ticket
 from atlas.gateway.relay import requested_output
 from atlas.gateway.services import Services
@@ -250,11 +250,9 @@ def replay(body: bytes, receive: Any) -> Any:
 def parse_request(body: bytes) -> tuple[dict[str, Any], int, dict[str, Any]]:
     """(payload, number of messages, options): just what admission needs."""
     try:
-        payload = _decode(body)
-    except msgspec.DecodeError as exc:
-        raise bad_request(f"body: not valid JSON ({exc})") from None
-    except RecursionError:
-        raise bad_request("body: nested too deeply") from None
+        payload = decode_json(body)
+    except BadBody as exc:
+        raise bad_request(str(exc)) from None
     if not isinstance(payload, dict):
         raise bad_request("body: expected a JSON object")
     options = payload.get("options")

@@ -25,7 +25,7 @@ import httpx
 import msgspec
 import trio
 
-from atlas.asgi import JSON_HEADERS, BodyTooLarge, ClientGone, read_body, send_json
+from atlas.asgi import JSON_HEADERS, BadBody, BodyTooLarge, ClientGone, decode_json, read_body, send_json
 from atlas.config import normalize_url
 from atlas.gateway.admission import (
     NON_TEXT_PART_TOKENS,
@@ -177,11 +177,9 @@ class Request:
 
     def __init__(self, body: bytes) -> None:
         try:
-            payload = _decode(body)
-        except msgspec.DecodeError as exc:
-            raise bad(f"body: not valid JSON ({exc})") from None
-        except RecursionError:
-            raise bad("body: nested too deeply") from None
+            payload = decode_json(body)
+        except BadBody as exc:
+            raise bad(str(exc)) from None
         if not isinstance(payload, dict):
             raise bad("body: expected a JSON object")
         model = payload.get("model")
