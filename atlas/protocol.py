@@ -8,6 +8,7 @@ so that the reply can be an ``agent:error`` for that id instead of a bare ``erro
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, Union
 
 import msgspec
@@ -122,6 +123,53 @@ _client_decoder = msgspec.json.Decoder(ClientMessage)
 _envelope_decoder = msgspec.json.Decoder(_Envelope)
 
 
+# A JSON string (escapes included) or one bracket: enough to tell which brackets are structure.
+_STRING_OR_BRACKET = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def _top_level_only(frame: bytes) -> bytes:
+    """``frame`` with every array or object inside the top-level value replaced by ``null``.
+
+    msgspec cannot decode, or even skip, a value nested deeper than the recursion limit, so a
+    frame with one such value would lose its ``type`` and ``id`` with it. The envelope needs only
+    the top level, so the error path decodes this copy instead. Not a JSON parser: it finds the
+    spans to cut, and msgspec still decodes (and judges) what is left."""
+    pieces: list[bytes] = []
+    depth = kept_until = 0
+    cut_from = -1
+    for token in _STRING_OR_BRACKET.finditer(frame):
+        bracket = token.group()
+        if bracket[0] == 0x22:  # a string: its brackets are text
+            continue
+        if bracket in (b"[", b"{"):
+            depth += 1
+            if depth == 2:
+                cut_from = token.start()
+        else:
+            if depth == 2 and cut_from >= 0:
+                pieces += (frame[kept_until:cut_from], b"null")
+                kept_until, cut_from = token.end(), -1
+            depth -= 1
+    pieces.append(frame[kept_until:])
+    return b"".join(pieces)
+
+
+def _decode_envelope(frame: str | bytes) -> _Envelope:
+    try:
+        return _envelope_decoder.decode(frame)
+    except RecursionError:
+        raw = frame.encode("utf-8", "surrogatepass") if isinstance(frame, str) else frame
+        return _envelope_decoder.decode(_top_level_only(raw))
+
+
+def _request_id_of(frame: str | bytes) -> str | None:
+    try:
+        envelope = _decode_envelope(frame)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    return envelope.id if isinstance(envelope.id, str) else None
+
+
 def decode_client_message(frame: str | bytes) -> ClientMessage:
     try:
         return _client_decoder.decode(frame)
@@ -129,9 +177,10 @@ def decode_client_message(frame: str | bytes) -> ClientMessage:
         # Slow path, errors only: decode again loosely to say precisely what is wrong.
         error = str(exc)
     except RecursionError:
-        raise ProtocolError("bad_message", "the message is nested too deeply") from None
+        raise ProtocolError("bad_message", "the message is nested too deeply",
+                            _request_id_of(frame)) from None
     try:
-        envelope = _envelope_decoder.decode(frame)
+        envelope = _decode_envelope(frame)
     except msgspec.ValidationError:
         raise ProtocolError("bad_message", "a message must be a JSON object with a \"type\"") from None
     except msgspec.DecodeError:

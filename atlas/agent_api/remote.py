@@ -202,7 +202,7 @@ async def _events(response: httpx.Response) -> AsyncIterator[StreamEvent]:
                     finished = finished or isinstance(event, Finish)
                     yield event
     except SseTooLong:
-        raise AgentError("provider_error", "the agent sent an over-long stream line", 502) from None
+        raise AgentError("provider_error", "the agent sent an over-long stream event", 502) from None
     for data in parser.close():
         event = _stream_event(data)
         if event is not None:

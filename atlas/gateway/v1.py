@@ -387,7 +387,7 @@ async def relay_stream(
                 break
     except (httpx.TransportError, SseTooLong) as exc:
         error = (transport_error(exc, streaming=True) if isinstance(exc, httpx.TransportError)
-                 else provider_error("the provider sent an over-long stream line"))
+                 else provider_error("the provider sent an over-long stream event"))
         await ticket.settle(usage)
         ticket.failed(error.code)
         event = error_body(502, error.code, error.message)

@@ -317,7 +317,7 @@ async def _events(response: httpx.Response) -> AsyncIterator[StreamEvent]:
     except httpx.TransportError as exc:
         raise transport_error(exc, streaming=True) from exc
     except SseTooLong:
-        raise provider_error("the provider sent an over-long stream line") from None
+        raise provider_error("the provider sent an over-long stream event") from None
     yield reply.finish()
     if done:  # read to the end of the body so the connection can go back to the pool
         with trio.move_on_after(DRAIN_SECONDS):

@@ -3,11 +3,14 @@ streams (``atlas.agent_api.remote``) are both read with it."""
 
 from __future__ import annotations
 
-MAX_SSE_LINE = 1024 * 1024
+# One event, every line of it counted up to its blank line (comments and unknown fields too): a
+# provider's chunk is a few hundred bytes, and an event cut into many lines must not slip past a
+# bound that counts one line at a time.
+MAX_SSE_EVENT = 1024 * 1024
 
 
 class SseTooLong(ValueError):
-    """A line grew past ``MAX_SSE_LINE`` without ending: not a stream this reader accepts."""
+    """An event grew past ``MAX_SSE_EVENT`` without ending: not a stream this reader accepts."""
 
 
 class SseDataParser:
@@ -18,18 +21,23 @@ class SseDataParser:
     def __init__(self) -> None:
         self._buffer = b""
         self._data: list[bytes] = []
+        self._event_bytes = 0  # bytes of the event's complete lines so far
 
     def feed(self, chunk: bytes) -> list[bytes]:
         self._buffer += chunk
         if b"\n" not in chunk:
-            if len(self._buffer) > MAX_SSE_LINE:
-                raise SseTooLong(f"a stream line is longer than {MAX_SSE_LINE} bytes")
+            self._check_size(len(self._buffer))
             return []
         *lines, self._buffer = self._buffer.split(b"\n")
         events: list[bytes] = []
         for line in lines:
             self._line(line.rstrip(b"\r"), events)
+        self._check_size(len(self._buffer))
         return events
+
+    def _check_size(self, pending: int) -> None:
+        if self._event_bytes + pending > MAX_SSE_EVENT:
+            raise SseTooLong(f"a stream event is longer than {MAX_SSE_EVENT} bytes")
 
     def close(self) -> list[bytes]:
         events: list[bytes] = []
@@ -44,7 +52,10 @@ class SseDataParser:
             if self._data:
                 events.append(b"\n".join(self._data))
                 self._data = []
+            self._event_bytes = 0
             return
+        self._event_bytes += len(line) + 1
+        self._check_size(0)
         field, _, value = line.partition(b":")
         if field == b"data":
             self._data.append(value[1:] if value.startswith(b" ") else value)

@@ -151,12 +151,7 @@ async def test_faults_under_100_concurrent_streams(tmp_path, transport):
            provider_connections_after_each_round=pooled, task_baseline=baseline)
 
 
-@pytest.mark.parametrize("transport", [
-    "atlas",
-    pytest.param("httpx", marks=pytest.mark.xfail(strict=True, reason=(
-        "with the httpx transport, one SSE event made of many data: lines has no size bound: a "
-        "2.4 MB event is accepted (the atlas transport refuses any event over 1 MiB)"))),
-])
+@pytest.mark.parametrize("transport", ["atlas", "httpx"])
 async def test_a_giant_event_on_many_lines_is_refused(tmp_path, transport):
     async with open_faulty_provider() as provider:
         async with open_atlas(tmp_path, users={"ann": None}, provider_url=provider.url,

@@ -123,10 +123,19 @@ def nested(depth: int) -> str:
 @pytest.mark.parametrize("frame", [
     '{"type": "broadcast", "data": ' + nested(10_000) + "}",
     '{"type": "prefs:set", "prefs": {"a": ' + nested(10_000) + "}}",
-    '{"type": "nope", "x": ' + nested(10_000) + "}",  # too deep for the loose second look as well
 ])
 def test_too_deep_nesting_is_bad_message(frame):
     assert error_of(frame) == ("bad_message", "the message is nested too deeply", None)
+
+
+def test_a_deep_array_is_not_a_message():
+    assert error_of(nested(10_000)) == ("bad_message", 'a message must be a JSON object with a "type"', None)
+
+
+def test_too_deep_nesting_does_not_hide_an_unknown_type():
+    code, message, request_id = error_of('{"type": "nope", "id": "n1", "x": ' + nested(10_000) + "}")
+    assert (code, request_id) == ("unknown_type", "n1")
+    assert message.startswith("unknown message type 'nope'")
 
 
 def test_moderate_nesting_is_fine():
@@ -137,8 +146,17 @@ def test_moderate_nesting_is_fine():
     assert depth == 99  # the innermost list is empty
 
 
-@pytest.mark.xfail(strict=True, reason="defect: a frame too deeply nested loses its string id, so the "
-                   "client gets a bare error instead of agent:error for its request (docs/protocol.md)")
-def test_too_deep_nesting_still_echoes_the_request_id():
-    frame = '{"type": "agent:stream", "id": "r1", "message": "hi", "options": {"a": ' + nested(10_000) + "}}"
+@pytest.mark.parametrize("frame", [
+    '{"type": "agent:stream", "id": "r1", "message": "hi", "options": {"a": ' + nested(10_000) + "}}",
+    # the id after the deep value; brackets, quotes and escapes inside strings are text
+    '{"type": "agent:stream", "message": "[{\\"]", "options": {"a": ' + nested(10_000) + '}, "id": "r1"}',
+    # an "id" nested inside a value is not the request's
+    b'{"options": {"id": "inner", "a": ' + nested(10_000).encode() + b'}, "type": "agent:text", "id": "r1"}',
+])
+def test_too_deep_nesting_still_echoes_the_request_id(frame):
     assert error_of(frame) == ("bad_message", "the message is nested too deeply", "r1")
+
+
+def test_too_deep_nesting_with_a_nested_id_only_echoes_nothing():
+    frame = '{"type": "agent:text", "options": {"id": "inner", "a": ' + nested(10_000) + "}}"
+    assert error_of(frame) == ("bad_message", "the message is nested too deeply", None)

@@ -17,7 +17,7 @@ import trio
 
 from atlas import __version__
 from atlas.llm.provider import DRAIN_SECONDS, ProviderClient, RetryPolicy
-from atlas.llm.sse import MAX_SSE_LINE
+from atlas.llm.sse import MAX_SSE_EVENT, SseDataParser, SseTooLong
 from atlas.llm.types import AgentError, Finish, TextDelta, Usage
 
 from .deadline import bounded
@@ -308,10 +308,24 @@ async def test_malformed_streams_are_provider_error(autojump_clock, events, mess
 
 @bounded
 async def test_an_endless_stream_line_is_provider_error(autojump_clock):
-    line = b"data: " + b"x" * (MAX_SSE_LINE + 1)
-    provider = Provider(httpx.Response(200, stream=Body([line[:MAX_SSE_LINE // 2], line[MAX_SSE_LINE // 2:]])))
+    line = b"data: " + b"x" * (MAX_SSE_EVENT + 1)
+    provider = Provider(httpx.Response(200, stream=Body([line[:MAX_SSE_EVENT // 2], line[MAX_SSE_EVENT // 2:]])))
     error = await failure(provider)
-    assert (error.code, error.message) == ("provider_error", "the provider sent an over-long stream line")
+    assert (error.code, error.message) == ("provider_error", "the provider sent an over-long stream event")
+
+
+def test_an_event_on_many_short_lines_is_bounded_as_a_whole():
+    line = b"data: " + b" " * 60_000 + b"\n"
+    parser = SseDataParser()
+    fed = 0
+    with pytest.raises(SseTooLong, match="event is longer than"):
+        while fed <= MAX_SSE_EVENT:
+            assert parser.feed(line) == []
+            fed += len(line)
+    # A blank line ends an event: many events that are each under the bound are fine.
+    parser = SseDataParser()
+    for _ in range(2 * MAX_SSE_EVENT // len(line)):
+        assert parser.feed(line + b"\n") == [b" " * 60_000]
 
 
 @pytest.mark.parametrize(("events", "expected"), [
