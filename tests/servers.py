@@ -1,7 +1,9 @@
 """Real Atlas servers for the tests: in-process on port 0, or as an ``atlas serve`` subprocess.
 
 Every token and virtual key a test creates is remembered in ``SECRETS``; at the end of the session
-``conftest.py`` checks that none of them appears in any log line of the whole suite.
+``conftest.py`` checks that none of them appears in any log line of the whole suite. Every
+in-process server's ``/metrics`` is read once more when its test is done with it: it must parse
+with ``prometheus_client.parser`` and hold none of them either.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import ConnectionRejected, WebSocketConnection, open_websocket_url, wrap_client_stream
 
 from atlas.config import Settings, parse_bind
@@ -106,8 +110,21 @@ async def open_atlas(
         server = AtlasServer(url, settings, shutdown, tokens)
         try:
             yield server
+            if not shutdown.is_set():  # what the test did, seen by a Prometheus scrape
+                await check_metrics(url)
         finally:
             shutdown.set()
+
+
+async def check_metrics(url: str) -> None:
+    """``/metrics`` answers, parses as Prometheus text, and names no token or key."""
+    async with httpx.AsyncClient(base_url=url, timeout=WAIT) as client:
+        response = await client.get("/metrics")
+    assert response.status_code == 200, (response.status_code, response.text[:200])
+    families = list(text_string_to_metric_families(response.text))  # raises on a malformed line
+    assert any(family.name == "atlas_agent_requests" for family in families), response.text[:500]
+    leaked = sorted(secret[:12] + "…" for secret in SECRETS if secret in response.text)
+    assert not leaked, f"secrets in /metrics (shown truncated): {leaked}"
 
 
 @asynccontextmanager

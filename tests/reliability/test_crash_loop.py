@@ -7,6 +7,10 @@ JSON file in the data directory must decode, every prefs write a client saw ackn
 received (the turn is durable before ``agent:done``). The server restarts on the same directory,
 no temporary file of an interrupted write may survive its start-up, and its usage ledger counts
 at least every request whose ``agent:done`` arrived (usage is durable before ``agent:done`` too).
+
+On both store backends. With PostgreSQL, every third cycle the database is killed (SIGKILL of the
+postmaster and its processes) right after the server, so its crash recovery must keep every
+acknowledged write too.
 """
 
 from __future__ import annotations
@@ -15,12 +19,17 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import pytest
 import trio
 import wsproto
 from fake_provider import Reply
 from probes import Closed, RawWebSocket, raw_http, record, scaled
 from servers import AtlasProcess, add_user, start_atlas_process
+from store_backends import Backend
+
+from atlas.store import Store
 
 CYCLES = scaled(3, 25)
 USERS = ("ann", "ben", "cyd")
@@ -79,14 +88,14 @@ def check_files(data_dir: Path) -> int:
     return leftovers
 
 
-def check_acks(data_dir: Path, acks: Acks) -> None:
+def check_acks(store: Store, acks: Acks) -> None:
+    """Every acknowledged write is in the store, read back through its own interface."""
     for (user, key), value in acks.prefs.items():
-        state = json.loads((data_dir / "rooms" / f"{user}.json").read_bytes())
+        state = store.load_room(user)
         # A write may have reached the disk without its reply reaching the client: never less.
-        assert state["prefs"].get(key, -1) >= value, (user, key, value, state["prefs"])
+        assert state.prefs.get(key, -1) >= value, (user, key, value, state.prefs)
     for (user, conversation), message in acks.turns.items():
-        state = json.loads((data_dir / "rooms" / f"{user}.json").read_bytes())
-        contents = [turn["content"] for turn in state["conversations"].get(conversation, [])]
+        contents = [turn.content for turn in store.load_room(user).conversations.get(conversation, [])]
         assert message in contents, (user, conversation, message, contents[-4:])
 
 
@@ -104,15 +113,20 @@ async def check_usage(port: int, tokens: dict[str, str], acks: Acks) -> int:
     return counted
 
 
-async def test_no_acknowledged_write_is_lost_across_kill_9(tmp_path, provider):
+async def test_no_acknowledged_write_is_lost_across_kill_9(tmp_path, provider, backend: Backend,
+                                                          request: pytest.FixtureRequest):
     provider.behaviour = Reply(deltas=["a", "b", "c"])
-    data_dir = tmp_path / "data"
-    tokens = {user: add_user(data_dir, user) for user in USERS}
+    data_dir = backend.data_dir
+    database: Any = None
     env = {"ATLAS_PROVIDER_URL": provider.url}
+    if backend.database_url is not None:
+        database = request.getfixturevalue("postgres_cluster")
+        env["ATLAS_DATABASE_URL"] = backend.database_url
+    tokens = {user: add_user(data_dir, user, database_url=backend.database_url) for user in USERS}
     rng = random.Random(14)
     acks = Acks()
     seq = [0]
-    leftovers_after_kill = 0
+    leftovers_after_kill = database_kills = 0
     process: AtlasProcess = await start_atlas_process(data_dir, env=env)
     processes = [process]
     try:
@@ -125,9 +139,18 @@ async def test_no_acknowledged_write_is_lost_across_kill_9(tmp_path, provider):
                             nursery.start_soon(client, port, user, tokens[user], slot, acks, seq)
                     await trio.sleep(rng.uniform(0.2, 0.8))  # the random moment of the crash
                     process.kill()
+                    if database is not None and cycle % 3 == 2:
+                        await trio.to_thread.run_sync(database.kill)
+                        database_kills += 1
             assert process.process.returncode == -9
+            if database is not None:
+                await trio.to_thread.run_sync(database.start)  # crash recovery, when it was killed
             leftovers_after_kill += check_files(data_dir)
-            check_acks(data_dir, acks)
+            store = backend.open_store()
+            try:
+                check_acks(store, acks)
+            finally:
+                store.close()
             process = await start_atlas_process(data_dir, env=env)
             processes.append(process)
             assert check_files(data_dir) == 0, "a temporary file survived the start-up"
@@ -137,7 +160,7 @@ async def test_no_acknowledged_write_is_lost_across_kill_9(tmp_path, provider):
             process.terminate()
     for each in processes:
         assert "Traceback" not in each.log(), each.log()[-3000:]
-    record("crash loop", cycles=CYCLES, acknowledged_prefs=acks.prefs_count,
-           acknowledged_turns=acks.turns_count, requests_in_ledger=ledger,
-           leftover_tmp_after_kill=leftovers_after_kill, lost=0)
+    record(f"crash loop ({backend.name})", cycles=CYCLES, database_kills=database_kills,
+           acknowledged_prefs=acks.prefs_count, acknowledged_turns=acks.turns_count,
+           requests_in_ledger=ledger, leftover_tmp_after_kill=leftovers_after_kill, lost=0)
     assert acks.prefs_count >= CYCLES and acks.turns_count >= 1

@@ -8,8 +8,10 @@ SSE, and a giant event. Then:
 - every request ends with ``agent:done`` or the ``agent:error`` its fault maps to, within its
   time budget (``provider_timeout`` is 1 s, one retry is allowed);
 - the next request on every connection works;
-- once the clients are gone the server's task count is back to its baseline, the provider has no
-  request still open, no client socket to the provider is left half-closed (CLOSE_WAIT), and
+- once the clients are gone the server's task count is back to its baseline, every reservation
+  of the usage ledger is released (the users have a token limit, so every request holds its worst
+  case, and a concurrency limit exactly as high as they ever go: a slot kept by a failed request
+  would refuse one of the next round's), the provider has no request still open, no client socket to the provider is left half-closed (CLOSE_WAIT), and
   the provider connections left (kept alive in the pool) are no more than were busy at once. The
   storm runs twice (six times in the long run).
 """
@@ -41,6 +43,8 @@ from servers import add_user, open_atlas
 
 from atlas.config import Bind, normalize_url
 from atlas.http_server import serve_asgi
+from atlas.store import JsonStore
+from atlas.store.base import Ledger
 
 TIMEOUT = 1.0  # provider_timeout: seconds without a byte
 BUDGET = TIMEOUT + 2.5  # a request's whole life: one timeout, one retry's backoff, slack
@@ -49,6 +53,19 @@ CONNECTIONS_PER_USER = 4
 REQUESTS_PER_CONNECTION = 5  # 4 users x 4 connections x 5 + 4 connections x 5 refused = 100
 ROUNDS = scaled(2, 6)
 FAULTY = [name for name in EXPECTED if name not in ("ok", "refused")]
+IN_FLIGHT_PER_USER = CONNECTIONS_PER_USER * REQUESTS_PER_CONNECTION
+# High enough never to refuse, so that every request reserves its worst case and no more.
+LIMITS = {"limit_tokens_per_day": 10**12, "limit_concurrent_requests": IN_FLIGHT_PER_USER}
+
+
+class LedgerInView(JsonStore):
+    """The JSON store, keeping the live ledger it hands the server, so the test can read its holds."""
+
+    ledger: Ledger | None = None
+
+    def usage_ledger(self, *, owner_must_exist: bool = False) -> Ledger:
+        self.ledger = super().usage_ledger(owner_must_exist=owner_must_exist)
+        return self.ledger
 
 
 @asynccontextmanager
@@ -100,10 +117,18 @@ async def test_faults_under_100_concurrent_streams(tmp_path, transport):
         provider_port = int(provider.url.rsplit(":", 1)[1].split("/")[0])
         data_dir = tmp_path / "data"
         zed = add_user(data_dir, "zed", provider_url=dead_url)  # every request of zed is refused
+        store = LedgerInView(data_dir)
+        store.prepare()
+
+        def holds() -> dict[str, int]:
+            assert store.ledger is not None
+            return {user: held for user in (*USERS, "zed") if (held := store.ledger.held(user))}
+
         async with open_atlas(
             tmp_path, users={user: None for user in USERS}, provider_url=provider.url,
             provider_urls=(normalize_url(provider.url), normalize_url(dead_url)),
             provider_timeout=TIMEOUT, provider_retries=1, provider_transport=transport,
+            store=store, **LIMITS,
         ) as server:
             server.tokens["zed"] = zed
             port = int(server.url.rsplit(":", 1)[1])
@@ -132,11 +157,13 @@ async def test_faults_under_100_concurrent_streams(tmp_path, transport):
                                            ["refused"] * REQUESTS_PER_CONNECTION, outcomes)
                 await wait_for(lambda: atlas_tasks() <= baseline, 10,
                                lambda: f"the server's tasks back to {baseline} (now {atlas_tasks()})")
+                assert holds() == {}, "reservations still held after every request ended"
                 await wait_for(lambda: provider_requests_open() == 0, 10, "no provider request open")
                 await wait_for(lambda: tcp_states(provider_port).get("CLOSE_WAIT", 0) == 0, 10,
                                "no half-closed provider connection")
                 pooled.append(tcp_states(provider_port).get("ESTABLISHED", 0))
             assert await idle_atlas_tasks() <= baseline
+        store.close()
     wrong = [(fault, code) for fault, code, _ in outcomes if code != EXPECTED[fault]]
     late = [(fault, round(took, 2)) for fault, _, took in outcomes if took > BUDGET]
     assert len(outcomes) == ROUNDS * 100
