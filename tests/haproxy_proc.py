@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from optional import unavailable
-from reaper import start_reaper, stop_reaper
+from reaper import Started, start_reaper, stop_reaper
 
 WAIT = 10.0  # seconds haproxy may take to start, to stop, or to answer a runtime command
 DEPLOY_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "haproxy.cfg"
@@ -83,7 +83,7 @@ def _check(path: Path) -> str:
     return result.stdout + result.stderr
 
 
-class HAProxy:
+class HAProxy(Started):
     """One haproxy process in the foreground (``-db``) with its config and log in a temp dir."""
 
     def __init__(self, config: str, port: int) -> None:
@@ -153,17 +153,6 @@ class HAProxy:
         if self._reaper is not None:
             stop_reaper(self._reaper)
             self._reaper = None
-
-    def __enter__(self) -> HAProxy:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def _stats_socket(self) -> str:
         for line in self.config.splitlines():

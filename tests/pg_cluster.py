@@ -43,7 +43,7 @@ from typing import IO, Any
 import pytest
 
 from optional import unavailable
-from reaper import processes_under, start_reaper, stop_reaper
+from reaper import Started, processes_under, start_reaper, stop_reaper
 from servers import free_port
 
 PG_MAJOR = "15"
@@ -86,7 +86,7 @@ def find_bin_dir() -> Path | None:
     return None
 
 
-class PostgresCluster:
+class PostgresCluster(Started):
     """One cluster in a temp dir of its own: created by the first ``start()``, removed by ``close()``."""
 
     def __init__(self, bin_dir: Path, *, database: str = "atlas_test") -> None:
@@ -187,17 +187,6 @@ class PostgresCluster:
                 stop_reaper(self._reaper)
                 self._reaper = None
             atexit.unregister(self.close)
-
-    def __enter__(self) -> PostgresCluster:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def _root(self) -> Path:
         if self.root is None:

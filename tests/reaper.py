@@ -4,6 +4,9 @@
     ...                                 # the test stops the server and removes the directory
     stop_reaper(reaper)                 # nothing is left to do
 
+``Started`` is the context-manager half the servers using a reaper share (pg_cluster.py,
+haproxy_proc.py): start on entering, close on leaving, and close what a failed start left.
+
 ``start_reaper`` runs this file as a script in a session of its own, with a pipe on its stdin
 whose write end only the test process holds. When that end closes, however the test process ended,
 the script SIGKILLs every process whose working directory is ``directory`` or under it, then
@@ -20,9 +23,29 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Self
 
 PREFIX = "atlas-"  # only directories the tests made: never a path that names anything else
 WAIT = 10.0
+
+
+class Started:
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def start_reaper(directory: Path) -> subprocess.Popen[bytes]:
