@@ -271,6 +271,9 @@ SETTINGS: tuple[Setting, ...] = (
             "that was asked for it (see docs/scaling.md)"),
     Setting("max_message_bytes", ("ATLAS_MAX_MESSAGE_BYTES",), "--max-message-bytes",
             parse_positive_int, "largest WebSocket message accepted"),
+    Setting("max_reply_bytes", ("ATLAS_MAX_REPLY_BYTES",), "--max-reply-bytes",
+            parse_positive_int, "largest agent reply relayed to a client, in UTF-8 bytes (a "
+            "longer one ends with the error too_large; its usage is still settled)"),
     Setting("max_requests_per_connection", ("ATLAS_MAX_REQUESTS_PER_CONNECTION",),
             "--max-requests-per-connection", parse_positive_int,
             "agent requests in flight on one WebSocket"),
@@ -338,6 +341,7 @@ class Settings:
     room_idle_seconds: float = 60.0
     room_handoff_seconds: float = 10.0
     max_message_bytes: int = 1024 * 1024
+    max_reply_bytes: int = 8 * 1024 * 1024
     max_requests_per_connection: int = 8
     conversation_turns: int = 40
     resume_grace_seconds: float = 60.0

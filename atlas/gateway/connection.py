@@ -8,11 +8,14 @@ Everything sent to a client goes through its outbox, so a slow client never bloc
   fallen too far behind and is dropped;
 - agent deltas are coalesced (``send_delta``): a request queues at most one pending-text buffer,
   the writer takes whatever text has piled up when it gets to it, so a client that reads slower
-  than the provider writes gets fewer, larger deltas instead of an unbounded queue. A delta's
-  ``seq`` is that of the last piece it includes;
+  than the provider writes gets fewer, larger deltas. A delta's ``seq`` is that of the last piece
+  it includes. Once a buffer holds more than ``PENDING_LIMIT`` characters, ``send_delta`` waits
+  until the writer has taken it: the relay stops reading the provider, and TCP pushes back on
+  the provider. A client that stops reading costs at most that per request, plus the frame being
+  written;
 - deltas of a resumable request, which several connections may receive at once, never wait
-  (``send_delta_nowait``): a connection whose outbox is full is dropped, as a broadcast peer is,
-  and may resume.
+  (``send_delta_nowait``): a connection whose outbox is full, or whose buffer for the request is
+  over ``PENDING_LIMIT``, is dropped, as a broadcast peer is, and may resume.
 """
 
 from __future__ import annotations
@@ -28,26 +31,42 @@ from atlas.protocol import CLOSE_TOO_SLOW, AgentDelta, encode
 log = logging.getLogger("atlas.gateway.connection")
 
 OUTBOX_SIZE = 256
+# Unwritten reply text per request and connection, in characters, before the relay waits (or, for
+# a resumable request, drops the connection): a few of the provider's socket reads, so a client
+# that keeps up never waits, and one that stops reading holds this much, not its whole reply.
+PENDING_LIMIT = 64 * 1024
 
 
 class DeltaBuffer:
     """Text of one agent request that is waiting to be written, as one ``agent:delta``."""
 
-    __slots__ = ("request_id", "parts", "queued", "seq")
+    __slots__ = ("request_id", "parts", "size", "queued", "seq", "taken")
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
         self.parts: list[str] = []
+        self.size = 0  # characters in ``parts``
         self.queued = False
         self.seq = 0  # the request's seq after the last piece in ``parts``
+        self.taken: trio.Event | None = None  # set when the writer takes ``parts``: room again
 
     def take_frame(self) -> str | None:
         self.queued = False
+        if self.taken is not None:
+            self.taken.set()
+            self.taken = None
         if not self.parts:
             return None
         text = self.parts[0] if len(self.parts) == 1 else "".join(self.parts)
         self.parts = []
+        self.size = 0
         return encode(AgentDelta(self.request_id, text, self.seq))
+
+    def release(self) -> None:
+        """The connection is gone: nobody waits for its writer any more."""
+        if self.taken is not None:
+            self.taken.set()
+            self.taken = None
 
 
 class Attachment(Protocol):
@@ -67,6 +86,7 @@ class Connection:
         self.close_code: int | None = None
         self.close_reason = ""
         self._outbox_send, self._outbox_receive = trio.open_memory_channel[Any](OUTBOX_SIZE)
+        self._waiting: set[DeltaBuffer] = set()  # buffers a request waits on (``_wait_taken``)
         self._cancel_scope: trio.CancelScope | None = None
         self._on_close: Callable[[], None] | None = None
 
@@ -91,7 +111,10 @@ class Connection:
         return False
 
     async def send_delta(self, buffer: DeltaBuffer, text: str, seq: int) -> None:
+        if self.left:
+            return  # nothing more is written: keeping the text would only grow the buffer
         buffer.parts.append(text)
+        buffer.size += len(text)
         buffer.seq = seq
         if not buffer.queued:
             buffer.queued = True
@@ -103,13 +126,39 @@ class Connection:
                 await self.send(buffer)  # type: ignore[arg-type]
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 pass
+        if buffer.size > PENDING_LIMIT:
+            await self._wait_taken(buffer)
+
+    async def _wait_taken(self, buffer: DeltaBuffer) -> None:
+        """Backpressure: wait until the writer has taken ``buffer``'s text (or the connection
+        is gone, and with it the need to keep its text)."""
+        while buffer.size > PENDING_LIMIT and not self.left:
+            if buffer.taken is None:
+                buffer.taken = trio.Event()
+                self._waiting.add(buffer)
+            try:
+                await buffer.taken.wait()  # type: ignore[union-attr]
+            finally:
+                self._waiting.discard(buffer)
+
+    async def send_catch_up(self, buffer: DeltaBuffer, text: str, seq: int) -> None:
+        """A resumed request's text so far, as the first delta of ``buffer``. Not counted against
+        ``PENDING_LIMIT`` (the reply cap bounds it): only what arrives after it is."""
+        buffer.parts.append(text)
+        buffer.seq = seq
+        if not buffer.queued:
+            buffer.queued = True
+            await self.send(buffer)  # type: ignore[arg-type]
 
     def send_delta_nowait(self, buffer: DeltaBuffer, text: str, seq: int) -> bool:
         """``send_delta`` for a request that others receive too: never waits. False when the
-        outbox is full; the caller then drops this connection (``close``), once it is no longer
+        outbox is full or the buffer is over ``PENDING_LIMIT``; the caller then drops this connection (``close``), once it is no longer
         looping over the request's connections."""
         buffer.parts.append(text)
+        buffer.size += len(text)
         buffer.seq = seq
+        if buffer.size > PENDING_LIMIT:
+            return False
         if not buffer.queued:
             try:
                 self._outbox_send.send_nowait(buffer)  # type: ignore[arg-type]
@@ -175,13 +224,19 @@ class Connection:
 
     def finish(self) -> None:
         self._outbox_send.close()
-        for scope in self.requests.values():
-            scope.cancel()
         self._leave()
 
     def _leave(self) -> None:
-        """Stop receiving resumable requests: they run on without this connection."""
+        """Its own requests are cancelled now, not when its task ends (a writer blocked on a
+        client that stopped reading may hold that up to the write timeout, and the provider
+        would be read meanwhile for nobody); resumable requests run on without it."""
         self.left = True
+        for scope in self.requests.values():
+            scope.cancel()
+        if self._waiting:
+            waiting, self._waiting = self._waiting, set()
+            for buffer in waiting:
+                buffer.release()
         if self.attached:
             attached, self.attached = self.attached, {}
             for request in attached.values():

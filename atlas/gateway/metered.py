@@ -24,9 +24,11 @@ from typing import Any
 import msgspec
 
 from atlas.agent_api.app import Response
+from atlas.agent_api.sse import FullStream, UIMessageStream
 from atlas.asgi import BadBody, BodyTooLarge, ClientGone, decode_json, read_body, send_json
 from atlas.gateway.admission import PER_MESSAGE_TOKENS, PER_REQUEST_TOKENS, Refused, Ticket
 from atlas.gateway.relay import requested_output
+from atlas.gateway.reply_cap import reply_too_large
 from atlas.gateway.services import Services
 from atlas.llm.sse import SseDataParser, SseTooLong
 from atlas.llm.types import AgentError, Usage, bad_request
@@ -34,7 +36,6 @@ from atlas.store import Identity
 
 BILLABLE_PATH = re.compile(r"/agents/([^/]+)/(text|stream|chat|object|stream-object)/?")
 WHOLE_ANSWER_ROUTES = ("text", "object")  # one JSON answer at the end, usage in data.usage
-MAX_TEXT_RESPONSE = 4 * 1024 * 1024  # a /text answer kept to read its usage; larger: the estimate
 
 Forward = Callable[[bytes, Any, Any], Awaitable[None]]  # (body, receive, send)
 
@@ -101,54 +102,90 @@ def error_code_of(body: bytes) -> str:
 
 
 class Meter:
-    """The ``send`` of a proxied billable request: passes everything on, reading the usage."""
+    """The ``send`` of a proxied billable request: passes everything on, reading the usage.
 
-    def __init__(self, route: str, ticket: Ticket, send: Any) -> None:
+    A whole answer (``/text``, ``/object``) is held until it is complete: it is one JSON value
+    anyway, and holding it lets its usage be read and a too-large one be refused cleanly. A reply
+    over ``cap`` bytes is cut (``_cut``): the client gets the error ``too_large`` and the agent's
+    next ``send`` raises it, which closes the provider request."""
+
+    def __init__(self, route: str, ticket: Ticket, send: Any, cap: int) -> None:
         self.route = route
         self.ticket = ticket
         self._send = send
+        self._cap = cap
         self._parser: SseDataParser | None = SseDataParser()
-        self._text: list[bytes] | None = [] if route in WHOLE_ANSWER_ROUTES else None
+        self._whole = route in WHOLE_ANSWER_ROUTES
+        self._held: dict[str, Any] | None = None  # a whole answer's response start, until its end
+        self._text: list[bytes] = []
         self._size = 0
         self._error: bytearray | None = None
         self.started = False
+        self.cut = False  # the reply went over the cap and the client has had its end
 
     async def send(self, message: dict[str, Any]) -> None:
+        if self.cut:
+            raise reply_too_large(self._cap)  # the agent stops; nothing more reaches the client
         kind = message["type"]
         if kind == "http.response.start":
             self.started = True
             ok = message["status"] == 200
-            if self.route not in WHOLE_ANSWER_ROUTES or not ok:
+            if not self._whole or not ok:
                 self.ticket.answered(ok)
             if not ok:
                 self._error = bytearray()  # the agent's error envelope names the code
+            elif self._whole:
+                self._held = message
+                return
         elif kind == "http.response.body":
             chunk = message.get("body", b"")
+            more = message.get("more_body", False)
             if chunk:
                 self.ticket.first_token()
+                self._size += len(chunk)
+                if self._size > self._cap:
+                    await self._cut()
             if self._error is not None:
                 self._error += chunk[: MAX_ERROR_BODY - len(self._error)]
-                if not message.get("more_body", False):
+                if not more:
                     self.ticket.failed(error_code_of(bytes(self._error)))
-            if self._text is not None:
-                self._keep(chunk)
+            elif self._held is not None:
+                self._text.append(chunk)
+                if more:
+                    return
+                await self.ticket.settle(self._text_usage())
+                start, self._held = self._held, None
+                await self._send(start)
+                await self._send({"type": "http.response.body", "body": b"".join(self._text)})
+                self.ticket.delivered()
+                return
             elif chunk:
                 await self._scan(chunk)
-            if not message.get("more_body", False):
-                await self.ticket.settle(self._text_usage())
+            if not more:
+                await self.ticket.settle(None)  # the estimate, unless the usage was settled
                 await self._send(message)
                 self.ticket.delivered()
                 return
         await self._send(message)
 
-    def _keep(self, chunk: bytes) -> None:
-        assert self._text is not None
-        self._size += len(chunk)
-        if self._size <= MAX_TEXT_RESPONSE:
-            self._text.append(chunk)
+    async def _cut(self) -> None:
+        """End the response with ``too_large`` in the route's own terms, then stop the agent."""
+        self.cut = True
+        error = reply_too_large(self._cap)
+        await self.ticket.settle(None)  # what the provider reported if settled already, else the estimate
+        self.ticket.failed(error.code)
+        if self._held is not None:  # nothing sent yet: a plain error answer
+            self._held = None
+            await Response(self._send).error(error)
+        else:
+            if self._error is None:
+                event = UIMessageStream().error(error) if self.route == "chat" else FullStream().error(error)
+                await self._send({"type": "http.response.body", "body": event, "more_body": True})
+            await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+        raise error
 
     def _text_usage(self) -> Usage | None:
-        if not self._text or self._size > MAX_TEXT_RESPONSE:
+        if not self._text:
             return None
         try:
             answer = _text_answer.decode(b"".join(self._text))
@@ -218,12 +255,14 @@ async def proxy_billable(
                 body = _encode(payload)
             if route in WHOLE_ANSWER_ROUTES:
                 ticket.answered()  # see the module's docstring
-            meter = Meter(route, ticket, send)
+            meter = Meter(route, ticket, send, services.settings.max_reply_bytes)
             await forward(body, replay(body, receive), meter.send)
     except Refused as refusal:
         await send_refusal(send, refusal)
-    except AgentError as error:  # past the request's deadline
-        if meter is None or not meter.started:
+    except AgentError as error:  # past the request's deadline, or a reply cut at the cap
+        if meter is not None and meter.cut:
+            pass  # the client has had the error and the end of the response
+        elif meter is None or not meter.started:
             await send_json(send, error.status, {"error": {"code": error.code, "message": error.message}})
         else:
             await send({"type": "http.response.body", "body": b"", "more_body": False})

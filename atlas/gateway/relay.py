@@ -26,6 +26,7 @@ import trio
 
 from atlas.gateway.admission import PER_MESSAGE_TOKENS, Admission, Refused, prompt_bound
 from atlas.gateway.connection import Connection
+from atlas.gateway.reply_cap import reply_too_large, utf8_size
 from atlas.gateway.streams import Stream, streams_of
 from atlas.llm.types import (
     AgentBudget,
@@ -95,9 +96,10 @@ class Relay:
     def __init__(
         self, agent: Agent, admission: Admission, *, default_provider_url: str, max_requests: int,
         conversation_turns: int, default_agent: str | None = None, resume_grace_seconds: float = 60.0,
-        resume_buffer_bytes: int = 1024 * 1024,
+        resume_buffer_bytes: int = 1024 * 1024, max_reply_bytes: int = 8 * 1024 * 1024,
     ) -> None:
         self.agent = agent
+        self.max_reply_bytes = max_reply_bytes
         self.resume_grace_seconds = resume_grace_seconds
         self.resume_buffer_bytes = resume_buffer_bytes
         self.admission = admission
@@ -266,13 +268,17 @@ class Relay:
                         # comes alone.
                         if streaming:
                             await stream.send(encode(AgentStart(request_id, agent_id)))
+                        cap, size = self.max_reply_bytes, 0
                         async for event in events:
                             if isinstance(event, TextDelta):
-                                if event.text:  # seq counts non-empty pieces
+                                if text := event.text:  # seq counts non-empty pieces
                                     if not stream.parts:
                                         ticket.first_token()
+                                    size += len(text) if text.isascii() else utf8_size(text)
+                                    if size > cap:
+                                        raise reply_too_large(cap)  # settled by admission
                                     # Only a solo connection's delta waits (for room in its outbox).
-                                    if (sending := stream.delta(event.text)) is not None:
+                                    if (sending := stream.delta(text)) is not None:
                                         await sending
                             else:
                                 finish = event

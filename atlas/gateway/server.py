@@ -157,6 +157,7 @@ async def _serve(
                 conversation_turns=settings.conversation_turns, default_agent=settings.default_agent,
                 resume_grace_seconds=settings.resume_grace_seconds,
                 resume_buffer_bytes=settings.resume_buffer_bytes,
+                max_reply_bytes=settings.max_reply_bytes,
             ),
             admission=admission, provider=provider, metrics=metrics,
             default_provider_url=provider_url, agent_app=agent_app, agent_client=agent_client,

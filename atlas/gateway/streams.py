@@ -121,17 +121,16 @@ class Stream:
             room.trim()  # type: ignore[union-attr]
         if self.streaming and self.attached:
             seq = len(parts)
-            lagging = False
+            lagging = None
             for connection, buffer in self.attached.items():
                 if not connection.send_delta_nowait(buffer, text, seq):
-                    lagging = True
-            if lagging:
-                self._drop_lagging()
+                    lagging = [connection] if lagging is None else [*lagging, connection]
+            if lagging is not None:
+                self._drop_lagging(lagging)  # closing detaches: not while looping over them
         return None
 
-    def _drop_lagging(self) -> None:
-        # A buffer holding text but not queued is one whose outbox was full.
-        for connection in [c for c, b in self.attached.items() if b.parts and not b.queued]:
+    def _drop_lagging(self, lagging: list[Connection]) -> None:
+        for connection in lagging:
             log.warning("connection %s fell too far behind request %s; dropping it", connection.id, self.id)
             connection.close(CLOSE_TOO_SLOW, "too slow: the outgoing queue is full")
 
@@ -172,7 +171,7 @@ class Stream:
         # catch-up waits for room is added to the same buffer, after it.
         buffer = self.attach(connection)
         if buffer is not None and self.streaming and after < seq:
-            await connection.send_delta(buffer, "".join(self.parts[after:]), seq)
+            await connection.send_catch_up(buffer, "".join(self.parts[after:]), seq)
 
     def cancel(self) -> None:
         """``agent:cancel`` from any connection of the room."""

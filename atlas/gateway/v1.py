@@ -36,6 +36,7 @@ from atlas.gateway.admission import (
     Ticket,
 )
 from atlas.gateway.auth import AccessDenied, authenticate
+from atlas.gateway.reply_cap import reply_too_large
 from atlas.gateway.services import Services
 from atlas.llm.provider import DRAIN_SECONDS, provider_error, status_error, transport_error
 from atlas.llm.sse import SseDataParser, SseTooLong
@@ -44,7 +45,7 @@ from atlas.store import Identity, StoreError, StoreUnavailable, is_valid_user_id
 
 log = logging.getLogger("atlas.gateway.v1")
 
-MAX_RESPONSE_BYTES = 16 * 1024 * 1024  # a non-streamed completion or a model list
+MAX_RESPONSE_BYTES = 16 * 1024 * 1024  # a model list (a completion: ATLAS_MAX_REPLY_BYTES)
 MAX_ERROR_BYTES = 64 * 1024
 ERROR_TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 402: "insufficient_quota",
@@ -330,10 +331,11 @@ async def complete(
                     ticket.failed(status_error(response.status_code, None).code)
                     return f"provider_status_{response.status_code}"
                 ticket.answered()
+                cap = services.settings.max_reply_bytes
                 if request.stream:
-                    await relay_stream(response, request, ticket, send, key.encode())
+                    await relay_stream(response, request, ticket, send, key.encode(), cap)
                 else:
-                    await relay_completion(response, ticket, send, key.encode())
+                    await relay_completion(response, ticket, send, key.encode(), cap)
                 return "ok"
     except Refused as exc:
         raise refused(exc) from None
@@ -348,18 +350,32 @@ async def _cancel_on_disconnect(receive: Any, scope: trio.CancelScope) -> None:
 
 
 async def relay_stream(
-    response: httpx.Response, request: Request, ticket: Ticket, send: Any, key: bytes
+    response: httpx.Response, request: Request, ticket: Ticket, send: Any, key: bytes, cap: int
 ) -> None:
     """The provider's events to the client as they come. The usage is settled (durably) as
     soon as it is known, before the event that carries it or ``[DONE]`` is passed on. The
-    virtual key never reaches the client, even inside an event a provider got wrong."""
+    virtual key never reaches the client, even inside an event a provider got wrong. A stream
+    longer than ``cap`` bytes ends with an error event ``too_large``."""
     await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
     parser = SseDataParser()
     usage: Usage | None = None
     finished = False
+    size = 0
+
+    async def fail(error: AgentError) -> None:
+        await ticket.settle(usage)
+        ticket.failed(error.code)
+        event = error_body(502, error.code, error.message)
+        await send({"type": "http.response.body", "body": b"data: " + _encode(event) + b"\n\n",
+                    "more_body": True})
+
     try:
         async for chunk in response.stream:
             ticket.first_token()
+            size += len(chunk)
+            if size > cap:
+                await fail(reply_too_large(cap))
+                break
             out: list[bytes] = []
             for data in parser.feed(chunk):
                 if data == b"[DONE]":
@@ -386,13 +402,8 @@ async def relay_stream(
             if finished:
                 break
     except (httpx.TransportError, SseTooLong) as exc:
-        error = (transport_error(exc, streaming=True) if isinstance(exc, httpx.TransportError)
-                 else provider_error("the provider sent an over-long stream event"))
-        await ticket.settle(usage)
-        ticket.failed(error.code)
-        event = error_body(502, error.code, error.message)
-        await send({"type": "http.response.body", "body": b"data: " + _encode(event) + b"\n\n",
-                    "more_body": True})
+        await fail(transport_error(exc, streaming=True) if isinstance(exc, httpx.TransportError)
+                   else provider_error("the provider sent an over-long stream event"))
     await ticket.settle(usage)
     if finished:
         ticket.delivered()
@@ -408,11 +419,15 @@ async def relay_stream(
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def relay_completion(response: httpx.Response, ticket: Ticket, send: Any, key: bytes) -> None:
+async def relay_completion(
+    response: httpx.Response, ticket: Ticket, send: Any, key: bytes, cap: int
+) -> None:
     try:
-        data = await _read(response, MAX_RESPONSE_BYTES)
+        data = await _read(response, cap)
     except httpx.TransportError as exc:
         raise from_agent_error(transport_error(exc, streaming=True)) from None
+    except V1Error:  # over the cap: settled by admission (the usage is in the part not read)
+        raise from_agent_error(reply_too_large(cap)) from None
     try:
         usage = _completion.decode(data).usage
     except msgspec.DecodeError:
