@@ -183,7 +183,11 @@ class RemoteAgent:
                     raise _envelope_error(response.status_code, await response.aread(), self._base_url)
                 if not response.headers.get("content-type", "").startswith("text/event-stream"):
                     raise AgentError("provider_error", "the agent answered without an event stream", 502)
-                yield _events(response)
+                events = _events(response)
+                try:
+                    yield events
+                finally:  # left mid-stream (a cancel, the reply cap): not left to the GC
+                    await events.aclose()
         except httpx.TimeoutException:
             raise AgentError("provider_timeout", "the agent did not answer in time", 504) from None
         except httpx.HTTPError as exc:

@@ -10,7 +10,7 @@ import logging
 import trio
 import trio.testing
 
-from atlas.gateway.connection import OUTBOX_SIZE, Connection, DeltaBuffer
+from atlas.gateway.connection import OUTBOX_SIZE, PENDING_LIMIT, Connection, DeltaBuffer
 from atlas.protocol import CLOSE_TOO_SLOW
 
 from .deadline import bounded
@@ -279,3 +279,66 @@ async def test_a_connection_that_ends_leaves_the_requests_it_receives(autojump_c
         end(connection)
         end(connection)
         assert request.detached == [connection] and connection.attached == {} and connection.left
+
+
+@bounded
+async def test_a_request_waits_once_its_unwritten_text_is_over_the_bound(autojump_clock):
+    """Backpressure: past PENDING_LIMIT characters the relay waits (and stops reading the
+    provider) until the writer has taken the text; the buffer never holds much more."""
+    connection, socket = Connection("c1"), Socket()
+    buffer = DeltaBuffer("r")
+    piece = "x" * 1000
+    sent = 0
+
+    async def relay() -> None:
+        nonlocal sent
+        for n in range(1, 201):  # 200 kB, three times the bound
+            await connection.send_delta(buffer, piece, n)
+            sent = n
+
+    async with trio.open_nursery() as nursery:
+        socket.gate = trio.Event()  # a client that does not read: the writer blocks
+        nursery.start_soon(connection.serve_writer, socket.write)
+        nursery.start_soon(relay)
+        await trio.testing.wait_all_tasks_blocked()
+        # The writer took what had piled up and is stuck writing it; behind it, up to the bound.
+        assert buffer.size <= PENDING_LIMIT + len(piece), buffer.size
+        assert sent * len(piece) <= 2 * (PENDING_LIMIT + len(piece)), sent
+        socket.gate.set()  # the client reads again: everything arrives, in order
+        await trio.testing.wait_all_tasks_blocked()
+        assert sent == 200
+        assert "".join(f["text"] for f in socket.decoded()) == piece * 200  # type: ignore[index]
+        connection.close_after_pending(1000)
+
+
+@bounded
+async def test_a_request_waiting_on_a_connection_that_leaves_stops_waiting(autojump_clock):
+    connection, socket = Connection("c1"), Socket()
+    buffer = DeltaBuffer("r")
+    finished = trio.Event()
+
+    async def relay() -> None:
+        for n in range(1, 301):  # 300 kB: more than the writer's frame and the bound together
+            await connection.send_delta(buffer, "y" * 1000, n)
+        finished.set()
+
+    async with trio.open_nursery() as nursery:
+        socket.gate = trio.Event()  # never set: the client never reads again
+        nursery.start_soon(connection.serve_writer, socket.write)
+        nursery.start_soon(relay)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not finished.is_set()
+        held = buffer.size
+        connection.close(CLOSE_TOO_SLOW)
+        await trio.testing.wait_all_tasks_blocked()
+        assert finished.is_set() and buffer.size == held  # nothing more kept for it
+        socket.gate.set()  # (the endpoint's cancel scope would end the writer; here, the socket)
+
+
+@bounded
+async def test_a_resumable_delta_over_the_bound_asks_to_drop_the_connection(autojump_clock):
+    connection = Connection("c1")  # no writer: the buffer is queued and never taken
+    buffer = DeltaBuffer("r")
+    results = [connection.send_delta_nowait(buffer, "z" * 1000, n) for n in range(1, 101)]
+    first_refused = results.index(False)
+    assert all(results[:first_refused]) and first_refused == PENDING_LIMIT // 1000
