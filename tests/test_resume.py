@@ -362,3 +362,24 @@ async def test_shutdown_cancels_resumable_requests_at_once(tmp_path: Path) -> No
                 await client.until_end("r2")
         # The server stopped without waiting for either grace period (60 s) or its drain (60 s).
         assert provider.completions()[0].disconnected
+
+
+async def test_a_room_runs_no_more_resumable_requests_than_its_users_connections_could(tmp_path: Path) -> None:
+    """They outlive their connection, so reconnecting must not start more and more of them: at
+    most ATLAS_MAX_REQUESTS_PER_CONNECTION x ATLAS_MAX_CONNECTIONS_PER_USER run per room."""
+    async with open_server(tmp_path, max_requests_per_connection=1, max_connections_per_user=2) as (server, provider):
+        gate = trio.Event()
+        provider.behaviour = Reply(deltas=PIECES, gate=gate, hold_after=1)
+        for request_id in ("r1", "r2"):
+            async with open_client(server) as client:
+                await client.send(stream(request_id))
+                await client.until_seq(request_id, 1)
+        async with open_client(server) as client:  # r1 and r2 run on, in their grace period
+            refused = await client.answer(stream("r3"), "agent:error")
+            assert refused["id"] == "r3" and refused["error"]["code"] == "too_many_requests", refused
+            await client.send({"type": "agent:cancel", "id": "r1"})
+            await wait_state(client, "r1", "error")
+            await client.send(stream("r4"))  # room again
+            gate.set()
+            done = await client.until_end("r4")
+    assert done["type"] == "agent:done" and done["text"] == REPLY

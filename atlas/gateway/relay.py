@@ -97,9 +97,14 @@ class Relay:
         self, agent: Agent, admission: Admission, *, default_provider_url: str, max_requests: int,
         conversation_turns: int, default_agent: str | None = None, resume_grace_seconds: float = 60.0,
         resume_buffer_bytes: int = 1024 * 1024, max_reply_bytes: int = 8 * 1024 * 1024,
+        max_connections_per_user: int = 32,
     ) -> None:
         self.agent = agent
         self.max_reply_bytes = max_reply_bytes
+        # A resumable request outlives its connection (for the grace period), so the per-connection
+        # limit alone does not bound them: a room runs at most as many as its user's connections
+        # could, each holding at most the reply cap.
+        self.max_resumable = max_requests * max_connections_per_user
         self.resume_grace_seconds = resume_grace_seconds
         self.resume_buffer_bytes = resume_buffer_bytes
         self.admission = admission
@@ -165,6 +170,9 @@ class Relay:
         options = dict(default_options) if isinstance(default_options, dict) else {}
         options.update(message.options or {})
         resumable = message.resumable if message.resumable is not None else prefs.get("resumable") is True
+        if resumable and room.streams is not None and room.streams.running() >= self.max_resumable:
+            await refuse("too_many_requests", f"at most {self.max_resumable} resumable requests may run per room")
+            return
         scope = trio.CancelScope()
         streaming = not isinstance(message, AgentText)
         if resumable:

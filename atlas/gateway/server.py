@@ -158,6 +158,7 @@ async def _serve(
                 resume_grace_seconds=settings.resume_grace_seconds,
                 resume_buffer_bytes=settings.resume_buffer_bytes,
                 max_reply_bytes=settings.max_reply_bytes,
+                max_connections_per_user=settings.max_connections_per_user,
             ),
             admission=admission, provider=provider, metrics=metrics,
             default_provider_url=provider_url, agent_app=agent_app, agent_client=agent_client,

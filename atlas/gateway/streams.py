@@ -19,7 +19,9 @@ A resumable request belongs to its room (``RoomStreams``, ``room.streams``), not
 The room's buffer is bounded by ``limit`` characters of reply text. The text of running requests
 counts, and ended requests are forgotten, oldest first, while the room is over. A running request
 is never cut: its whole text goes into ``agent:done`` and is held for that anyway (bounded by the
-request's output cap); one that ends larger than the bound is not kept.
+reply cap, ``ATLAS_MAX_REPLY_BYTES``); one that ends larger than the bound is not kept. A room
+runs at most ``ATLAS_MAX_REQUESTS_PER_CONNECTION`` x ``ATLAS_MAX_CONNECTIONS_PER_USER`` of them
+(``Relay.start``), since they outlive their connections.
 
 Several processes: a room lives in one process, and so do its streams; they end with it.
 """
@@ -229,6 +231,9 @@ class RoomStreams:
     def get(self, request_id: str) -> Stream | None:
         stream = self.by_id.get(request_id)
         return None if stream is None or stream.expired else stream
+
+    def running(self) -> int:
+        return sum(1 for stream in self.by_id.values() if stream.state == "running")
 
     def trim(self) -> None:
         while self.size > self.limit and self.ended:
