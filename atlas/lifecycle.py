@@ -8,6 +8,7 @@ once. Leaving hard is safe: every write Atlas has acknowledged is already on dis
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -21,6 +22,13 @@ from atlas.config import Bind
 log = logging.getLogger("atlas.lifecycle")
 
 HARD_EXIT_AFTER = 5.0
+# The cyclic garbage collector, tuned for a server (as Instagram's and others' are): a process that
+# streams allocates a few short-lived containers per delta, and CPython's default first threshold
+# (700) ran a collection every few hundred deltas; the full collections that followed scanned
+# every module, class and function imported at start-up: 50-100 ms pauses, measured at 200 streams,
+# which showed as clusters of late deltas. Start-up objects are frozen once the server listens
+# (``gc.freeze``: never scanned again), and young collections run ~15 times less often.
+GC_THRESHOLDS = (10_000, 10, 10)
 
 # serve(shutdown=, task_status=): serves until ``shutdown`` is set, reporting its URL once listening.
 Serve = Callable[..., Awaitable[None]]
@@ -57,7 +65,15 @@ async def run_until_signal(serve: Serve, *, name: str, bind: Bind, grace_seconds
 
             nursery.start_soon(watch_signals)
             url = await nursery.start(serve_then_stop)
+            tune_gc()
             print(listening_line(bind, url, name), file=sys.stderr, flush=True)
+
+
+def tune_gc() -> None:
+    """Once the server is up: what start-up made lives as long as the process (see GC_THRESHOLDS)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 async def exit_if_stuck(seconds: float) -> None:
