@@ -87,20 +87,33 @@ class Connection:
         self.close_reason = ""
         self._outbox_send, self._outbox_receive = trio.open_memory_channel[Any](OUTBOX_SIZE)
         self._waiting: set[DeltaBuffer] = set()  # buffers a request waits on (``_wait_taken``)
+        # Items put into the outbox, and items the writer has finished with: equal when nothing
+        # waits to be written (``send_delta``'s direct write). A write in progress is one not
+        # finished yet, and so is an item handed to a writer that has not run yet.
+        self._puts = 0
+        self._done = 0
+        self._write: Callable[[str], Awaitable[None]] | None = None
+        self._direct = False  # a request is writing its delta itself
+        self._direct_done: trio.Event | None = None  # the writer waits on it
         self._cancel_scope: trio.CancelScope | None = None
         self._on_close: Callable[[], None] | None = None
 
     # Sending
 
     async def send(self, frame: str) -> None:
+        self._puts += 1
         try:
             await self._outbox_send.send(frame)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass  # the connection is gone; nothing to tell it
+        except BaseException as exc:
+            self._puts -= 1
+            if not isinstance(exc, (trio.ClosedResourceError, trio.BrokenResourceError)):
+                raise
+            # the connection is gone; nothing to tell it
 
     def send_nowait(self, frame: str) -> bool:
         try:
             self._outbox_send.send_nowait(frame)
+            self._puts += 1
             return True
         except trio.WouldBlock:
             if self.close_code is None:
@@ -113,15 +126,31 @@ class Connection:
     async def send_delta(self, buffer: DeltaBuffer, text: str, seq: int) -> None:
         if self.left:
             return  # nothing more is written: keeping the text would only grow the buffer
+        if self._puts == self._done and not self._direct and self._write is not None:
+            # The hot path of a client that keeps up: nothing waits to be written and no one is
+            # writing, so the request writes its delta itself, without the hop through the
+            # writer task (a task switch per delta). While it writes, everything else queues
+            # behind it. A client that stops reading then holds up this request in its write
+            # (up to the write timeout), as the bound below would anyway.
+            self._direct = True
+            try:
+                await self._write(encode(AgentDelta(buffer.request_id, text, seq)))
+            finally:
+                self._direct = False
+                if self._direct_done is not None:
+                    self._direct_done.set()
+                    self._direct_done = None
+            return
         buffer.parts.append(text)
         buffer.size += len(text)
         buffer.seq = seq
         if not buffer.queued:
             buffer.queued = True
-            # The hot path of a stream: queue without a schedule point when there is room (the
-            # caller's next provider read yields anyway); wait for room like ``send`` otherwise.
+            # Queue without a schedule point when there is room (the caller's next provider
+            # read yields anyway); wait for room like ``send`` otherwise.
             try:
                 self._outbox_send.send_nowait(buffer)  # type: ignore[arg-type]
+                self._puts += 1
             except trio.WouldBlock:
                 await self.send(buffer)  # type: ignore[arg-type]
             except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -162,6 +191,7 @@ class Connection:
         if not buffer.queued:
             try:
                 self._outbox_send.send_nowait(buffer)  # type: ignore[arg-type]
+                self._puts += 1
             except trio.WouldBlock:
                 return False
             except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -177,12 +207,17 @@ class Connection:
         is empty (at most ``OUTBOX_SIZE`` frames, and nothing refills it without a schedule
         point), and every ``receive`` of the ``async for`` is a schedule point."""
         receive_nowait = self._outbox_receive.receive_nowait
+        self._write = write
         async with self._outbox_receive:
             async for item in self._outbox_receive:
+                if self._direct:  # a request is writing a delta itself: this comes after it
+                    self._direct_done = done = trio.Event()
+                    await done.wait()
                 while True:
                     frame = item.take_frame() if isinstance(item, DeltaBuffer) else item
                     if frame is not None:
                         await write(frame)
+                    self._done += 1
                     try:
                         item = receive_nowait()
                     except (trio.WouldBlock, trio.EndOfChannel):

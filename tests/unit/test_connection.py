@@ -297,17 +297,19 @@ async def test_a_request_waits_once_its_unwritten_text_is_over_the_bound(autojum
             sent = n
 
     async with trio.open_nursery() as nursery:
-        socket.gate = trio.Event()  # a client that does not read: the writer blocks
+        socket.gate = trio.Event()  # a client that does not read: the writer blocks...
         nursery.start_soon(connection.serve_writer, socket.write)
+        await connection.send("start")  # ...on this frame, so the deltas queue behind it
+        await trio.testing.wait_all_tasks_blocked()
         nursery.start_soon(relay)
         await trio.testing.wait_all_tasks_blocked()
-        # The writer took what had piled up and is stuck writing it; behind it, up to the bound.
-        assert buffer.size <= PENDING_LIMIT + len(piece), buffer.size
-        assert sent * len(piece) <= 2 * (PENDING_LIMIT + len(piece)), sent
+        # The piece that took the buffer over the bound is in it, and its send_delta waits.
+        assert sent == PENDING_LIMIT // len(piece) and buffer.size == (sent + 1) * len(piece)
         socket.gate.set()  # the client reads again: everything arrives, in order
         await trio.testing.wait_all_tasks_blocked()
         assert sent == 200
-        assert "".join(f["text"] for f in socket.decoded()) == piece * 200  # type: ignore[index]
+        assert socket.frames[0] == "start"
+        assert "".join(json.loads(f)["text"] for f in socket.frames[1:]) == piece * 200
         connection.close_after_pending(1000)
 
 
@@ -318,13 +320,15 @@ async def test_a_request_waiting_on_a_connection_that_leaves_stops_waiting(autoj
     finished = trio.Event()
 
     async def relay() -> None:
-        for n in range(1, 301):  # 300 kB: more than the writer's frame and the bound together
+        for n in range(1, 101):  # 100 kB: more than the bound
             await connection.send_delta(buffer, "y" * 1000, n)
         finished.set()
 
     async with trio.open_nursery() as nursery:
-        socket.gate = trio.Event()  # never set: the client never reads again
+        socket.gate = trio.Event()  # the client never reads again
         nursery.start_soon(connection.serve_writer, socket.write)
+        await connection.send("start")  # the writer is stuck on it; the deltas queue
+        await trio.testing.wait_all_tasks_blocked()
         nursery.start_soon(relay)
         await trio.testing.wait_all_tasks_blocked()
         assert not finished.is_set()
@@ -342,3 +346,27 @@ async def test_a_resumable_delta_over_the_bound_asks_to_drop_the_connection(auto
     results = [connection.send_delta_nowait(buffer, "z" * 1000, n) for n in range(1, 101)]
     first_refused = results.index(False)
     assert all(results[:first_refused]) and first_refused == PENDING_LIMIT // 1000
+
+
+@bounded
+async def test_a_delta_written_by_its_request_keeps_every_frame_in_order(autojump_clock):
+    """send_delta writes straight to the socket when nothing waits to be written; whatever comes
+    meanwhile queues behind that write, and the next delta queues behind it in turn."""
+    connection, socket = Connection("c1"), Socket()
+    a, b = DeltaBuffer("a"), DeltaBuffer("b")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(connection.serve_writer, socket.write)
+        await trio.testing.wait_all_tasks_blocked()
+        socket.gate = trio.Event()  # the first write blocks
+        nursery.start_soon(connection.send_delta, a, "a1", 1)
+        await trio.testing.wait_all_tasks_blocked()
+        await connection.send('"other"')  # queued behind the request's own write
+        await connection.send_delta(b, "b1", 1)  # queued too: something waits
+        await trio.testing.wait_all_tasks_blocked()
+        assert socket.frames == []
+        socket.gate.set()
+        await trio.testing.wait_all_tasks_blocked()
+        await connection.send_delta(a, "a2", 2)  # nothing waits again: written at once
+        assert json.loads(socket.frames[-1]) == delta("a", "a2", 2)
+        connection.close_after_pending(1000)
+    assert socket.decoded() == [delta("a", "a1", 1), "other", delta("b", "b1", 1), delta("a", "a2", 2)]
