@@ -349,6 +349,40 @@ async def test_connect_failure_and_read_timeout(autojump_clock):
                         extensions={"timeout": {"connect": 5, "read": 30, "write": 5, "pool": 5}})
 
 
+@pytest.mark.parametrize("tls", [False, True])
+async def test_a_body_that_stalls_midway_times_out_and_its_connection_is_not_reused(tls):
+    """Body reads are timed by the transport's watchdog, not a cancel scope per read: a stall
+    after the first chunk is a ReadTimeout (within the watchdog's tick), and the next request
+    gets a new connection."""
+
+    async def stall_once(stream: trio.abc.Stream, request: bytes, index: int) -> bool:
+        if index == 0 and stalled.connections == 1:
+            await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello")
+            await trio.sleep_forever()
+        await stream.send_all(OK)
+        return True
+
+    ca = trustme.CA() if tls else None
+    trusting = ssl.create_default_context()
+    if ca is not None:
+        ca.configure_trust(trusting)
+    async with scripted_server(stall_once, tls=ca) as stalled, ProviderTransport(verify=trusting) as transport:
+        scheme, host = ("https", "localhost") if tls else ("http", "127.0.0.1")
+        url = f"{scheme}://{host}:{stalled.port}/"
+        response = await transport.handle_async_request(httpx.Request(
+            "GET", url, extensions={"timeout": {"connect": 5, "read": 0.2, "write": 5, "pool": 5}}
+        ))
+        chunks = response.stream.__aiter__()
+        assert await chunks.__anext__() == b"hello"
+        started = trio.current_time()
+        with pytest.raises(httpx.ReadTimeout), trio.fail_after(10):  # not a hang
+            await chunks.__anext__()
+        assert trio.current_time() - started >= 0.2  # never before its deadline
+        await response.aclose()
+        _, body = await fetch(transport, url)
+        assert body == b"ok" and stalled.connections == 2
+
+
 async def test_write_timeout(autojump_clock):
     async def never_read(stream: trio.SocketStream) -> None:
         await trio.sleep_forever()
