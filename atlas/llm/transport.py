@@ -255,7 +255,10 @@ class _Body(httpx.AsyncByteStream):
 
     def _count_event(self, data: bytes) -> None:
         # An event ends at a blank line: two line ends in a row (LF LF, CR CR, LF CR, CR LF CR LF).
-        end = max(data.rfind(b"\n\n"), data.rfind(b"\r\r"), data.rfind(b"\n\r"))
+        # The usual read ends with one event's LF LF: no later blank line to look for then.
+        end = data.rfind(b"\n\n")
+        if end != len(data) - 2:
+            end = max(end, data.rfind(b"\r\r"), data.rfind(b"\n\r"))
         if end >= 0:
             self._event = len(data) - end - 2
         elif data and self._last in b"\r\n" and data[0] in b"\r\n" \
