@@ -181,8 +181,8 @@ class Connection:
 
     def send_delta_nowait(self, buffer: DeltaBuffer, text: str, seq: int) -> bool:
         """``send_delta`` for a request that others receive too: never waits. False when the
-        outbox is full or the buffer is over ``PENDING_LIMIT``; the caller then drops this connection (``close``), once it is no longer
-        looping over the request's connections."""
+        outbox is full or the buffer is over ``PENDING_LIMIT``; the caller then drops this
+        connection (``close``), once it is no longer looping over the request's connections."""
         buffer.parts.append(text)
         buffer.size += len(text)
         buffer.seq = seq
