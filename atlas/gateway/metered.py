@@ -128,15 +128,15 @@ class Meter:
             raise reply_too_large(self._cap)  # the agent stops; nothing more reaches the client
         kind = message["type"]
         if kind == "http.response.start":
-            self.started = True
             ok = message["status"] == 200
             if not self._whole or not ok:
                 self.ticket.answered(ok)
             if not ok:
                 self._error = bytearray()  # the agent's error envelope names the code
             elif self._whole:
-                self._held = message
+                self._held = message  # not started yet: the request can still fail cleanly
                 return
+            self.started = True
         elif kind == "http.response.body":
             chunk = message.get("body", b"")
             more = message.get("more_body", False)
@@ -155,6 +155,7 @@ class Meter:
                     return
                 await self.ticket.settle(self._text_usage())
                 start, self._held = self._held, None
+                self.started = True
                 await self._send(start)
                 await self._send({"type": "http.response.body", "body": b"".join(self._text)})
                 self.ticket.delivered()
@@ -176,6 +177,7 @@ class Meter:
         self.ticket.failed(error.code)
         if self._held is not None:  # nothing sent yet: a plain error answer
             self._held = None
+            self.started = True
             await Response(self._send).error(error)
         else:
             if self._error is None:
