@@ -1,9 +1,11 @@
-"""Token verification: one code path, ``GET {auth}/api/me`` with ``Authorization: Bearer``.
+"""Token verification: one verifier (cache, single flight, call cap, failure limits) in front of
+one of two lookups.
 
-With ``ATLAS_AUTH_URL`` the auth API is external and reached over HTTP. Without it, the built-in
-``/api/me`` below (backed by the store's ``users/`` and ``tokens/``) answers the same request,
-reached in-process through an ``httpx.ASGITransport``: same client, same parsing, same cache,
-same errors, and no TCP hop. The built-in endpoint is also served on the public port.
+With ``ATLAS_AUTH_URL`` the auth API is external: ``GET {auth}/api/me`` with ``Authorization:
+Bearer`` (``AuthApi``). Without it the store is read directly (``BuiltinLookup``, the users' and
+tokens' records): the same answer the built-in ``/api/me`` below gives on the public port, without
+building and parsing an HTTP exchange for every token the cache does not hold (about 0.3 ms of
+CPU each, measured against 20 us for the lookup itself).
 
 Errors:
     AuthError
@@ -22,8 +24,8 @@ import hmac
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import httpx
@@ -41,7 +43,6 @@ from atlas.store import (
 
 log = logging.getLogger("atlas.gateway.auth")
 
-BUILTIN_BASE_URL = "http://atlas.builtin-auth"
 CACHE_LIMIT = 100_000
 
 
@@ -296,13 +297,12 @@ class TokenVerifier:
     - a client address whose tokens keep failing is refused for a while (``FailureLimiter``)."""
 
     def __init__(
-        self, client: httpx.AsyncClient, *, cache_seconds: float, timeout: float,
+        self, lookup: Callable[[str], Awaitable[Identity]], *, cache_seconds: float, timeout: float,
         max_concurrent: int = 32, failures: FailureLimiter | None = None,
-        trusted_proxies: frozenset[str] = frozenset(), builtin: bool = False,
+        trusted_proxies: frozenset[str] = frozenset(),
     ) -> None:
         self.trusted_proxies = trusted_proxies
-        self._client = client
-        self._builtin = builtin
+        self._lookup = lookup
         self._cache_seconds = cache_seconds
         self._timeout = timeout
         # token hash -> (expiry, identity, or None for a refused token)
@@ -369,11 +369,19 @@ class TokenVerifier:
     async def _ask_within_cap(self, token: str) -> Identity:
         with trio.move_on_after(self._timeout):
             async with self._calls:
-                return await self._ask(token)
+                return await self._lookup(token)
         log.warning("auth API busy: no call slot within %.1f s", self._timeout)
         raise AuthUnavailable("the auth API did not answer in time")
 
-    async def _ask(self, token: str) -> Identity:
+
+class AuthApi:
+    """The external auth API: ``GET /api/me`` with the token as a bearer."""
+
+    def __init__(self, client: httpx.AsyncClient, *, timeout: float) -> None:
+        self._client = client
+        self._timeout = timeout
+
+    async def __call__(self, token: str) -> Identity:
         response = None
         with trio.move_on_after(self._timeout):
             try:
@@ -389,8 +397,6 @@ class TokenVerifier:
             raise AuthUnavailable("the auth API did not answer in time")
         if response.status_code in (401, 403):
             raise Unauthorized("invalid or revoked token")
-        if response.status_code == 503 and self._builtin:
-            raise AuthStoreUnavailable("the store (database) is unavailable; try again shortly")
         if response.status_code != 200:
             log.warning("auth API answered %d", response.status_code)
             raise AuthUnavailable(f"the auth API answered {response.status_code}")
@@ -403,21 +409,41 @@ class TokenVerifier:
         return identity
 
 
+class BuiltinLookup:
+    """Built-in auth: the token's user read from the store (``lookup_builtin_user``)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    async def __call__(self, token: str) -> Identity:
+        try:
+            # Two small reads; in a thread, so a cold page cache or a database never stalls the server.
+            identity = await trio.to_thread.run_sync(lookup_builtin_user, self._store, token)
+        except StoreUnavailable as exc:
+            log.error("built-in auth: %s", exc)
+            raise AuthStoreUnavailable("the store (database) is unavailable; try again shortly") from None
+        except StoreError as exc:
+            log.error("built-in auth: %s", exc)
+            raise AuthUnavailable("this user's stored record is unreadable") from None
+        if identity is None:
+            raise Unauthorized("invalid or revoked token")
+        return identity
+
+
 @asynccontextmanager
 async def open_token_verifier(settings: Settings, store: Store) -> AsyncIterator[TokenVerifier]:
-    if settings.auth_url:
-        client = httpx.AsyncClient(
-            base_url=settings.auth_url, timeout=settings.auth_timeout, follow_redirects=False
-        )
-    else:
-        client = httpx.AsyncClient(
-            base_url=BUILTIN_BASE_URL, transport=httpx.ASGITransport(app=builtin_me_app(store))
-        )
-    async with client:
+    async with AsyncExitStack() as stack:
+        lookup: Callable[[str], Awaitable[Identity]]
+        if settings.auth_url:
+            client = await stack.enter_async_context(httpx.AsyncClient(
+                base_url=settings.auth_url, timeout=settings.auth_timeout, follow_redirects=False
+            ))
+            lookup = AuthApi(client, timeout=settings.auth_timeout)
+        else:
+            lookup = BuiltinLookup(store)
         yield TokenVerifier(
-            client, cache_seconds=settings.auth_cache_seconds, timeout=settings.auth_timeout,
+            lookup, cache_seconds=settings.auth_cache_seconds, timeout=settings.auth_timeout,
             max_concurrent=settings.auth_max_concurrent,
             failures=FailureLimiter(settings.auth_failures_per_minute),
             trusted_proxies=frozenset(settings.trusted_proxies),
-            builtin=settings.auth_url is None,
         )
