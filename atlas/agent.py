@@ -80,6 +80,9 @@ def parse_options(options: Mapping[str, Any] | None) -> AgentOptions:
         return AgentOptions()
     if not isinstance(options, Mapping):
         raise bad_request("options: expected an object")
+    # JSON does not tell 100 from 100.0 (JSON Schema's integer is both; Python's json writes a
+    # float as 100.0): a whole number sent as a float is that number.
+    options = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in options.items()}
     try:
         return msgspec.convert(options, AgentOptions)
     except msgspec.ValidationError as exc:

@@ -4,6 +4,7 @@ Raw ASGI rather than a framework because the transport calls this app in-process
 own scope/receive/send through: no lifespan needed, nothing buffered, no response timeout.
 
     GET  /healthz                 {"ok": true}
+    GET  /openapi.json            this API's OpenAPI document (atlas.agent_api.openapi)
     GET  /agents                  {"success": true, "data": [agent...]}
     GET  /agents/{id}             {"success": true, "data": agent}
     POST /agents/{id}/text        {"success": true, "data": {"text", "usage", "finishReason"}}
@@ -24,7 +25,9 @@ from typing import Any
 import msgspec
 import trio
 
+from atlas import openapi
 from atlas.agent import AgentService
+from atlas.agent_api.openapi import build_document
 from atlas.agent_api.sse import FullStream, UIMessageStream, usage_camel
 from atlas.asgi import BadBody, BodyTooLarge, ClientGone, decode_json, read_body
 from atlas.config import Settings
@@ -38,6 +41,13 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
 GENERATE_ROUTES = ("text", "stream", "chat")
+# Every route, as its OpenAPI path, with its method: the dispatcher serves only these, and the
+# OpenAPI document must describe each of them (tests/test_openapi.py compares the two).
+ROUTES = {
+    "/healthz": "GET", "/openapi.json": "GET", "/agents": "GET", "/agents/{id}": "GET",
+    **{f"/agents/{{id}}/{route}": "POST" for route in GENERATE_ROUTES},
+}
+PUBLIC_ROUTES = ("/healthz", "/openapi.json")  # no X-Atlas-Agent-Secret needed
 BODY_FIELDS = {"input", "options", "messages", "id", "trigger", "messageId", "metadata"}
 ROLES = ("system", "user", "assistant")
 
@@ -66,6 +76,11 @@ class Response:
         await self.start(status, [*JSON_HEADERS, (b"content-length", str(len(data)).encode()), *headers])
         await self.body(data, more=False)
 
+    async def document(self, data: bytes) -> None:
+        self.started = True
+        self.finished = True
+        await openapi.send_document(self._send, data)
+
     async def error(self, error: AgentError) -> None:
         headers = []
         if error.retry_after is not None:
@@ -81,6 +96,7 @@ class AgentApp:
         self.service = service
         self.secret = settings.agent_secret.encode() if settings.agent_secret else None
         self.max_body = settings.max_message_bytes
+        self.document = openapi.encode(build_document(secret_required=self.secret is not None))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # lifespan is answered by serve_asgi
@@ -101,27 +117,25 @@ class AgentApp:
     async def _handle(self, scope: Scope, receive: Receive, response: Response) -> None:
         method, path = scope["method"], scope["path"]
         headers = _headers(scope)
-        if path == "/healthz":
-            _allow(method, "GET")
-            await response.json(200, {"ok": True})
+        if path in PUBLIC_ROUTES:
+            _allow(method, ROUTES[path])
+            if path == "/healthz":
+                await response.json(200, {"ok": True})
+            else:
+                await response.document(self.document)
             return
         self._check_secret(headers)
-        parts = path.rstrip("/").split("/")[1:] if path != "/" else []
-        if not parts or parts[0] != "agents" or len(parts) > 3 or "" in parts:
-            raise AgentError("not_found", f"no route for {path}", 404)
-        if len(parts) == 1:
-            _allow(method, "GET")
+        route, agent_id = match_route(path)
+        if agent_id is None:
+            _allow(method, ROUTES[route])
             data = [agent.describe() for agent in self.service.agents.values()]
             await response.json(200, {"success": True, "data": data})
             return
-        agent = self.service.get(parts[1])
-        if len(parts) == 2:
-            _allow(method, "GET")
+        agent = self.service.get(agent_id)
+        _allow(method, ROUTES[route])
+        if route == "/agents/{id}":
             await response.json(200, {"success": True, "data": agent.describe()})
             return
-        if parts[2] not in GENERATE_ROUTES:
-            raise AgentError("not_found", f"no route for {path}", 404)
-        _allow(method, "POST")
         body = await _read_json(receive, self.max_body)
         input, options = parse_body(body)
         credentials = Credentials(
@@ -129,7 +143,7 @@ class AgentApp:
             api_url=headers.get("x-provider-api-url", ""),
             user_id=headers.get("x-user-id", ""),
         )
-        await self._generate(parts[2], agent.id, input, options, credentials, receive, response)
+        await self._generate(route.rpartition("/")[2], agent.id, input, options, credentials, receive, response)
 
     def _check_secret(self, headers: Mapping[str, str]) -> None:
         if self.secret is None:
@@ -231,6 +245,20 @@ async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope, gone:
             gone.set()
             scope.cancel()
             return
+
+
+def match_route(path: str) -> tuple[str, str | None]:
+    """The route (a key of ``ROUTES``) of an ``/agents`` path and its agent id, or 404."""
+    parts = path.rstrip("/").split("/")[1:] if path != "/" else []
+    if not parts or parts[0] != "agents" or len(parts) > 3 or "" in parts:
+        raise AgentError("not_found", f"no route for {path}", 404)
+    if len(parts) == 1:
+        return "/agents", None
+    if len(parts) == 2:
+        return "/agents/{id}", parts[1]
+    if parts[2] not in GENERATE_ROUTES:
+        raise AgentError("not_found", f"no route for {path}", 404)
+    return f"/agents/{{id}}/{parts[2]}", parts[1]
 
 
 def _headers(scope: Scope) -> dict[str, str]:

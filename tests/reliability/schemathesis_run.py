@@ -1,0 +1,111 @@
+"""Schemathesis against a running server, from its own ``/openapi.json`` (issue 14).
+
+``fuzz`` loads the document the server serves, and for every operation draws cases from it with
+hypothesis (valid ones, then invalid ones), sends each to the server with ``requests`` (blocking:
+the tests call it in a worker thread while trio serves) and runs schemathesis's checks on each
+response. Failures are collected, not raised at the first, so that one run reports them all.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import hypothesis
+import hypothesis.errors
+import requests
+import schemathesis
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    negative_data_rejection,
+    positive_data_acceptance,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+# What the documents promise for any request: never a 5xx, only documented statuses, content
+# types and headers, bodies and events that match their schemas.
+CONFORMANCE = [
+    not_a_server_error, status_code_conformance, content_type_conformance,
+    response_headers_conformance, response_schema_conformance,
+]
+# Valid requests are served; invalid ones are refused with a 4xx.
+CHECKS = {
+    GenerationMode.POSITIVE: [*CONFORMANCE, positive_data_acceptance],
+    GenerationMode.NEGATIVE: [*CONFORMANCE, negative_data_rejection],
+}
+TIMEOUT = 10.0
+
+
+@dataclass
+class Figures:
+    examples: int = 0
+    statuses: Counter = field(default_factory=Counter)
+    by_operation: Counter = field(default_factory=Counter)  # (label, mode, status)
+    failures: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"examples": self.examples, "statuses": dict(sorted(self.statuses.items())),
+                "failures": len(self.failures)}
+
+
+def fuzz(
+    document_url: str,
+    base_url: str,
+    *,
+    max_examples: int,
+    derandomize: bool,
+    headers: Mapping[str, str] | None = None,
+    fixed: Callable[[Any, GenerationMode], dict[str, Any]] = lambda operation, mode: {},
+    modes: tuple[GenerationMode, ...] = (GenerationMode.POSITIVE, GenerationMode.NEGATIVE),
+) -> Figures:
+    """Fuzz every operation of the document at ``document_url`` against ``base_url``.
+    ``headers``: sent with every request (credentials the document cannot know).
+    ``fixed(operation, mode)``: keyword arguments for ``as_strategy`` that pin some parameters (a
+    real agent id, say), so that the examples reach past the first refusal."""
+    schema = schemathesis.openapi.from_url(document_url)
+    figures = Figures()
+    session = requests.Session()
+    try:
+        for result in schema.get_all_operations():
+            operation = result.ok()
+            for mode in modes:
+                _fuzz_operation(operation, mode, base_url, session, dict(headers or {}), fixed(operation, mode),
+                                max_examples, derandomize, figures)
+    finally:
+        session.close()
+    return figures
+
+
+def _fuzz_operation(
+    operation: Any, mode: GenerationMode, base_url: str, session: requests.Session,
+    headers: dict[str, str], pinned: dict[str, Any], max_examples: int, derandomize: bool,
+    figures: Figures,
+) -> None:
+    checks = CHECKS[mode]
+
+    @hypothesis.given(operation.as_strategy(generation_mode=mode, **pinned))
+    @hypothesis.settings(
+        max_examples=max_examples, derandomize=derandomize, database=None, deadline=None,
+        suppress_health_check=list(hypothesis.HealthCheck), print_blob=True,
+        # The first failure of each operation is enough: shrinking it costs more than it tells.
+        phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],
+    )
+    def run(case: Any) -> None:
+        response = case.call(base_url=base_url, session=session, headers=headers, timeout=TIMEOUT)
+        figures.examples += 1
+        figures.statuses[response.status_code] += 1
+        figures.by_operation[(operation.label, mode.value, response.status_code)] += 1
+        case.validate_response(response, checks=checks)
+
+    try:
+        run()
+    except hypothesis.errors.Unsatisfiable:
+        assert mode is GenerationMode.NEGATIVE  # nothing to get wrong in a request without inputs
+    except (Exception, BaseExceptionGroup) as exc:  # one operation's failures; the others still run
+        figures.failures.append(f"{operation.label} ({mode.value}): {exc}")
