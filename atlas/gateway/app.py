@@ -5,6 +5,7 @@
     /party/{roomId}/usage (and /parties/main/) HTTP: the user's usage ledger and limits
     /v1/chat/completions, /v1/models          the OpenAI-compatible endpoint (v1.py)
     /api/me                                   built-in auth (only without ATLAS_AUTH_URL)
+    /openapi.json                             the OpenAPI document of these routes (openapi.py)
     everything else                           Quart: the web page, /static, /healthz
 
 CORS (``ATLAS_CORS_ORIGINS``) applies to the HTTP routes under ``/party``, ``/parties`` and
@@ -32,6 +33,7 @@ from atlas.gateway.auth import STORE_UNAVAILABLE, AccessDenied, admit, builtin_m
 from atlas.gateway.metrics import CONTENT_TYPE
 from atlas.gateway.cors import Cors
 from atlas.gateway.metered import billable_route, proxy_billable
+from atlas.gateway.openapi import encode_document, serve_document
 from atlas.gateway.proxy import (
     ProxyRefused,
     agent_path,
@@ -240,6 +242,7 @@ def build_app(services: Services):
     pages = build_pages_app(services)
     builtin_me = None if services.settings.auth_url else builtin_me_app(services.store)
     cors = Cors(services.settings.cors_origins) if services.settings.cors_origins else None
+    document = encode_document(services.settings)
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         kind = scope["type"]
@@ -272,6 +275,9 @@ def build_app(services: Services):
             return
         if path == "/metrics" and kind == "http":
             await send_metrics(services, send)
+            return
+        if path == "/openapi.json" and kind == "http":
+            await serve_document(scope, send, document)
             return
         await pages(scope, receive, send)
 

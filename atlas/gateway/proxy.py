@@ -1,6 +1,6 @@
 """``/party/{roomId}?proxy=/path``: forward an HTTP request to the agent with the room's credentials.
 
-The path must be an agent route (``/agents`` or below), judged after percent-decoding until
+The path must be an agent route (``/agents`` or below, or ``/openapi.json``), judged after percent-decoding until
 nothing changes; anything else is refused with 400 before a byte is sent. Only the client headers
 an agent request needs go on (an allowlist: a denylist let ``X_Provider_API_Key`` through, which
 some servers read as ``X-Provider-API-Key``), and the room's credentials are injected.
@@ -36,7 +36,8 @@ FORWARDED_HEADERS = frozenset({
     b"accept", b"accept-language", b"cache-control", b"content-length", b"content-type",
     b"last-event-id", b"traceparent", b"tracestate", b"user-agent", b"x-request-id",
 })
-AGENT_PATH = re.compile(r"/agents(/[A-Za-z0-9._~!$&'()*+,;=:@-]+)*/?")
+# The agent routes, and the agent API's OpenAPI document (the in-process agent has no port of its own).
+AGENT_PATH = re.compile(r"/agents(/[A-Za-z0-9._~!$&'()*+,;=:@-]+)*/?|/openapi\.json")
 # Query parameters that belong to the transport and are never forwarded.
 TRANSPORT_PARAMS = frozenset({"proxy", "token", "_pk"})
 
@@ -65,7 +66,7 @@ def agent_path(requested: str) -> str:
     if ".." in segments or "." in segments:
         raise ProxyRefused("the proxy path may not contain . or .. segments")
     if not AGENT_PATH.fullmatch(decoded):
-        raise ProxyRefused("only agent routes (/agents and below) can be proxied")
+        raise ProxyRefused("only agent routes (/agents and below, /openapi.json) can be proxied")
     return decoded
 
 

@@ -57,6 +57,8 @@ SSE_HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 DONE = b"data: [DONE]\n\n"
+# The routes, with their method (the OpenAPI document must describe each: tests/test_openapi.py).
+ROUTES = {"/v1/chat/completions": "POST", "/v1/models": "GET"}
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
@@ -113,11 +115,8 @@ def from_agent_error(exc: AgentError) -> V1Error:
 async def v1_endpoint(services: Services, scope: dict[str, Any], receive: Any, send: Any) -> None:
     path, method = scope["path"].rstrip("/"), scope["method"]
     try:
-        if path == "/v1/chat/completions":
-            allowed = "POST"
-        elif path == "/v1/models":
-            allowed = "GET"
-        else:
+        allowed = ROUTES.get(path)
+        if allowed is None:
             raise V1Error(404, "not_found", f"no route {path}: Atlas serves /v1/chat/completions and /v1/models")
         if method != allowed:
             error = V1Error(405, "method_not_allowed", f"use {allowed} {path}")
@@ -241,6 +240,8 @@ def _count(payload: dict[str, Any], name: str) -> int | None:
     value = payload.get(name)
     if value is None:
         return None
+    if isinstance(value, float) and value.is_integer():  # JSON's 3 and 3.0 are one number
+        value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise bad(f"{name}: expected a whole number of at least 1")
     return value

@@ -1,0 +1,80 @@
+"""Schemathesis fuzzing of the agent API and the gateway, from the documents they serve (issue 14).
+
+Each test starts the real server on port 0 in front of the fake provider, loads its
+``/openapi.json`` and lets ``schemathesis_run.fuzz`` draw valid and invalid requests for every
+operation, with valid credentials, checking each answer: never a 5xx; only documented statuses,
+content types and headers; bodies and SSE events that match their schemas; valid requests served
+and invalid ones refused. Quick: derandomized, a few examples per operation; long
+(``ATLAS_RELIABILITY_LONG=1``): random, many more.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import trio
+from agent_fixtures import agent_settings, open_agent
+from probes import LONG, record, scaled
+from schemathesis import GenerationMode
+from schemathesis_run import fuzz
+from servers import SECRETS, new_key, open_atlas
+
+EXAMPLES = scaled(12, 300)  # per operation and mode (valid, invalid)
+AGENT = "atlas-assistant"
+
+
+def _real(operation: Any, mode: GenerationMode, names: dict[str, str], pinned_always: str) -> dict[str, Any]:
+    """Pin path parameters to what exists, for valid requests (an unknown agent or another
+    user's room only ever gets a 404 or a 403) and for the ``pinned_always`` method (so that its
+    invalid requests are invalid in their body and headers, not only in the path)."""
+    if mode is GenerationMode.POSITIVE or operation.method.upper() == pinned_always:
+        found = {name: value for name, value in names.items() if f"{{{name}}}" in operation.path}
+        return {"path_parameters": found} if found else {}
+    return {}
+
+
+def check(figures: Any, probe: str) -> None:
+    record(probe, **figures.as_dict(), failure_list=figures.failures)
+    assert not figures.failures, "\n\n".join(figures.failures)
+    assert figures.examples >= EXAMPLES * 5  # every operation ran, not only the first few
+    assert figures.statuses[200] > figures.examples / 4  # the valid requests got through
+
+
+async def test_the_agent_api_conforms_to_its_document(provider, tmp_path):
+    secret = "agent-secret-" + new_key("agent")
+    SECRETS.add(secret)
+    settings = agent_settings(provider.url, tmp_path, agent_secret=secret)
+    async with open_agent(settings) as agent:
+
+        def pin(operation: Any, mode: GenerationMode) -> dict[str, Any]:
+            pinned = _real(operation, mode, {"id": AGENT}, "POST")
+            if operation.method.upper() == "POST":  # the provider it may call: the test's
+                pinned["headers"] = {"X-Provider-API-URL": provider.url}
+            return pinned
+
+        figures = await trio.to_thread.run_sync(partial(
+            fuzz, f"{agent.url}/openapi.json", agent.url, max_examples=EXAMPLES, derandomize=not LONG,
+            headers={"X-Atlas-Agent-Secret": secret}, fixed=pin,
+        ))
+    check(figures, "schemathesis agent API")
+
+
+async def test_the_gateway_conforms_to_its_document(provider, tmp_path):
+    # No limit on failed tokens: the invalid requests send bad tokens from this one address.
+    async with open_atlas(tmp_path, users={"alice": None}, provider_url=provider.url,
+                          auth_failures_per_minute=0) as server:
+
+        def pin(operation: Any, mode: GenerationMode) -> dict[str, Any]:
+            pinned = _real(operation, mode, {"room": "alice"}, "POST")
+            if operation.method.upper() == "POST" and "{room}" in operation.path:
+                # The proxied routes, round-robin by mode: JSON and an event stream.
+                route = "text" if mode is GenerationMode.NEGATIVE else "stream"
+                pinned["query"] = {"proxy": f"/agents/{AGENT}/{route}"}
+            return pinned
+
+        figures = await trio.to_thread.run_sync(partial(
+            fuzz, f"{server.url}/openapi.json", server.url, max_examples=EXAMPLES, derandomize=not LONG,
+            headers={"Authorization": f"Bearer {server.tokens['alice']}"}, fixed=pin,
+        ))
+    check(figures, "schemathesis gateway")
