@@ -266,3 +266,20 @@ async def test_cors_preflights(tmp_path, provider):
     assert party.status_code == 204 and party.headers["access-control-allow-origin"] == "https://app.example"
     assert models.status_code == 200 and models.headers["access-control-allow-origin"] == "https://app.example"
     assert other.status_code == 200 and "access-control-allow-origin" not in other.headers
+
+
+async def test_whole_numbers_sent_as_floats_are_whole_numbers(tmp_path, provider):
+    """JSON's 2 and 2.0 are one number (JSON Schema's integer takes both); schemathesis found
+    `n: 2773.0` refused with 400."""
+    async with open_v1(tmp_path, provider) as server:
+        async with httpx.AsyncClient(timeout=WAIT) as http:
+            answer = await http.post(
+                f"{server.url}/v1/chat/completions", headers={"Authorization": f"Bearer {server.tokens['alice']}"},
+                json={"model": MODEL, "n": 1.0, "max_tokens": 5.0, "messages": [{"role": "user", "content": "hi"}]},
+            )
+            half = await http.post(
+                f"{server.url}/v1/chat/completions", headers={"Authorization": f"Bearer {server.tokens['alice']}"},
+                json={"model": MODEL, "max_tokens": 5.5, "messages": [{"role": "user", "content": "hi"}]},
+            )
+    assert answer.status_code == 200, answer.text
+    assert half.status_code == 400 and "max_tokens" in half.json()["error"]["message"]
