@@ -103,6 +103,11 @@ async def test_dev_provider_streams_and_answers():
             assert [d for d in deltas if d] == ["Echo: ", "ping ", "pong!"]
             assert events[-2]["usage"]["total_tokens"] == 5
             assert (await client.post(f"{url}/chat/completions", json=body)).status_code == 401
+            # OpenAI's API takes null for "not streamed" (schemathesis sent it through /v1).
+            null = await client.post(f"{url}/chat/completions", json={**body, "stream": None}, headers=auth)
+            assert null.json()["choices"][0]["message"]["content"] == "Echo: ping pong!"
+            refused = await client.post(f"{url}/chat/completions", json={"model": "x"}, headers=auth)
+            assert refused.status_code == 400 and refused.json()["error"]["param"] is None  # OpenAI's shape
         nursery.cancel_scope.cancel()
 
 

@@ -103,6 +103,23 @@ async def test_the_gateway_serves_a_valid_document_of_all_its_routes(tmp_path, p
             assert operations(agent) == {path: {method} for path, method in AGENT_ROUTES.items()}
 
 
+async def test_a_method_a_gateway_route_does_not_take_is_405_with_allow(tmp_path, provider):
+    """RFC 9110: a 405 lists what the route takes. Schemathesis found none on the pages' routes
+    (Quart's exception names them valid_methods), on /api/me and on the room routes, and found
+    /metrics answering any method."""
+    async with open_atlas(tmp_path, users={"alice": None}, provider_url=provider.url) as server:
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            document = load(await client.get("/openapi.json"))
+            auth = {"Authorization": f"Bearer {server.tokens['alice']}"}
+            for path, methods in operations(document).items():
+                answer = await client.request("DELETE", path.replace("{room}", "alice"), headers=auth)
+                assert answer.status_code == 405, (path, answer.status_code)
+                assert answer.json()["error"]["code"] == "method_not_allowed"
+                allowed = set(answer.headers["allow"].split(", "))
+                # Without ?proxy= a room route takes GET alone; the agent's routes take POST.
+                assert methods - {"POST"} <= allowed if "{room}" in path else methods <= allowed, (path, allowed)
+
+
 async def test_with_external_auth_there_is_no_api_me(tmp_path, provider):
     async with open_atlas(tmp_path, provider_url=provider.url, auth_url="http://127.0.0.1:9/") as server:
         async with httpx.AsyncClient(base_url=server.url) as client:

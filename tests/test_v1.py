@@ -282,4 +282,6 @@ async def test_whole_numbers_sent_as_floats_are_whole_numbers(tmp_path, provider
                 json={"model": MODEL, "max_tokens": 5.5, "messages": [{"role": "user", "content": "hi"}]},
             )
     assert answer.status_code == 200, answer.text
+    sent = provider.completions()[0].body
+    assert (sent["n"], sent["max_tokens"]) == (1, 5) and type(sent["max_tokens"]) is int  # noqa: E721
     assert half.status_code == 400 and "max_tokens" in half.json()["error"]["message"]

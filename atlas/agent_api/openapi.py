@@ -47,13 +47,14 @@ MESSAGE_WITH_TEXT = _message(
     {"anyOf": [{"type": "string", "minLength": 1}, {**PARTS, "contains": NONEMPTY_TEXT_PART}]},
 )
 MESSAGES = {"type": "array", "minItems": 1, "items": ref("Message"), "contains": ref("MessageWithText")}
+INPUT = {"anyOf": [TEXT, MESSAGES]}
 
 GENERATE_BODY = {
     "description": "VoltAgent's {input, options}, or AI SDK useChat's {id, messages, trigger}. "
                    "With both, input is used.",
     "type": "object",
     "properties": {
-        "input": {"anyOf": [TEXT, MESSAGES]},
+        "input": INPUT,
         "messages": {},  # looked at only without input: below
         "options": {"anyOf": [ref("AgentOptions"), {"type": "null"}]},
         # Sent by useChat; accepted and not used.
@@ -61,7 +62,8 @@ GENERATE_BODY = {
     },
     "anyOf": [
         {"required": ["input"]},
-        {"required": ["messages"], "not": {"required": ["input"]}, "properties": {"messages": MESSAGES}},
+        # parse_input reads messages as it reads input: a string is taken too.
+        {"required": ["messages"], "not": {"required": ["input"]}, "properties": {"messages": INPUT}},
     ],
     "additionalProperties": False,
 }

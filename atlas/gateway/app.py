@@ -52,10 +52,11 @@ log = logging.getLogger("atlas.gateway.app")
 
 _encoder = msgspec.json.Encoder()
 ROOM_PREFIXES = ("/party/", "/parties/main/")
+ALLOW_GET = [(b"allow", b"GET, HEAD")]  # a 405 says what the route takes (RFC 9110)
 
 
-async def send_error(send: Any, status: int, code: str, message: str) -> None:
-    await send_json(send, status, {"error": {"code": code, "message": message}})
+async def send_error(send: Any, status: int, code: str, message: str, headers: Any = ()) -> None:
+    await send_json(send, status, {"error": {"code": code, "message": message}}, headers)
 
 
 def room_id_of(path: str) -> str | None:
@@ -82,7 +83,8 @@ async def party_http(services: Services, room_id: str, scope: dict[str, Any], re
         return
     requested = query_param(scope, "proxy")
     if requested is None and scope["method"] not in ("GET", "HEAD"):
-        await send_error(send, 405, "method_not_allowed", "use GET for the room status, or ?proxy=/agents/...")
+        await send_error(send, 405, "method_not_allowed", "use GET for the room status, or ?proxy=/agents/...",
+                         ALLOW_GET)
         return
     try:
         identity = await admit(services.verifier, room_id, scope, shutting_down=services.shutting_down)
@@ -150,7 +152,7 @@ async def party_http(services: Services, room_id: str, scope: dict[str, Any], re
 async def party_usage(services: Services, room_id: str, scope: dict[str, Any], send: Any) -> None:
     """``GET /party/{roomId}/usage[?since=YYYY-MM-DD]``: the user's ledger, limits and what is left."""
     if scope["method"] not in ("GET", "HEAD"):
-        await send_error(send, 405, "method_not_allowed", "use GET for the usage")
+        await send_error(send, 405, "method_not_allowed", "use GET for the usage", ALLOW_GET)
         return
     try:
         identity = await admit(services.verifier, room_id, scope, shutting_down=services.shutting_down)
@@ -217,7 +219,7 @@ def build_pages_app(services: Services) -> QuartTrio:
     @pages.errorhandler(405)
     async def method_not_allowed(error: Any) -> tuple[dict[str, Any], int, dict[str, str]]:
         # Errors on the transport are JSON, Quart's own pages too (its default is an HTML page).
-        allowed = ", ".join(sorted(getattr(error, "allowed_methods", None) or ()))
+        allowed = ", ".join(sorted(getattr(error, "valid_methods", None) or ()))  # werkzeug's name
         message = f"this route takes {allowed}" if allowed else "method not allowed here"
         headers = {"Allow": allowed} if allowed else {}
         return {"error": {"code": "method_not_allowed", "message": message}}, 405, headers
@@ -225,7 +227,10 @@ def build_pages_app(services: Services) -> QuartTrio:
     return pages
 
 
-async def send_metrics(services: Services, send: Any) -> None:
+async def send_metrics(services: Services, scope: dict[str, Any], send: Any) -> None:
+    if scope["method"] not in ("GET", "HEAD"):
+        await send_error(send, 405, "method_not_allowed", "use GET /metrics", ALLOW_GET)
+        return
     body = services.metrics.exposition()
     await send({"type": "http.response.start", "status": 200, "headers": [
         (b"content-type", CONTENT_TYPE.encode()), (b"content-length", str(len(body)).encode()),
@@ -274,7 +279,7 @@ def build_app(services: Services):
             await builtin_me(scope, receive, send)
             return
         if path == "/metrics" and kind == "http":
-            await send_metrics(services, send)
+            await send_metrics(services, scope, send)
             return
         if path == "/openapi.json" and kind == "http":
             await serve_document(scope, send, document)

@@ -273,10 +273,10 @@ def builtin_me_app(store: Store):
                 body = _encoder.encode(identity)
             elif status == 200:
                 status, body = 401, _error_body("unauthorized", "unknown or revoked token")
-        await send({
-            "type": "http.response.start", "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"cache-control", b"no-store")],
-        })
+        headers = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
+        if status == 405:
+            headers.append((b"allow", b"GET, HEAD"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
     return app

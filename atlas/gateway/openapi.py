@@ -61,12 +61,13 @@ HEALTH = {
     "properties": {"ok": {"type": "boolean"}, "rooms": COUNT, "error": ref("ErrorBody")},
 }
 # OpenAI's error shape; quota_exceeded and rate_limited add the refusal's fields (resetAt...).
+# Atlas's own errors have all four fields; a provider's error is passed on as it came, so only
+# the envelope is promised.
 V1_ERROR = {
     "type": "object",
     "required": ["error"],
     "properties": {"error": {
         "type": "object",
-        "required": ["message", "type", "param", "code"],
         "properties": {"message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": "null"},
                        "code": {"type": ["string", "integer", "null"]}},
     }},

@@ -2,10 +2,11 @@
 
 The API key is the user's Atlas token, checked through the same door as every other path
 (``auth.authenticate``). The body goes to the user's provider as it came (unknown fields kept),
-with the user's virtual key, after two changes: ``stream_options.include_usage`` is turned on for
+with the user's virtual key, after three changes: ``stream_options.include_usage`` is turned on for
 streamed requests (Atlas needs the usage; the usage chunk reaches the client only if it asked for
 it), and when a token limit applies, the output cap (``max_completion_tokens`` if the client sent
-it, ``max_tokens`` otherwise) is set to what admission granted. The stream comes back event by
+it, ``max_tokens`` otherwise) is set to what admission granted; and a whole number sent as a
+float (``"n": 2.0``) is sent as that number. The stream comes back event by
 event through the provider transport the agent uses; a client that goes away closes the provider
 request at once.
 
@@ -202,6 +203,14 @@ class Request:
         options = payload.get("stream_options")
         if options is not None and not isinstance(options, dict):
             raise bad("stream_options: expected an object")
+        # JSON's 3 and 3.0 are one number (JSON Schema's integer takes both); the provider is
+        # sent 3, which every provider takes.
+        self.whole_floats = False
+        for name in ("n", "max_completion_tokens", "max_tokens"):
+            value = payload.get(name)
+            if isinstance(value, float) and value.is_integer():
+                payload[name] = int(value)
+                self.whole_floats = True
         self.choices = _count(payload, "n") or 1
         self.max_completion_tokens = _count(payload, "max_completion_tokens")
         self.max_tokens = _count(payload, "max_tokens")
@@ -221,9 +230,10 @@ class Request:
         return self.max_completion_tokens or self.max_tokens
 
     def provider_body(self, cap: int | None) -> bytes:
-        """The body for the provider: as it came, plus include_usage and the granted cap."""
+        """The body for the provider: as it came, plus include_usage, the granted cap and
+        whole numbers written as such."""
         payload = self.payload
-        changed = False
+        changed = self.whole_floats
         if self.stream and not self.wants_usage:
             payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
             changed = True
@@ -240,8 +250,6 @@ def _count(payload: dict[str, Any], name: str) -> int | None:
     value = payload.get(name)
     if value is None:
         return None
-    if isinstance(value, float) and value.is_integer():  # JSON's 3 and 3.0 are one number
-        value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise bad(f"{name}: expected a whole number of at least 1")
     return value

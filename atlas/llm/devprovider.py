@@ -42,7 +42,7 @@ class _Message(msgspec.Struct):
 class _Request(msgspec.Struct):
     messages: list[_Message]
     model: str = "atlas-dev"
-    stream: bool = False
+    stream: bool | None = False  # OpenAI's API takes null for "not streamed"
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
 
@@ -177,7 +177,7 @@ class DevProviderApp:
 
 
 def _error(message: str, code: str) -> dict[str, Any]:
-    return {"error": {"message": message, "type": code, "code": code}}
+    return {"error": {"message": message, "type": code, "param": None, "code": code}}
 
 
 
