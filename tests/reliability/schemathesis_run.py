@@ -1,6 +1,8 @@
 """Schemathesis against a running server, from its own ``/openapi.json`` (issue 14).
 
-``fuzz`` loads the document the server serves, and for every operation draws cases from it with
+``run_cli`` runs schemathesis's own runner (``st run``) in a subprocess: its coverage phase
+(boundary values, every type of wrong value, every undeclared method) and, in the long run, its
+fuzzing and stateful phases, with every check. ``fuzz`` loads the document the server serves, and for every operation draws cases from it with
 hypothesis (valid ones, then invalid ones), sends each to the server with ``requests`` (blocking:
 the tests call it in a worker thread while trio serves) and runs schemathesis's checks on each
 response. Failures are collected, not raised at the first, so that one run reports them all.
@@ -8,12 +10,16 @@ response. Failures are collected, not raised at the first, so that one run repor
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import hypothesis
+import trio
 import hypothesis.errors
 import requests
 import schemathesis
@@ -109,3 +115,33 @@ def _fuzz_operation(
         assert mode is GenerationMode.NEGATIVE  # nothing to get wrong in a request without inputs
     except (Exception, BaseExceptionGroup) as exc:  # one operation's failures; the others still run
         figures.failures.append(f"{operation.label} ({mode.value}): {exc}")
+
+
+@dataclass
+class CliRun:
+    returncode: int
+    output: str
+
+    @property
+    def cases(self) -> int:
+        found = re.search(r"(\d+) generated", self.output)
+        return int(found.group(1)) if found else 0
+
+
+async def run_cli(
+    document_url: str, config: str, *, headers: Mapping[str, str], phases: str, max_examples: int,
+    exclude_checks: tuple[str, ...] = (), directory: Any,
+) -> CliRun:
+    """``st run DOCUMENT --checks all`` with ``config`` (TOML: pinned parameters) as its config
+    file, random."""
+    config_file = directory / "schemathesis.toml"
+    config_file.write_text(config)
+    command = [
+        sys.executable, "-m", "schemathesis.cli", "--config-file", str(config_file), "run", document_url,
+        "--checks", "all", "--phases", phases, "--max-examples", str(max_examples), "--no-color",
+        *(["--exclude-checks", ",".join(exclude_checks)] if exclude_checks else []),
+        *[arg for name, value in headers.items() for arg in ("-H", f"{name}: {value}")],
+    ]
+    result = await trio.run_process(command, capture_stdout=True, stderr=subprocess.STDOUT, check=False,
+                                    cwd=str(directory))
+    return CliRun(result.returncode, result.stdout.decode(errors="replace"))

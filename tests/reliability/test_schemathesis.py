@@ -13,14 +13,21 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
+import pytest
 import trio
 from agent_fixtures import agent_settings, open_agent
 from probes import LONG, record, scaled
 from schemathesis import GenerationMode
-from schemathesis_run import fuzz
+from schemathesis_run import fuzz, run_cli
 from servers import SECRETS, new_key, open_atlas
 
-EXAMPLES = scaled(12, 300)  # per operation and mode (valid, invalid)
+EXAMPLES = scaled(8, 300)  # per operation and mode (valid, invalid)
+# schemathesis's own runner, every phase, random: the long run only. Its coverage phase alone
+# takes 5 s a server (1,500 cases for the agent API); what it found has regression tests of its
+# own (tests/test_openapi.py), which the quick run has.
+long_only = pytest.mark.skipif(not LONG, reason="schemathesis's runner runs in the long run (ATLAS_RELIABILITY_LONG=1)")
+CLI_PHASES = "coverage,fuzzing,stateful"
+CLI_EXAMPLES = 200
 AGENT = "atlas-assistant"
 
 
@@ -78,3 +85,38 @@ async def test_the_gateway_conforms_to_its_document(provider, tmp_path):
             headers={"Authorization": f"Bearer {server.tokens['alice']}"}, fixed=pin,
         ))
     check(figures, "schemathesis gateway")
+
+
+def check_cli(run: Any, probe: str) -> None:
+    record(probe, cases=run.cases, returncode=run.returncode)
+    assert run.returncode == 0, run.output
+    assert run.cases > 50, run.output  # it ran: the count is of the cases it generated
+
+
+@long_only
+async def test_the_agent_api_passes_schemathesis_own_runner(provider, tmp_path):
+    secret = "agent-secret-" + new_key("agent")
+    SECRETS.add(secret)
+    async with open_agent(agent_settings(provider.url, tmp_path, agent_secret=secret)) as agent:
+        run = await run_cli(
+            f"{agent.url}/openapi.json", f'[parameters]\n"path.id" = "{AGENT}"\n',
+            headers={"X-Atlas-Agent-Secret": secret, "X-Provider-API-URL": provider.url},
+            phases=CLI_PHASES, max_examples=CLI_EXAMPLES, directory=tmp_path,
+        )
+    check_cli(run, "schemathesis runner, agent API")
+
+
+@long_only
+async def test_the_gateway_passes_schemathesis_own_runner(provider, tmp_path):
+    async with open_atlas(tmp_path, users={"alice": None}, provider_url=provider.url,
+                          auth_failures_per_minute=0) as server:
+        run = await run_cli(
+            f"{server.url}/openapi.json",
+            f'[parameters]\n"path.room" = "alice"\n"query.proxy" = "/agents/{AGENT}/stream"\n',
+            headers={"Authorization": f"Bearer {server.tokens['alice']}"},
+            # With ?proxy= a room route is the agent's resource, whose 405 lists the agent's
+            # methods, not the room route's (tests/test_openapi.py checks the gateway's own Allow).
+            exclude_checks=("allow_header_conformance",),
+            phases=CLI_PHASES, max_examples=CLI_EXAMPLES, directory=tmp_path,
+        )
+    check_cli(run, "schemathesis runner, gateway")
