@@ -103,6 +103,18 @@ async def test_the_gateway_serves_a_valid_document_of_all_its_routes(tmp_path, p
             assert operations(agent) == {path: {method} for path, method in AGENT_ROUTES.items()}
 
 
+async def test_a_remote_agents_document_through_the_gateway(tmp_path, provider):
+    secret = "s3cret-for-openapi-remote"
+    async with open_agent(agent_settings(provider.url, tmp_path / "agent", agent_secret=secret)) as agent:
+        async with open_atlas(tmp_path, users={"alice": None}, provider_url=provider.url,
+                              agent_url=agent.url, agent_secret=secret) as server:
+            async with httpx.AsyncClient(base_url=server.url) as client:
+                document = load(await client.get("/party/alice", params={"proxy": "/openapi.json"},
+                                                 headers={"Authorization": f"Bearer {server.tokens['alice']}"}))
+    assert operations(document) == {path: {method} for path, method in AGENT_ROUTES.items()}
+    assert "agentSecret" in document["components"]["securitySchemes"]
+
+
 async def test_a_method_a_gateway_route_does_not_take_is_405_with_allow(tmp_path, provider):
     """RFC 9110: a 405 lists what the route takes. Schemathesis found none on the pages' routes
     (Quart's exception names them valid_methods), on /api/me and on the room routes, and found

@@ -10,6 +10,8 @@ and invalid ones refused. Quick: derandomized, a few examples per operation; lon
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
@@ -67,15 +69,31 @@ async def test_the_agent_api_conforms_to_its_document(provider, tmp_path):
     check(figures, "schemathesis agent API")
 
 
-async def test_the_gateway_conforms_to_its_document(provider, tmp_path):
-    # No limit on failed tokens: the invalid requests send bad tokens from this one address.
-    async with open_atlas(tmp_path, users={"alice": None}, provider_url=provider.url,
-                          auth_failures_per_minute=0) as server:
+@asynccontextmanager
+async def open_gateway(provider: Any, tmp_path: Any, agent: str) -> AsyncIterator[Any]:
+    """The gateway with one user, ``alice``, and its agent in-process or remote (``atlas agent``
+    behind ``ATLAS_AGENT_URL``, sharing a secret). No limit on failed tokens: the invalid requests
+    send bad tokens from this one address."""
+    settings = {"users": {"alice": None}, "provider_url": provider.url, "auth_failures_per_minute": 0}
+    if agent == "in-process":
+        async with open_atlas(tmp_path, **settings) as server:
+            yield server
+        return
+    secret = "agent-secret-" + new_key("gateway")
+    SECRETS.add(secret)
+    async with open_agent(agent_settings(provider.url, tmp_path / "agent", agent_secret=secret)) as remote:
+        async with open_atlas(tmp_path, agent_url=remote.url, agent_secret=secret, **settings) as server:
+            yield server
+
+
+@pytest.mark.parametrize("agent", ["in-process", "remote"])
+async def test_the_gateway_conforms_to_its_document(provider, tmp_path, agent):
+    async with open_gateway(provider, tmp_path, agent) as server:
 
         def pin(operation: Any, mode: GenerationMode) -> dict[str, Any]:
             pinned = _real(operation, mode, {"room": "alice"}, "POST")
             if operation.method.upper() == "POST" and "{room}" in operation.path:
-                # The proxied routes, round-robin by mode: JSON and an event stream.
+                # The proxied routes, one per mode: an event stream and JSON.
                 route = "text" if mode is GenerationMode.NEGATIVE else "stream"
                 pinned["query"] = {"proxy": f"/agents/{AGENT}/{route}"}
             return pinned
@@ -84,7 +102,7 @@ async def test_the_gateway_conforms_to_its_document(provider, tmp_path):
             fuzz, f"{server.url}/openapi.json", server.url, max_examples=EXAMPLES, derandomize=not LONG,
             headers={"Authorization": f"Bearer {server.tokens['alice']}"}, fixed=pin,
         ))
-    check(figures, "schemathesis gateway")
+    check(figures, f"schemathesis gateway, {agent} agent")
 
 
 def check_cli(run: Any, probe: str) -> None:
@@ -107,9 +125,9 @@ async def test_the_agent_api_passes_schemathesis_own_runner(provider, tmp_path):
 
 
 @long_only
-async def test_the_gateway_passes_schemathesis_own_runner(provider, tmp_path):
-    async with open_atlas(tmp_path, users={"alice": None}, provider_url=provider.url,
-                          auth_failures_per_minute=0) as server:
+@pytest.mark.parametrize("agent", ["in-process", "remote"])
+async def test_the_gateway_passes_schemathesis_own_runner(provider, tmp_path, agent):
+    async with open_gateway(provider, tmp_path, agent) as server:
         run = await run_cli(
             f"{server.url}/openapi.json",
             f'[parameters]\n"path.room" = "alice"\n"query.proxy" = "/agents/{AGENT}/stream"\n',
@@ -119,4 +137,4 @@ async def test_the_gateway_passes_schemathesis_own_runner(provider, tmp_path):
             exclude_checks=("allow_header_conformance",),
             phases=CLI_PHASES, max_examples=CLI_EXAMPLES, directory=tmp_path,
         )
-    check_cli(run, "schemathesis runner, gateway")
+    check_cli(run, f"schemathesis runner, gateway, {agent} agent")
