@@ -5,7 +5,8 @@ Each test starts the real server on port 0 in front of the fake provider, loads 
 operation, with valid credentials, checking each answer: never a 5xx; only documented statuses,
 content types and headers; bodies and SSE events that match their schemas; valid requests served
 and invalid ones refused. Quick: derandomized, a few examples per operation; long
-(``ATLAS_RELIABILITY_LONG=1``): random, many more.
+(``ATLAS_RELIABILITY_LONG=1``): random, many more, and schemathesis's own runner (``st run``,
+every phase and check) against the same servers.
 """
 
 from __future__ import annotations
