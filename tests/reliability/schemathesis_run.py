@@ -25,6 +25,7 @@ import requests
 import schemathesis
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
+from schemathesis.core.failures import ServerError
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     negative_data_rejection,
@@ -48,6 +49,24 @@ CHECKS = {
 TIMEOUT = 10.0
 
 
+def not_an_internal_error(ctx: Any, response: Any, case: Any) -> None:
+    """``not_a_server_error`` for a server behind a failing provider, whose 502 and 504 are its
+    contract's answers, and whose own 500 ``/v1`` passes on: only a 500 of the server's own
+    (``internal``, or not JSON at all) is a failure."""
+    if response.status_code != 500:
+        return
+    try:
+        code = response.json()["error"]["code"]
+    except (ValueError, TypeError, KeyError):
+        code = None
+    if code in (None, "internal"):
+        raise ServerError(operation=case.operation.label, status_code=500)
+
+
+def _with(checks: list[Any], faults: bool) -> list[Any]:
+    return [not_an_internal_error if c is not_a_server_error and faults else c for c in checks]
+
+
 @dataclass
 class Figures:
     examples: int = 0
@@ -69,11 +88,13 @@ def fuzz(
     headers: Mapping[str, str] | None = None,
     fixed: Callable[[Any, GenerationMode], dict[str, Any]] = lambda operation, mode: {},
     modes: tuple[GenerationMode, ...] = (GenerationMode.POSITIVE, GenerationMode.NEGATIVE),
+    provider_faults: bool = False,
 ) -> Figures:
     """Fuzz every operation of the document at ``document_url`` against ``base_url``.
     ``headers``: sent with every request (credentials the document cannot know).
     ``fixed(operation, mode)``: keyword arguments for ``as_strategy`` that pin some parameters (a
-    real agent id, say), so that the examples reach past the first refusal."""
+    real agent id, say), so that the examples reach past the first refusal.
+    ``provider_faults``: the provider fails on purpose, so 502 and 504 are expected answers."""
     schema = schemathesis.openapi.from_url(document_url)
     figures = Figures()
     session = requests.Session()
@@ -82,7 +103,7 @@ def fuzz(
             operation = result.ok()
             for mode in modes:
                 _fuzz_operation(operation, mode, base_url, session, dict(headers or {}), fixed(operation, mode),
-                                max_examples, derandomize, figures)
+                                max_examples, derandomize, figures, _with(CHECKS[mode], provider_faults))
     finally:
         session.close()
     return figures
@@ -91,9 +112,8 @@ def fuzz(
 def _fuzz_operation(
     operation: Any, mode: GenerationMode, base_url: str, session: requests.Session,
     headers: dict[str, str], pinned: dict[str, Any], max_examples: int, derandomize: bool,
-    figures: Figures,
+    figures: Figures, checks: list[Any],
 ) -> None:
-    checks = CHECKS[mode]
 
     @hypothesis.given(operation.as_strategy(generation_mode=mode, **pinned))
     @hypothesis.settings(

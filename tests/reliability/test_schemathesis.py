@@ -19,12 +19,13 @@ from typing import Any
 import pytest
 import trio
 from agent_fixtures import agent_settings, open_agent
+from fake_provider import Cut, Malformed, Reply, Status
 from probes import LONG, record, scaled
 from schemathesis import GenerationMode
 from schemathesis_run import fuzz, run_cli
 from servers import SECRETS, new_key, open_atlas
 
-EXAMPLES = scaled(8, 300)  # per operation and mode (valid, invalid)
+EXAMPLES = scaled(6, 300)  # per operation and mode (valid, invalid)
 # schemathesis's own runner, every phase, random: the long run only. Its coverage phase alone
 # takes 5 s a server (1,500 cases for the agent API); what it found has regression tests of its
 # own (tests/test_openapi.py), which the quick run has.
@@ -32,6 +33,21 @@ long_only = pytest.mark.skipif(not LONG, reason="schemathesis's runner runs in t
 CLI_PHASES = "coverage,fuzzing,stateful"
 CLI_EXAMPLES = 200
 AGENT = "atlas-assistant"
+# What a failing provider does, in turn with healthy replies: each maps to a documented answer
+# (401 provider_auth, 429 with Retry-After, 502 provider_error, or an error event mid-stream).
+# No retries (ATLAS_PROVIDER_RETRIES=0), so that each request meets the fault it was dealt.
+FAULTS = (Status(401), Status(429, retry_after="60"), Status(500), Status(400), Cut(after=1), Malformed(after=1))
+PROVIDERS = ["healthy", "faulty"]
+
+
+def deal_faults(provider: Any, kind: str) -> dict[str, Any]:
+    """Script the provider (``kind`` faulty: every other request fails, in turn); the settings
+    that go with it."""
+    if kind == "healthy":
+        return {}
+    turn = [b for fault in FAULTS for b in (Reply(), fault)]
+    provider.script(*(turn * 2000))
+    return {"provider_retries": 0}
 
 
 def _real(operation: Any, mode: GenerationMode, names: dict[str, str], pinned_always: str) -> dict[str, Any]:
@@ -51,10 +67,11 @@ def check(figures: Any, probe: str) -> None:
     assert figures.statuses[200] > figures.examples / 4  # the valid requests got through
 
 
-async def test_the_agent_api_conforms_to_its_document(provider, tmp_path):
+@pytest.mark.parametrize("kind", PROVIDERS)
+async def test_the_agent_api_conforms_to_its_document(provider, tmp_path, kind):
     secret = "agent-secret-" + new_key("agent")
     SECRETS.add(secret)
-    settings = agent_settings(provider.url, tmp_path, agent_secret=secret)
+    settings = agent_settings(provider.url, tmp_path, agent_secret=secret, **deal_faults(provider, kind))
     async with open_agent(settings) as agent:
 
         def pin(operation: Any, mode: GenerationMode) -> dict[str, Any]:
@@ -65,31 +82,33 @@ async def test_the_agent_api_conforms_to_its_document(provider, tmp_path):
 
         figures = await trio.to_thread.run_sync(partial(
             fuzz, f"{agent.url}/openapi.json", agent.url, max_examples=EXAMPLES, derandomize=not LONG,
-            headers={"X-Atlas-Agent-Secret": secret}, fixed=pin,
+            headers={"X-Atlas-Agent-Secret": secret}, fixed=pin, provider_faults=kind == "faulty",
         ))
-    check(figures, "schemathesis agent API")
+    check(figures, f"schemathesis agent API, {kind} provider")
 
 
 @asynccontextmanager
-async def open_gateway(provider: Any, tmp_path: Any, agent: str) -> AsyncIterator[Any]:
+async def open_gateway(provider: Any, tmp_path: Any, agent: str, kind: str = "healthy") -> AsyncIterator[Any]:
     """The gateway with one user, ``alice``, and its agent in-process or remote (``atlas agent``
     behind ``ATLAS_AGENT_URL``, sharing a secret). No limit on failed tokens: the invalid requests
     send bad tokens from this one address."""
-    settings = {"users": {"alice": None}, "provider_url": provider.url, "auth_failures_per_minute": 0}
+    faults = deal_faults(provider, kind)
+    settings = {"users": {"alice": None}, "provider_url": provider.url, "auth_failures_per_minute": 0, **faults}
     if agent == "in-process":
         async with open_atlas(tmp_path, **settings) as server:
             yield server
         return
     secret = "agent-secret-" + new_key("gateway")
     SECRETS.add(secret)
-    async with open_agent(agent_settings(provider.url, tmp_path / "agent", agent_secret=secret)) as remote:
+    async with open_agent(agent_settings(provider.url, tmp_path / "agent", agent_secret=secret, **faults)) as remote:
         async with open_atlas(tmp_path, agent_url=remote.url, agent_secret=secret, **settings) as server:
             yield server
 
 
-@pytest.mark.parametrize("agent", ["in-process", "remote"])
-async def test_the_gateway_conforms_to_its_document(provider, tmp_path, agent):
-    async with open_gateway(provider, tmp_path, agent) as server:
+# A remote agent with a healthy provider adds little to the two below (the quick run is short).
+@pytest.mark.parametrize(("agent", "kind"), [("in-process", "healthy"), ("in-process", "faulty"), ("remote", "faulty")])
+async def test_the_gateway_conforms_to_its_document(provider, tmp_path, agent, kind):
+    async with open_gateway(provider, tmp_path, agent, kind) as server:
 
         def pin(operation: Any, mode: GenerationMode) -> dict[str, Any]:
             pinned = _real(operation, mode, {"room": "alice"}, "POST")
@@ -102,8 +121,9 @@ async def test_the_gateway_conforms_to_its_document(provider, tmp_path, agent):
         figures = await trio.to_thread.run_sync(partial(
             fuzz, f"{server.url}/openapi.json", server.url, max_examples=EXAMPLES, derandomize=not LONG,
             headers={"Authorization": f"Bearer {server.tokens['alice']}"}, fixed=pin,
+            provider_faults=kind == "faulty",
         ))
-    check(figures, f"schemathesis gateway, {agent} agent")
+    check(figures, f"schemathesis gateway, {agent} agent, {kind} provider")
 
 
 def check_cli(run: Any, probe: str) -> None:
