@@ -3,6 +3,7 @@ Atlas server, in front of a fake provider that bills like a real one."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -12,7 +13,7 @@ import httpx2
 import openai
 import pytest
 import trio
-from fake_provider import Bill, Status, prompt_tokens
+from fake_provider import Bill, Malformed, Status, prompt_tokens
 from servers import WAIT, AtlasServer, open_atlas
 from usage_helpers import Clock, write_agents
 
@@ -285,3 +286,18 @@ async def test_whole_numbers_sent_as_floats_are_whole_numbers(tmp_path, provider
     sent = provider.completions()[0].body
     assert (sent["n"], sent["max_tokens"]) == (1, 5) and type(sent["max_tokens"]) is int  # noqa: E721
     assert half.status_code == 400 and "max_tokens" in half.json()["error"]["message"]
+
+
+async def test_a_provider_event_that_is_not_json_ends_the_stream_as_provider_error(tmp_path, provider):
+    """Schemathesis found a provider's malformed chunk passed on to the client as it came."""
+    provider.script(Malformed(after=1))
+    async with open_v1(tmp_path, provider) as server:
+        async with httpx.AsyncClient(timeout=WAIT) as http:
+            answer = await http.post(
+                f"{server.url}/v1/chat/completions", headers={"Authorization": f"Bearer {server.tokens['alice']}"},
+                json={"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+            )
+    events = [line[len("data: "):] for line in answer.text.splitlines() if line.startswith("data: ")]
+    decoded = [json.loads(event) for event in events]  # every event the client gets is JSON
+    assert decoded[-2]["choices"][0]["delta"]["content"] == "part0 "
+    assert decoded[-1]["error"]["code"] == "provider_error"

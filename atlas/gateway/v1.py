@@ -266,6 +266,7 @@ class _Completion(msgspec.Struct):
 
 _usage_chunk = msgspec.json.Decoder(_UsageChunk)
 _completion = msgspec.json.Decoder(_Completion)
+_check_json = msgspec.json.Decoder(msgspec.Raw).decode  # validates without building (0.3 µs an event)
 
 
 async def chat_completions(
@@ -363,8 +364,10 @@ async def relay_stream(
 ) -> None:
     """The provider's events to the client as they come. The usage is settled (durably) as
     soon as it is known, before the event that carries it or ``[DONE]`` is passed on. The
-    virtual key never reaches the client, even inside an event a provider got wrong. A stream
-    longer than ``cap`` bytes ends with an error event ``too_large``."""
+    virtual key never reaches the client, even inside an event a provider got wrong; an event
+    that is not JSON never reaches it either (no OpenAI client could read it): the stream ends
+    there with a ``provider_error`` event, as the agent's does. A stream longer than ``cap``
+    bytes ends with an error event ``too_large``."""
     await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
     parser = SseDataParser()
     usage: Usage | None = None
@@ -386,11 +389,17 @@ async def relay_stream(
                 await fail(reply_too_large(cap))
                 break
             out: list[bytes] = []
+            not_json = False
             for data in parser.feed(chunk):
                 if data == b"[DONE]":
                     await ticket.settle(usage)
                     out.append(DONE)
                     finished = True
+                    break
+                try:
+                    _check_json(data)
+                except msgspec.DecodeError:
+                    not_json = True
                     break
                 if b'"usage"' in data:
                     try:
@@ -408,6 +417,9 @@ async def relay_stream(
                 out.append(b"data: " + data + b"\n\n")
             if out:
                 await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
+            if not_json:
+                await fail(provider_error("the provider sent a stream event that is not JSON"))
+                break
             if finished:
                 break
     except (httpx.TransportError, SseTooLong) as exc:
