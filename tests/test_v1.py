@@ -288,7 +288,7 @@ async def test_whole_numbers_sent_as_floats_are_whole_numbers(tmp_path, provider
     assert half.status_code == 400 and "max_tokens" in half.json()["error"]["message"]
 
 
-async def test_a_provider_event_that_is_not_json_ends_the_stream_as_provider_error(tmp_path, provider):
+async def test_a_provider_answer_that_is_not_json_is_a_provider_error(tmp_path, provider):
     """Schemathesis found a provider's malformed chunk passed on to the client as it came."""
     provider.script(Malformed(after=1))
     async with open_v1(tmp_path, provider) as server:
@@ -297,7 +297,13 @@ async def test_a_provider_event_that_is_not_json_ends_the_stream_as_provider_err
                 f"{server.url}/v1/chat/completions", headers={"Authorization": f"Bearer {server.tokens['alice']}"},
                 json={"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}]},
             )
+            provider.script(Malformed(after=1))  # a stream, where a whole JSON answer was asked for
+            whole = await http.post(
+                f"{server.url}/v1/chat/completions", headers={"Authorization": f"Bearer {server.tokens['alice']}"},
+                json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+            )
     events = [line[len("data: "):] for line in answer.text.splitlines() if line.startswith("data: ")]
     decoded = [json.loads(event) for event in events]  # every event the client gets is JSON
     assert decoded[-2]["choices"][0]["delta"]["content"] == "part0 "
     assert decoded[-1]["error"]["code"] == "provider_error"
+    assert whole.status_code == 502 and whole.json()["error"]["code"] == "provider_error"

@@ -450,6 +450,12 @@ async def relay_completion(
     except V1Error:  # over the cap: settled by admission (the usage is in the part not read)
         raise from_agent_error(reply_too_large(cap)) from None
     try:
+        _check_json(data)
+    except msgspec.DecodeError:  # no OpenAI client could read it: the provider failed
+        await ticket.settle(None)
+        ticket.failed("provider_error")
+        raise V1Error(502, "provider_error", "the provider's answer is not JSON") from None
+    try:
         usage = _completion.decode(data).usage
     except msgspec.DecodeError:
         usage = None
