@@ -178,7 +178,8 @@ def build_document(*, secret_required: bool) -> dict[str, Any]:
     schemas.update({
         "GenerateBody": GENERATE_BODY, "Message": MESSAGE, "MessageWithText": MESSAGE_WITH_TEXT,
         "Agent": _agent_info(agent_id), "TextResult": TEXT_RESULT, "Usage": CAMEL_USAGE,
-        "Error": const_object({"success": {"const": False}, "error": {"type": "string"}, "code": {"type": "string"}}),
+        "Error": const_object(
+            {"success": {"const": False}, "error": {"type": "string"}, "code": {"type": "string"}}),
         "StreamEvent": FULL_STREAM_EVENT, "UIMessageChunk": UI_STREAM_EVENT,
     })
     document: dict[str, Any] = {

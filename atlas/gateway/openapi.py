@@ -164,7 +164,8 @@ def _room_paths(prefix: str, name: str) -> dict[str, Any]:
                 "schema": {"type": "string", "format": "date"},
                 "description": "the first day (UTC) to list; default: the last 31 days"}],
             "responses": {"200": json_response("the usage", ref("UsageReport")),
-                          **_errors(ref("RoomError"), **{**ROOM_DENIALS, "s400": "bad_room_id, bad_request (since)"})},
+                          **_errors(ref("RoomError"),
+                                    **{**ROOM_DENIALS, "s400": "bad_room_id, bad_request (since)"})},
         }},
     }
 

@@ -1,9 +1,10 @@
 """``/party/{roomId}?proxy=/path``: forward an HTTP request to the agent with the room's credentials.
 
-The path must be an agent route (``/agents`` or below, or ``/openapi.json``), judged after percent-decoding until
-nothing changes; anything else is refused with 400 before a byte is sent. Only the client headers
-an agent request needs go on (an allowlist: a denylist let ``X_Provider_API_Key`` through, which
-some servers read as ``X-Provider-API-Key``), and the room's credentials are injected.
+The path must be an agent route (``/agents`` or below, or ``/openapi.json``), judged after
+percent-decoding until nothing changes; anything else is refused with 400 before a byte is sent.
+Only the client headers an agent request needs go on (an allowlist: a denylist let
+``X_Provider_API_Key`` through, which some servers read as ``X-Provider-API-Key``), and the
+room's credentials are injected.
 
 In-process, the request is handed to the agent's ASGI app with a rewritten scope and the very same
 ``receive``/``send``: body and response stream through without a copy or a buffer. With a remote

@@ -1,11 +1,13 @@
 """Schemathesis against a running server, from its own ``/openapi.json`` (issue 14).
 
-``run_cli`` runs schemathesis's own runner (``st run``) in a subprocess: its coverage phase
-(boundary values, every type of wrong value, every undeclared method) and, in the long run, its
-fuzzing and stateful phases, with every check. ``fuzz`` loads the document the server serves, and for every operation draws cases from it with
+``fuzz`` loads the document the server serves, and for every operation draws cases from it with
 hypothesis (valid ones, then invalid ones), sends each to the server with ``requests`` (blocking:
 the tests call it in a worker thread while trio serves) and runs schemathesis's checks on each
 response. Failures are collected, not raised at the first, so that one run reports them all.
+
+``run_cli`` runs schemathesis's own runner (``st run``) in a subprocess, every check: its
+coverage phase (boundary values, each kind of wrong value, every undeclared method), then its
+fuzzing and stateful phases.
 """
 
 from __future__ import annotations
@@ -68,7 +70,8 @@ def _with(checks: list[Any], faults: bool) -> list[Any]:
     request (its 400, which /v1 passes on): valid data is then not always served."""
     if not faults:
         return checks
-    return [not_an_internal_error if c is not_a_server_error else c for c in checks if c is not positive_data_acceptance]
+    kept = [check for check in checks if check is not positive_data_acceptance]
+    return [not_an_internal_error if check is not_a_server_error else check for check in kept]
 
 
 @dataclass

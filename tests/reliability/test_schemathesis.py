@@ -29,7 +29,7 @@ EXAMPLES = scaled(6, 300)  # per operation and mode (valid, invalid)
 # schemathesis's own runner, every phase, random: the long run only. Its coverage phase alone
 # takes 5 s a server (1,500 cases for the agent API); what it found has regression tests of its
 # own (tests/test_openapi.py), which the quick run has.
-long_only = pytest.mark.skipif(not LONG, reason="schemathesis's runner runs in the long run (ATLAS_RELIABILITY_LONG=1)")
+long_only = pytest.mark.skipif(not LONG, reason="schemathesis's runner: the long run (ATLAS_RELIABILITY_LONG=1)")
 CLI_PHASES = "coverage,fuzzing,stateful"
 CLI_EXAMPLES = 200
 AGENT = "atlas-assistant"
@@ -106,7 +106,9 @@ async def open_gateway(provider: Any, tmp_path: Any, agent: str, kind: str = "he
 
 
 # A remote agent with a healthy provider adds little to the two below (the quick run is short).
-@pytest.mark.parametrize(("agent", "kind"), [("in-process", "healthy"), ("in-process", "faulty"), ("remote", "faulty")])
+@pytest.mark.parametrize(("agent", "kind"), [
+    ("in-process", "healthy"), ("in-process", "faulty"), ("remote", "faulty"),
+])
 async def test_the_gateway_conforms_to_its_document(provider, tmp_path, agent, kind):
     async with open_gateway(provider, tmp_path, agent, kind) as server:
 
