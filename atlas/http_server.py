@@ -14,7 +14,7 @@ from typing import Any
 
 import trio
 from hypercorn.config import Config
-from hypercorn.events import Closed, RawData
+from hypercorn.events import Closed, RawData, Updated
 from hypercorn.trio import serve
 
 from atlas.config import Bind
@@ -73,14 +73,15 @@ def contain_connection_failures() -> None:
     the connection down, sits in ``send_eof``'s checkpoint: trio raises ``BusyResourceError``
     in the reading task, and the server dies.
 
-    Three changes, installed once by replacing the class in ``hypercorn.trio.run`` (the worker
+    Four changes, installed once by replacing the class in ``hypercorn.trio.run`` (the worker
     looks it up there for every connection), as ``decline_permessage_deflate`` does:
     ``_close`` takes the send lock like every other write (so the race cannot happen), ``run``
     logs and contains any ``Exception`` of its connection (so whatever else Hypercorn or the app
-    raises costs that connection only; cancellation still propagates), and a write that a client
+    raises costs that connection only; cancellation still propagates), a write that a client
     leaves unread for ``write_timeout`` seconds ends that connection (Hypercorn shields its writes
     from cancellation, so a client that stopped reading held its socket, its task and every
-    frame queued for it for as long as TCP kept the connection up)."""
+    frame queued for it for as long as TCP kept the connection up), and a connection whose
+    reading has ended stops its keep-alive timer (``_read_data``, below)."""
     run_module = importlib.import_module("hypercorn.trio.run")
     base = getattr(run_module, "TCPServer")
     if getattr(base, "atlas_contains_failures", False):
@@ -88,6 +89,7 @@ def contain_connection_failures() -> None:
 
     class ContainedTCPServer(base):  # type: ignore[misc, valid-type]
         atlas_contains_failures = True
+        atlas_reading_ended = False  # set per connection by _read_data
 
         async def run(self) -> None:
             try:
@@ -99,7 +101,28 @@ def contain_connection_failures() -> None:
                     exc_info=failures,
                 )
 
+        async def _read_data(self) -> None:
+            # Upstream defect (Hypercorn 0.18, trio worker): the keep-alive timer task
+            # (``_idle_timeout``) runs in the connection's task group, which ``run`` waits for
+            # before it closes the socket, and nothing stops it once the client is gone. A
+            # connection the client closed while idle between requests (any keep-alive client
+            # that hangs up), or whose request h11 refused (the timer started with the
+            # connection and no request stopped it), kept its socket (in CLOSE_WAIT) and two
+            # tasks for ``keep_alive_timeout``. Reproduction, with any app on
+            # ``hypercorn -k trio --keep-alive 75 -b 127.0.0.1:8000 app:app``:
+            #   python3 -c "import socket, time; s = socket.create_connection(('127.0.0.1', 8000));
+            #     s.sendall(b'GET / HTTP/1.1\r\nHost: x\r\n\r\n'); time.sleep(0.2); s.recv(9999); s.close()"
+            #   ss -tn state close-wait '( sport = :8000 )'   # the server's socket, for 75 s
+            # Once reading has ended there is nothing left to time out: stop the timer, and
+            # never restart it (a reply that ends after the client's EOF asks to).
+            await super()._read_data()
+            self.atlas_reading_ended = True
+            await self.idle_task.stop()
+
         async def protocol_send(self, event: Any) -> None:
+            if isinstance(event, Updated):
+                await self._update_keep_alive_timer(event)
+                return
             if not isinstance(event, RawData):
                 await super().protocol_send(event)
                 return
@@ -117,6 +140,18 @@ def contain_connection_failures() -> None:
                 log.info("a client left %s unread too long; its connection is closed", _peer_of(self.stream))
                 await self.stream.aclose()
                 await self.protocol.handle(Closed())
+
+        async def _update_keep_alive_timer(self, event: Updated) -> None:
+            if event.idle and self.atlas_reading_ended:
+                return
+            # Shielded: the end of a reply restarts the timer from within the app's last send,
+            # after Hypercorn has already told the app ``http.disconnect`` (its stream is
+            # closed first). An app that cancels its work on that message (the agent API does)
+            # cancelled the restart, and the idle connection then had no timer at all: the
+            # server never closed it. Upstream defect too; the restart is a lock and a
+            # ``nursery.start`` whose task starts at once, so the shield is short.
+            with trio.CancelScope(shield=True):
+                await super().protocol_send(event)
 
         async def _close(self) -> None:
             # Upstream's _close, with send_eof under the send lock. The wait for the lock is
