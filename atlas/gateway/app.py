@@ -32,6 +32,7 @@ from atlas.asgi import query_param, send_json
 from atlas.gateway.auth import STORE_UNAVAILABLE, AccessDenied, admit, builtin_me_app, store_denial
 from atlas.gateway.metrics import CONTENT_TYPE
 from atlas.gateway.cors import Cors
+from atlas.gateway.files import PageResponse
 from atlas.gateway.metered import billable_route, proxy_billable
 from atlas.gateway.openapi import encode_document, serve_document
 from atlas.gateway.proxy import (
@@ -188,6 +189,7 @@ def build_pages_app(services: Services) -> QuartTrio:
     pages = QuartTrio(
         __name__, static_folder="web", static_url_path="/static", root_path=str(resources.files("atlas"))
     )
+    pages.response_class = PageResponse  # static files closed even when the client hangs up early
     # Quart's default 60 s response timeout would cut long responses; none are streamed here,
     # but nothing should be cut silently either.
     pages.config["RESPONSE_TIMEOUT"] = None
