@@ -236,6 +236,9 @@ SETTINGS: tuple[Setting, ...] = (
             "comma-separated addresses of balancers whose X-Forwarded-For names the client (default: none)"),
     Setting("write_timeout_seconds", ("ATLAS_WRITE_TIMEOUT_SECONDS",), "--write-timeout-seconds",
             parse_positive_float, "seconds a client may leave what it was sent unread before it is disconnected"),
+    Setting("ws_ping_interval_seconds", ("ATLAS_WS_PING_INTERVAL_SECONDS",), "--ws-ping-interval-seconds",
+            parse_non_negative_float, "seconds between WebSocket pings; a client that has not answered one "
+            "when the next is due is closed with 1011 (0: no pings)"),
     Setting("max_connections_per_user", ("ATLAS_MAX_CONNECTIONS_PER_USER",), "--max-connections-per-user",
             parse_positive_int, "WebSocket connections one user may hold open at once"),
     Setting("request_deadline_seconds", ("ATLAS_REQUEST_DEADLINE_SECONDS",), "--request-deadline-seconds",
@@ -327,6 +330,7 @@ class Settings:
     backlog: int = 1024
     request_deadline_seconds: float = 600.0
     write_timeout_seconds: float = 30.0
+    ws_ping_interval_seconds: float = 20.0
     max_connections_per_user: int = 32
     agent_url: str | None = None
     agent_secret: str | None = None

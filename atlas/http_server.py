@@ -18,6 +18,7 @@ from hypercorn.events import Closed, RawData, Updated
 from hypercorn.trio import serve
 
 from atlas.config import Bind
+from atlas.websocket_stream import close_broken_websockets
 
 ASGIApp = Callable[[dict[str, Any], Callable[..., Awaitable[Any]], Callable[..., Awaitable[Any]]], Awaitable[None]]
 
@@ -188,10 +189,11 @@ def _peer_of(stream: Any) -> str:
 
 def hypercorn_config(
     bind: Bind, *, max_message_bytes: int = 1024 * 1024, graceful_seconds: float = 5.0, backlog: int = 1024,
-    write_timeout: float = math.inf,
+    write_timeout: float = math.inf, ws_ping_interval: float = 0.0,
 ) -> Config:
     decline_permessage_deflate()
     contain_connection_failures()
+    close_broken_websockets()
     config = Config()
     config.bind = [str(bind)]
     config.accesslog = None
@@ -205,6 +207,8 @@ def hypercorn_config(
     # retransmits); the kernel caps it at net.core.somaxconn in any case.
     config.backlog = backlog
     config.atlas_write_timeout = write_timeout  # read by ContainedTCPServer.protocol_send
+    # A WebSocket peer that answers no ping by the next one is closed (atlas/websocket_stream.py).
+    config.websocket_ping_interval = ws_ping_interval or None
     return config
 
 
@@ -241,6 +245,7 @@ async def serve_asgi(
     app_handles_lifespan: bool = False,
     backlog: int = 1024,
     write_timeout: float = math.inf,
+    ws_ping_interval: float = 0.0,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` until ``shutdown_trigger`` returns or the caller is cancelled. Reports the
@@ -250,7 +255,7 @@ async def serve_asgi(
         app = with_lifespan(app)
     config = hypercorn_config(
         bind, max_message_bytes=max_message_bytes, graceful_seconds=graceful_seconds, backlog=backlog,
-        write_timeout=write_timeout,
+        write_timeout=write_timeout, ws_ping_interval=ws_ping_interval,
     )
 
     async def run_hypercorn(*, task_status: trio.TaskStatus[list[str]]) -> None:

@@ -175,7 +175,7 @@ async def _serve(
                 # Atlas drains its own work (below) before Hypercorn stops; what is left then is
                 # idle keep-alive connections, which need no long grace.
                 graceful_seconds=LEFTOVER_GRACE_SECONDS, app_handles_lifespan=True, backlog=settings.backlog,
-                write_timeout=settings.write_timeout_seconds,
+                write_timeout=settings.write_timeout_seconds, ws_ping_interval=settings.ws_ping_interval_seconds,
             ))
             log.info("ready; store: %s", store.location)
             if settings.provider_url is None and settings.auth_url is None and not store.has_users():

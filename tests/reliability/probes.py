@@ -226,6 +226,7 @@ class RawWebSocket:
     _text: list[str] = field(default_factory=list)
     _bytes: list[bytes] = field(default_factory=list)
     closed: Closed | None = None
+    pings_answered: int = 0  # by receive(), which answers the server's pings
     _send_lock: trio.Lock = field(default_factory=trio.Lock)  # a reader answers pings and closes
 
     @classmethod
@@ -288,6 +289,7 @@ class RawWebSocket:
             event = await self._next_event()
             if isinstance(event, Ping):
                 await self._write(event.response())
+                self.pings_answered += 1
             elif isinstance(event, CloseConnection):
                 self.closed = Closed(event.code, event.reason or "")
                 try:
@@ -320,6 +322,18 @@ class RawWebSocket:
                 frames.append(await self.receive_json(timeout))
                 if frames[-1]["type"] == kind:
                     return frames
+
+    async def wait_closed(self, timeout: float = 10.0) -> int | None:
+        """Read what the server sent, answering nothing (not even a ping), until its close frame
+        (its code) or the end of the connection (None)."""
+        with trio.fail_after(timeout):
+            while True:
+                try:
+                    event = await self._next_event()
+                except Closed:
+                    return None
+                if isinstance(event, CloseConnection):
+                    return event.code
 
     async def send_close(self, code: int = 1000) -> None:
         """Start the closing handshake (for a client whose reading is done by another task)."""

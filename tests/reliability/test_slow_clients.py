@@ -16,6 +16,7 @@ detector must catch it just the same.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -33,7 +34,7 @@ from probes import (
     scaled,
     wait_for,
 )
-from servers import add_user, open_atlas, start_atlas_process
+from servers import add_user, connect, open_atlas, start_atlas_process
 
 MiB = 1024 * 1024
 DELTA = "x" * 65536
@@ -203,20 +204,82 @@ async def test_a_peer_dropped_for_falling_behind_loses_its_connection(tmp_path):
             await laggard.abort()
 
 
-@pytest.mark.xfail(strict=True, reason="a silent client (half-open: never reads, never answers a "
-                   "ping) is never probed or closed: no WebSocket ping interval is set "
-                   "(when one is configurable, set it low here)")
-async def test_a_silent_client_is_found_by_pings_and_closed(tmp_path):
-    async with open_atlas(tmp_path, users={"ann": None}) as server:
+PING_INTERVAL = 0.2  # ATLAS_WS_PING_INTERVAL_SECONDS, set low here (20 s by default)
+
+
+async def test_a_silent_client_is_found_by_pings_and_closed(tmp_path, caplog):
+    """Found by this suite: no WebSocket ping interval was set, so a silent (half-open) client
+    was never probed or closed. Now one that has not answered a ping when the next is due is
+    closed with 1011 and its TCP connection ended (atlas/websocket_stream.py)."""
+    async with open_atlas(tmp_path, users={"ann": None}, ws_ping_interval_seconds=PING_INTERVAL) as server:
         port = int(server.url.rsplit(":", 1)[1])
+        polite = await RawWebSocket.open(port, f"/party/ann?token={server.tokens['ann']}")
+        await polite.receive_json()
+        await polite.close()  # the room stays loaded: part of the baseline
+        baseline = await idle_atlas_tasks()
         silent = await RawWebSocket.open(port, f"/party/ann?token={server.tokens['ann']}")
         try:
-            # Read ready, then never touch the socket again: a ping from the server would get
-            # no pong. Whatever the server sends stays in the kernel's buffer.
+            # Read ready, then answer nothing: the server's pings stay unanswered.
             await silent.receive_json()
+            started = trio.current_time()
+            assert await silent.wait_closed() == 1011
+            waited = trio.current_time() - started
             await wait_for(lambda: atlas_connections() == 0, 3, "the silent connection closed")
         finally:
             await silent.abort()
+        assert PING_INTERVAL < waited < 10 * PING_INTERVAL, waited  # two intervals, give or take
+        assert await idle_atlas_tasks() <= baseline
+        assert any("answered no ping" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_client_busy_receiving_a_long_stream_is_kept(tmp_path, provider):
+    """A client that answers pings is never dropped, even while a long reply streams to it and
+    while it waits for the rest: several pings pass, each answered, and the reply arrives whole."""
+    gate = trio.Event()
+    provider.behaviour = Reply(deltas=[DELTA] * 32, gate=gate, hold_after=16)  # 2 MiB, then a pause
+    async with open_atlas(tmp_path, users={"ann": None}, provider_url=provider.url,
+                          ws_ping_interval_seconds=PING_INTERVAL) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        ws = await RawWebSocket.open(port, f"/party/ann?token={server.tokens['ann']}")
+        try:
+            await ws.receive_json()
+            await ws.send_json({"type": "agent:stream", "id": "long", "message": "long"})
+            frames: list[dict[str, Any]] = []
+
+            async def read_reply() -> None:
+                frames.extend(await ws.receive_until("agent:done", timeout=30))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_reply)
+                await wait_for(lambda: ws.pings_answered >= 5, 10, lambda: f"{ws.pings_answered} pings answered")
+                gate.set()
+            text = "".join(f["text"] for f in frames if f["type"] == "agent:delta")
+            assert frames[-1]["type"] == "agent:done" and len(text) == 32 * len(DELTA), frames[-1]
+            await ws.send_json({"type": "ping"})
+            assert (await ws.receive_json())["type"] == "pong"
+        finally:
+            await ws.abort()
+
+
+async def test_a_trio_websocket_client_is_kept_across_many_pings(tmp_path, provider):
+    """trio-websocket (the tests' and atlas chat's client library) answers pings by itself, as
+    long as its one-message queue has room (it answers in its reader task, which waits while a
+    message is unread): an idle connection and a held stream both outlast many intervals."""
+    gate = trio.Event()
+    provider.behaviour = Reply(deltas=["a", "b"], gate=gate, hold_after=1)
+    async with open_atlas(tmp_path, users={"ann": None}, provider_url=provider.url,
+                          ws_ping_interval_seconds=PING_INTERVAL) as server:
+        async with connect(server.ws_url("ann", server.tokens["ann"])) as ws:
+            assert json.loads(await ws.get_message())["type"] == "ready"
+            await ws.send_message(json.dumps({"type": "agent:stream", "id": "held", "message": "hi"}))
+            frames = [json.loads(await ws.get_message()) for _ in range(2)]  # start, the first delta
+            await trio.sleep(6 * PING_INTERVAL)  # the time itself is the test: pings go back and forth
+            gate.set()
+            frames += [json.loads(await ws.get_message()) for _ in range(2)]
+            assert [f["type"] for f in frames] == ["agent:start", "agent:delta", "agent:delta", "agent:done"], frames
+            await trio.sleep(6 * PING_INTERVAL)
+            await ws.send_message(json.dumps({"type": "ping"}))
+            assert json.loads(await ws.get_message())["type"] == "pong"
 
 
 async def test_one_user_cannot_hold_hundreds_of_connections(tmp_path):
