@@ -72,15 +72,19 @@ async def test_streamed_reply_html_shown_as_text_and_kept_across_reload(tmp_path
         assert "show me some html" in history and "and again" in history
 
 
-async def test_stop_button_cancels_the_reply(tmp_path: Path) -> None:
+async def test_stop_button_cancels_the_reply(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Also: the browser answers the server's pings (every 0.2 s here) by itself, so a page
+    waiting on a reply for many intervals keeps its connection (a drop would end the reply)."""
     async with open_fake_provider() as provider, open_atlas(
-        tmp_path, users={"alice": None}, provider_url=provider.url
+        tmp_path, users={"alice": None}, provider_url=provider.url, ws_ping_interval_seconds=0.2
     ) as server:
         provider.behaviour = Reply(deltas=["Working on it", " forever"], gate=trio.Event())
 
         def steps(page: Any) -> dict[str, Any]:
             page.wait_for_selector(ONLINE)
             send(page, "a long job")
+            page.wait_for_selector('.msg.assistant[data-status="streaming"]')
+            page.wait_for_timeout(1500)  # the time itself is the test: pings go back and forth
             page.wait_for_selector('.msg.assistant[data-status="streaming"]')
             page.click("#stop")
             page.wait_for_selector('.msg.assistant[data-status="cancelled"]')
@@ -93,6 +97,7 @@ async def test_stop_button_cancels_the_reply(tmp_path: Path) -> None:
         assert facts == {"meta": "Stopped", "send_visible": True}
         with trio.fail_after(WAIT):
             await provider.wait_disconnect()
+    assert not [r for r in caplog.records if "answered no ping" in r.getMessage()]
 
 
 RESUMED = ["Alpha ", "beta ", "gamma ", "delta."]
