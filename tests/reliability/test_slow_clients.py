@@ -227,6 +227,8 @@ async def test_a_silent_client_is_found_by_pings_and_closed(tmp_path, caplog):
             await wait_for(lambda: atlas_connections() == 0, 3, "the silent connection closed")
         finally:
             await silent.abort()
+        record("slow clients: silent client", ping_interval_s=PING_INTERVAL, close_code=1011,
+               closed_after_s=round(waited, 3))
         assert PING_INTERVAL < waited < 10 * PING_INTERVAL, waited  # two intervals, give or take
         assert await idle_atlas_tasks() <= baseline
         assert any("answered no ping" in r.getMessage() for r in caplog.records)
