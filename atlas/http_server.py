@@ -150,7 +150,10 @@ def contain_connection_failures() -> None:
             # closed first). An app that cancels its work on that message (the agent API does)
             # cancelled the restart, and the idle connection then had no timer at all: the
             # server never closed it. Upstream defect too; the restart is a lock and a
-            # ``nursery.start`` whose task starts at once, so the shield is short.
+            # ``nursery.start`` whose task starts at once, so the shield is short. Reproduction:
+            # an app that runs its reply in a nursery beside a task that cancels the nursery on
+            # ``http.disconnect``, under ``hypercorn -k trio --keep-alive 2``; a client that
+            # sends one request and then stays connected, silent, is still connected 8 s later.
             with trio.CancelScope(shield=True):
                 await super().protocol_send(event)
 
