@@ -81,8 +81,9 @@ def contain_connection_failures() -> None:
     raises costs that connection only; cancellation still propagates), a write that a client
     leaves unread for ``write_timeout`` seconds ends that connection (Hypercorn shields its writes
     from cancellation, so a client that stopped reading held its socket, its task and every
-    frame queued for it for as long as TCP kept the connection up), and a connection whose
-    reading has ended stops its keep-alive timer (``_read_data``, below)."""
+    frame queued for it for as long as TCP kept the connection up), and the keep-alive timer
+    stops once reading has ended and is restarted under a shield after a reply (both upstream
+    defects too: ``_read_data`` and ``_update_keep_alive_timer``, below)."""
     run_module = importlib.import_module("hypercorn.trio.run")
     base = getattr(run_module, "TCPServer")
     if getattr(base, "atlas_contains_failures", False):
