@@ -18,7 +18,6 @@ from hypercorn.events import Closed, RawData, Updated
 from hypercorn.trio import serve
 
 from atlas.config import Bind
-from atlas.websocket_stream import close_broken_websockets
 
 ASGIApp = Callable[[dict[str, Any], Callable[..., Awaitable[Any]], Callable[..., Awaitable[Any]]], Awaitable[None]]
 
@@ -197,7 +196,6 @@ def hypercorn_config(
 ) -> Config:
     decline_permessage_deflate()
     contain_connection_failures()
-    close_broken_websockets()
     config = Config()
     config.bind = [str(bind)]
     config.accesslog = None
@@ -211,7 +209,8 @@ def hypercorn_config(
     # retransmits); the kernel caps it at net.core.somaxconn in any case.
     config.backlog = backlog
     config.atlas_write_timeout = write_timeout  # read by ContainedTCPServer.protocol_send
-    # A WebSocket peer that answers no ping by the next one is closed (atlas/websocket_stream.py).
+    # Hypercorn only sends the pings; atlas.gateway.websocket_stream closes a peer that answers
+    # none (the gateway, which serves the WebSockets, installs it).
     config.websocket_ping_interval = ws_ping_interval or None
     return config
 

@@ -34,6 +34,7 @@ from atlas.gateway.request_log import RequestObserver
 from atlas.gateway.revocation import serve_revocation_sweeps
 from atlas.gateway.services import Services
 from atlas.gateway.streams import close_all as close_streams
+from atlas.gateway.websocket_stream import close_broken_websockets
 from atlas.http_server import serve_asgi
 from atlas.llm.agents import AgentSpec, load_agents
 from atlas.lifecycle import run_until_signal
@@ -167,6 +168,7 @@ async def _serve(
             connections=lambda: len(rooms.connections()), rooms=lambda: len(rooms.rooms)
         )
         stop_listening = trio.Event()
+        close_broken_websockets()  # pings answered or the peer closed; protocol violations closed
         async with trio.open_nursery() as server:
             url = await server.start(partial(
                 serve_asgi, build_app(services), settings.bind,

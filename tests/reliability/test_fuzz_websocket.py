@@ -315,7 +315,7 @@ def unmasked(opcode: int, payload: bytes) -> bytes:
 async def test_a_protocol_violation_is_closed_with_its_code(tmp_path, payload, code):
     """Found by this suite: Hypercorn dropped the TCP connection without a close frame (the
     client saw 1006). RFC 6455 7.1.7 and 8.1: a close frame with 1007 for a text message that is
-    not UTF-8, 1002 for other violations (atlas/websocket_stream.py)."""
+    not UTF-8, 1002 for other violations (atlas/gateway/websocket_stream.py)."""
     async with open_atlas(tmp_path, users={"alice": None}) as server:
         port = int(server.url.rsplit(":", 1)[1])
         ws = await RawWebSocket.open(port, f"/party/alice?token={server.tokens['alice']}")

@@ -210,7 +210,7 @@ PING_INTERVAL = 0.2  # ATLAS_WS_PING_INTERVAL_SECONDS, set low here (20 s by def
 async def test_a_silent_client_is_found_by_pings_and_closed(tmp_path, caplog):
     """Found by this suite: no WebSocket ping interval was set, so a silent (half-open) client
     was never probed or closed. Now one that has not answered a ping when the next is due is
-    closed with 1011 and its TCP connection ended (atlas/websocket_stream.py)."""
+    closed with 1011 and its TCP connection ended (atlas/gateway/websocket_stream.py)."""
     async with open_atlas(tmp_path, users={"ann": None}, ws_ping_interval_seconds=PING_INTERVAL) as server:
         port = int(server.url.rsplit(":", 1)[1])
         polite = await RawWebSocket.open(port, f"/party/ann?token={server.tokens['ann']}")

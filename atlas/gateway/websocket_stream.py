@@ -3,7 +3,9 @@
 Two upstream defects of Hypercorn 0.18's ``WSStream`` (``hypercorn/protocol/ws_stream.py``),
 both fixed by one subclass installed once in place of the class, in the modules that build it
 (``hypercorn.protocol.h11`` and ``.h2`` import it by name), as ``atlas.http_server`` patches
-``TCPServer``:
+``TCPServer``. The gateway installs it before it serves (it is the one server with WebSockets);
+``ATLAS_WS_PING_INTERVAL_SECONDS`` reaches Hypercorn's ``websocket_ping_interval`` through
+``atlas.http_server.serve_asgi``.
 
 - **A frame wsproto cannot parse is dropped without a close frame.** On a text frame that is
   not UTF-8 (or any other protocol violation) wsproto's ``events()`` yields a
