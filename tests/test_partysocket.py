@@ -102,11 +102,11 @@ async def test_partysocket_streams_and_survives_a_restart(tmp_path: Path) -> Non
 async def test_partysocket_resumes_a_reply_after_its_connection_is_killed(tmp_path: Path) -> None:
     """The connection dies mid-reply (a TCP reset: no close frame); partysocket reconnects by
     itself, the client resumes from the last seq it showed, and the reply is printed whole, once.
-    While the reply is held, the server's pings (every 0.2 s here) go unnoticed: partysocket's
+    While the reply is held, the server's pings (every 0.5 s here) go unnoticed: partysocket's
     ``ws`` answers them, so the only reconnect is the one the cut causes."""
     pieces = ["Alpha ", "beta ", "gamma ", "delta."]
     async with open_fake_provider() as provider, open_atlas(
-        tmp_path, users={"alice": None}, provider_url=provider.url, ws_ping_interval_seconds=0.2
+        tmp_path, users={"alice": None}, provider_url=provider.url, ws_ping_interval_seconds=0.5
     ) as server, open_tcp_proxy(int(server.url.rsplit(":", 1)[1])) as proxy:
         gate = trio.Event()
         provider.behaviour = Reply(deltas=pieces, gate=gate, hold_after=2)
@@ -124,7 +124,7 @@ async def test_partysocket_resumes_a_reply_after_its_connection_is_killed(tmp_pa
             with trio.fail_after(WAIT * 3):
                 holding = await events.next("holding")
                 assert holding == {"event": "holding", "seq": 2, "text": "Alpha beta "}
-                await trio.sleep(1.5)  # the time itself is the test: pings go back and forth
+                await trio.sleep(2.5)  # the time itself is the test: pings go back and forth
                 assert proxy.accepted == 1
                 assert await proxy.cut() == 1
                 closed = await events.next("closed")

@@ -73,10 +73,10 @@ async def test_streamed_reply_html_shown_as_text_and_kept_across_reload(tmp_path
 
 
 async def test_stop_button_cancels_the_reply(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """Also: the browser answers the server's pings (every 0.2 s here) by itself, so a page
+    """Also: the browser answers the server's pings (every 0.5 s here) by itself, so a page
     waiting on a reply for many intervals keeps its connection (a drop would end the reply)."""
     async with open_fake_provider() as provider, open_atlas(
-        tmp_path, users={"alice": None}, provider_url=provider.url, ws_ping_interval_seconds=0.2
+        tmp_path, users={"alice": None}, provider_url=provider.url, ws_ping_interval_seconds=0.5
     ) as server:
         provider.behaviour = Reply(deltas=["Working on it", " forever"], gate=trio.Event())
 
@@ -84,7 +84,7 @@ async def test_stop_button_cancels_the_reply(tmp_path: Path, caplog: pytest.LogC
             page.wait_for_selector(ONLINE)
             send(page, "a long job")
             page.wait_for_selector('.msg.assistant[data-status="streaming"]')
-            page.wait_for_timeout(1500)  # the time itself is the test: pings go back and forth
+            page.wait_for_timeout(2500)  # the time itself is the test: pings go back and forth
             page.wait_for_selector('.msg.assistant[data-status="streaming"]')
             page.click("#stop")
             page.wait_for_selector('.msg.assistant[data-status="cancelled"]')
