@@ -38,9 +38,11 @@ from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection, Message, Ping, Pong
 from wsproto.frame_protocol import CloseReason
 
+from atlas.protocol import CLOSE_INTERNAL
+
 log = logging.getLogger("atlas.http")
 
-CLOSE_PING_TIMEOUT = 1011
+CLOSE_PING_TIMEOUT = CLOSE_INTERNAL  # as the websockets library closes on a keep-alive timeout
 PING_TIMEOUT_REASON = "keepalive ping timeout"
 
 
