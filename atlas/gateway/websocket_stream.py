@@ -92,6 +92,12 @@ class CheckedWSStream(WSStream):
             while True:
                 await trio.sleep(interval)
                 if self.ping_unanswered:
+                    # A pong may be waiting in the socket while this task woke first (after a
+                    # stall of the whole process, both become runnable together): let the
+                    # connection's reader run a few times before calling the peer gone.
+                    for _ in range(3):
+                        await trio.lowlevel.checkpoint()
+                if self.ping_unanswered:
                     break
                 self.ping_unanswered = True
                 # Returns once the ping is written: the peer then has a whole interval.
