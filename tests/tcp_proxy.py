@@ -66,19 +66,21 @@ class TcpProxy:
             await client.aclose()
             self._notify()
             return
-        with trio.CancelScope() as scope:
-            self._live[scope] = (client, server)
+        try:
+            with trio.CancelScope() as scope:
+                self._live[scope] = (client, server)
+                self._notify()
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._pump, client, server, nursery.cancel_scope)
+                        nursery.start_soon(self._pump, server, client, nursery.cancel_scope)
+                finally:
+                    del self._live[scope]
+        finally:  # also when the proxy itself is closed with connections still live
+            for stream in (client, server):
+                with trio.CancelScope(shield=True):
+                    await stream.aclose()
             self._notify()
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._pump, client, server, nursery.cancel_scope)
-                    nursery.start_soon(self._pump, server, client, nursery.cancel_scope)
-            finally:
-                del self._live[scope]
-        for stream in (client, server):
-            with trio.CancelScope(shield=True):
-                await stream.aclose()
-        self._notify()
 
     @staticmethod
     async def _pump(source: trio.SocketStream, sink: trio.SocketStream, done: trio.CancelScope) -> None:
