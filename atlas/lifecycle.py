@@ -27,8 +27,11 @@ HARD_EXIT_AFTER = 5.0
 # (700) ran a collection every few hundred deltas; the full collections that followed scanned
 # every module, class and function imported at start-up: 50-100 ms pauses, measured at 200 streams,
 # which showed as clusters of late deltas. Start-up objects are frozen once the server listens
-# (``gc.freeze``: never scanned again), and young collections run ~15 times less often.
-GC_THRESHOLDS = (10_000, 10, 10)
+# (``gc.freeze``: never scanned again), and young collections run ~3 times less often. Not more
+# rarely: with a first threshold of 10,000 the garbage of a reconnect wave (2,000 clients) lived
+# long enough to grow the process by ~27 MiB from one wave to the next (1-3 MiB at 2,000 and 700;
+# tests/reliability/test_reconnect_storm.py, long run).
+GC_THRESHOLDS = (2_000, 10, 10)
 
 # serve(shutdown=, task_status=): serves until ``shutdown`` is set, reporting its URL once listening.
 Serve = Callable[..., Awaitable[None]]

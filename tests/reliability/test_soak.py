@@ -11,12 +11,13 @@ hold no traceback and no internal error.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 
 import trio
 from faulty_provider import EXPECTED, open_faulty_provider
-from probes import RawWebSocket, raw_http, record, rss_bytes, scaled, slope
+from probes import Closed, RawWebSocket, raw_http, record, rss_bytes, scaled, slope
 from servers import add_user, start_atlas_process
 
 SECONDS = float(os.environ.get("ATLAS_RELIABILITY_SOAK_SECONDS", scaled(10, 60)))
@@ -86,16 +87,27 @@ class Soak:
 
     async def broadcasts(self, user: str) -> None:
         sender, receiver = await self.open(user), await self.open(user)
-        n = 0
-        while self.running():
-            n += 1
-            await sender.send_json({"type": "broadcast", "data": {"n": n, "pad": "p" * 512}})
-            frame = await receiver.receive_json()
-            if frame.get("type") != "broadcast" or frame["data"]["n"] != n:
-                self.unexpected.append(f"broadcast: {frame}")
-            self.count("broadcast")
+        async with trio.open_nursery() as nursery:
+            # The sender reads too, as every real client does: it answers the server's pings
+            # (a client that reads nothing for two ping intervals is closed as dead).
+            nursery.start_soon(self.drain, sender)
+            n = 0
+            while self.running():
+                n += 1
+                await sender.send_json({"type": "broadcast", "data": {"n": n, "pad": "p" * 512}})
+                frame = await receiver.receive_json()
+                if frame.get("type") != "broadcast" or frame["data"]["n"] != n:
+                    self.unexpected.append(f"broadcast: {frame}")
+                self.count("broadcast")
+            nursery.cancel_scope.cancel()
         await sender.close()
         await receiver.close()
+
+    @staticmethod
+    async def drain(ws: RawWebSocket) -> None:
+        with contextlib.suppress(Closed):
+            while True:
+                await ws.receive()
 
     async def churn(self, user: str) -> None:
         while self.running():
