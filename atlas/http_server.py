@@ -18,6 +18,7 @@ from hypercorn.events import Closed, RawData, Updated
 from hypercorn.trio import serve
 
 from atlas.config import Bind
+from atlas.deadlines import DeadlineWatch, socket_of
 
 ASGIApp = Callable[[dict[str, Any], Callable[..., Awaitable[Any]], Callable[..., Awaitable[Any]]], Awaitable[None]]
 
@@ -80,9 +81,9 @@ def contain_connection_failures() -> None:
     raises costs that connection only; cancellation still propagates), a write that a client
     leaves unread for ``write_timeout`` seconds ends that connection (Hypercorn shields its writes
     from cancellation, so a client that stopped reading held its socket, its task and every
-    frame queued for it for as long as TCP kept the connection up; ``close_stalled_writers``
-    closes it, one task per listener rather than a timed cancel scope per frame, which cost
-    ~7 us a frame), and the keep-alive timer
+    frame queued for it for as long as TCP kept the connection up; the listener's
+    ``DeadlineWatch`` ends it, rather than a timed cancel scope per frame, which cost ~7 us a
+    frame), and the keep-alive timer
     stops once reading has ended and is restarted under a shield after a reply (both upstream
     defects too: ``_read_data`` and ``_update_keep_alive_timer``, below)."""
     run_module = importlib.import_module("hypercorn.trio.run")
@@ -93,13 +94,17 @@ def contain_connection_failures() -> None:
     class ContainedTCPServer(base):  # type: ignore[misc, valid-type]
         atlas_contains_failures = True
         atlas_reading_ended = False  # set per connection by _read_data
-        atlas_writing_since: float | None = None  # trio time the write in progress started
-        atlas_stalled = False  # closed by close_stalled_writers
+        deadline = math.inf  # of the write in progress (the listener's ``DeadlineWatch``)
+        timed_out = False  # set by that watch when it ended a write
+
+        @property
+        def socket(self) -> trio.socket.SocketType:
+            return socket_of(self.stream)
 
         async def run(self) -> None:
-            watched: set[Any] | None = getattr(self.config, "atlas_connections", None)
-            if watched is not None:
-                watched.add(self)
+            watch: DeadlineWatch | None = getattr(self.config, "atlas_write_watch", None)
+            if watch is not None:
+                watch.watch(self)
             try:
                 await super().run()
             except* Exception as failures:
@@ -109,8 +114,8 @@ def contain_connection_failures() -> None:
                     exc_info=failures,
                 )
             finally:
-                if watched is not None:
-                    watched.discard(self)
+                if watch is not None:
+                    watch.unwatch(self)
 
         async def _read_data(self) -> None:
             # Upstream defect (Hypercorn 0.18, trio worker): the keep-alive timer task
@@ -138,15 +143,18 @@ def contain_connection_failures() -> None:
                 await super().protocol_send(event)
                 return
             async with self.send_lock:
-                self.atlas_writing_since = trio.current_time()
+                self.deadline = trio.current_time() + self.config.atlas_write_timeout
                 try:
                     with trio.CancelScope(shield=True):  # shielded as upstream
                         await self.stream.send_all(event.data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    if self.timed_out:
+                        log.info("a client left %s unread too long; its connection is closed",
+                                 _peer_of(self.stream))
                     await self.protocol.handle(Closed())
                     return
                 finally:
-                    self.atlas_writing_since = None
+                    self.deadline = math.inf
 
         async def _update_keep_alive_timer(self, event: Updated) -> None:
             if event.idle and self.atlas_reading_ended:
@@ -178,26 +186,6 @@ def contain_connection_failures() -> None:
                 await self.stream.aclose()
 
     run_module.TCPServer = ContainedTCPServer
-
-
-async def close_stalled_writers(connections: set[Any], timeout: float) -> None:
-    """End every connection of ``connections`` whose write has waited ``timeout`` seconds for
-    its client to read (within a quarter of ``timeout``, or a second). Closing the socket wakes
-    the shielded write with ``ClosedResourceError``, which ends the connection as a client that
-    left would (``ContainedTCPServer.protocol_send``)."""
-    period = min(1.0, timeout / 4)
-    while True:
-        await trio.sleep(period)
-        now = trio.current_time()
-        for server in list(connections):
-            since = server.atlas_writing_since
-            if since is None or server.atlas_stalled or now - since < timeout:
-                continue
-            server.atlas_stalled = True
-            log.info("a client left %s unread too long; its connection is closed", _peer_of(server.stream))
-            # The socket under any TLS layer: a TLS stream's own close would write, and its
-            # stream is busy with the stalled write.
-            await getattr(server.stream, "transport_stream", server.stream).aclose()
 
 
 async def _send_eof_quietly(stream: Any) -> None:
@@ -234,8 +222,12 @@ def hypercorn_config(
     # Hypercorn's default (100) dropped connections of a 2,000-client reconnect wave (SYN
     # retransmits); the kernel caps it at net.core.somaxconn in any case.
     config.backlog = backlog
-    config.atlas_write_timeout = write_timeout
-    config.atlas_connections = set()  # every open ContainedTCPServer, for close_stalled_writers
+    config.atlas_write_timeout = write_timeout  # read by ContainedTCPServer.protocol_send
+    # Ends writes past it: checked every quarter of it, or every second.
+    config.atlas_write_watch = (
+        DeadlineWatch(min(1.0, write_timeout / 4), "atlas write timeouts")
+        if math.isfinite(write_timeout) else None
+    )
     # Hypercorn only sends the pings; atlas.gateway.websocket_stream closes a peer that answers
     # none (the gateway, which serves the WebSockets, installs it).
     config.websocket_ping_interval = ws_ping_interval or None
@@ -288,13 +280,13 @@ async def serve_asgi(
         write_timeout=write_timeout, ws_ping_interval=ws_ping_interval,
     )
 
-    async with trio.open_nursery() as nursery:
+    async def run_hypercorn(*, task_status: trio.TaskStatus[list[str]]) -> None:
+        await serve(app, config, shutdown_trigger=shutdown_trigger, task_status=task_status)
 
-        async def run_hypercorn(*, task_status: trio.TaskStatus[list[str]]) -> None:
-            await serve(app, config, shutdown_trigger=shutdown_trigger, task_status=task_status)
-            nursery.cancel_scope.cancel()  # the watchdog: no connection is left to watch
-
-        if math.isfinite(write_timeout):
-            nursery.start_soon(close_stalled_writers, config.atlas_connections, write_timeout)
-        binds: list[str] = await nursery.start(run_hypercorn)
-        task_status.started(local_url(binds[0]))
+    try:
+        async with trio.open_nursery() as nursery:
+            binds: list[str] = await nursery.start(run_hypercorn)
+            task_status.started(local_url(binds[0]))
+    finally:
+        if config.atlas_write_watch is not None:
+            config.atlas_write_watch.close()

@@ -12,7 +12,7 @@ PACKAGE = Path(atlas.__file__).parent
 
 # Lower layers never import higher ones. Each entry: module or subpackage prefix -> layer.
 LAYERS = {
-    "atlas": 0, "atlas.config": 0, "atlas.logs": 0, "atlas.protocol": 0, "atlas.asgi": 0, "atlas.backoff": 0, "atlas.openapi": 0, "atlas.http_server": 0.5, "atlas.lifecycle": 0.5,
+    "atlas": 0, "atlas.config": 0, "atlas.logs": 0, "atlas.protocol": 0, "atlas.asgi": 0, "atlas.backoff": 0, "atlas.openapi": 0, "atlas.deadlines": 0, "atlas.http_server": 0.5, "atlas.lifecycle": 0.5,
     "atlas.store": 1, "atlas.llm": 1,
     "atlas.agent": 2, "atlas.rooms": 2,
     "atlas.agent_api": 3,
@@ -109,5 +109,5 @@ def test_the_three_seams_stay_on_top() -> None:
     for seam in ("rooms.py", "agent.py", "protocol.py"):
         assert (PACKAGE / seam).is_file(), seam
     flat = sorted(p.name for p in PACKAGE.glob("*.py"))
-    assert flat == sorted(["__init__.py", "__main__.py", "agent.py", "asgi.py", "backoff.py", "config.py", "http_server.py", "lifecycle.py",
+    assert flat == sorted(["__init__.py", "__main__.py", "agent.py", "asgi.py", "backoff.py", "config.py", "deadlines.py", "http_server.py", "lifecycle.py",
                            "logs.py", "openapi.py", "protocol.py", "rooms.py"]), flat

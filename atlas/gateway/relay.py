@@ -282,7 +282,7 @@ class Relay:
                                 if text := event.text:  # seq counts non-empty pieces
                                     if not stream.parts:
                                         ticket.first_token()
-                                    size += len(text) if text.isascii() else utf8_size(text)
+                                    size += utf8_size(text)
                                     if size > cap:
                                         raise reply_too_large(cap)  # settled by admission
                                     # Only a solo connection's delta waits (for room in its outbox).

@@ -123,11 +123,11 @@ class Stream:
             room.trim()  # type: ignore[union-attr]
         if self.streaming and self.attached:
             seq = len(parts)
-            lagging = None
+            lagging: list[Connection] = []
             for connection, buffer in self.attached.items():
                 if not connection.send_delta_nowait(buffer, text, seq):
-                    lagging = [connection] if lagging is None else [*lagging, connection]
-            if lagging is not None:
+                    lagging.append(connection)
+            if lagging:
                 self._drop_lagging(lagging)  # closing detaches: not while looping over them
         return None
 

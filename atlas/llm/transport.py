@@ -29,7 +29,6 @@ http://.
 from __future__ import annotations
 
 import base64
-import logging
 import math
 import os
 import select
@@ -43,7 +42,7 @@ import trio
 # httpx's own proxy rules, those of AsyncClient(trust_env=True):
 from httpx._utils import URLPattern, get_environment_proxies
 
-log = logging.getLogger("atlas.llm.transport")
+from atlas.deadlines import DeadlineWatch, socket_of
 
 MAX_HEAD = 64 * 1024  # what h11 buffers of a response head not yet complete
 MAX_CHUNK = 4 * 1024 * 1024  # one chunk of a chunked body; no provider sends one near this
@@ -107,8 +106,12 @@ class _Connection:
         self.origin = origin
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
         self.open = True  # still counted against max_connections
-        self.deadline = math.inf  # of the body read in progress (``_Watchdog``)
+        self.deadline = math.inf  # of the body read in progress (``DeadlineWatch``)
         self.timed_out = False
+
+    @property
+    def socket(self) -> trio.socket.SocketType:
+        return socket_of(self.stream)
 
     async def receive(self, timeout: float) -> bytes:
         with trio.move_on_after(timeout):
@@ -119,9 +122,9 @@ class _Connection:
         raise httpx.ReadTimeout("no byte from the server in time")
 
     async def receive_watched(self, timeout: float) -> bytes:
-        """``receive`` for a response body: its timeout is kept by the transport's ``_Watchdog``
-        instead of a cancel scope of its own (two context managers per read, measured at ~7% of
-        Atlas's CPU while streaming)."""
+        """``receive`` for a response body: its timeout is kept by the transport's
+        ``DeadlineWatch`` instead of a cancel scope of its own (two context managers per read,
+        measured at ~7% of Atlas's CPU while streaming)."""
         if self.timed_out:
             raise httpx.ReadTimeout("no byte from the server in time")
         self.deadline = trio.current_time() + timeout
@@ -133,58 +136,6 @@ class _Connection:
             raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
         finally:
             self.deadline = math.inf
-
-
-class _Watchdog:
-    """Read timeouts of response bodies: one task per transport, waking every ``TICK`` while a
-    body is being read, ends the reads past their deadline by ``notify_closing`` on the socket
-    (the read raises, and ``receive_watched`` makes that a ``ReadTimeout``; the connection is
-    then closed, never pooled). A timeout fires up to ``TICK`` late. The task is a trio system
-    task (a transport has no nursery of its own); it parks while nothing is read, and ends when
-    the transport closes."""
-
-    TICK = 0.05
-
-    def __init__(self) -> None:
-        self.watched: set[_Connection] = set()
-        self._wake = trio.Event()
-        self._running = False
-        self._closed = False
-
-    def watch(self, connection: _Connection) -> None:
-        self.watched.add(connection)
-        if not self._running and not self._closed:
-            self._running = True
-            trio.lowlevel.spawn_system_task(self._serve, name="atlas provider read timeouts")
-        self._wake.set()
-
-    def unwatch(self, connection: _Connection) -> None:
-        self.watched.discard(connection)
-
-    def close(self) -> None:
-        self._closed = True
-        self._wake.set()
-
-    async def _serve(self) -> None:
-        try:
-            while not self._closed:
-                if not self.watched:
-                    self._wake = trio.Event()
-                    await self._wake.wait()
-                    continue
-                await trio.sleep(self.TICK)
-                now = trio.current_time()
-                for connection in [c for c in self.watched if c.deadline <= now]:
-                    connection.timed_out = True
-                    self.watched.discard(connection)
-                    try:
-                        trio.lowlevel.notify_closing(_socket_of(connection.stream))
-                    except (OSError, ValueError):
-                        pass  # closed meanwhile: no read to end
-        except Exception:  # a system task's exception would end the whole process
-            log.exception("the provider read-timeout watchdog failed; reads now wait without a timeout")
-        finally:
-            self._running = False
 
 
 class _ClosedBeforeResponse(httpx.RemoteProtocolError):
@@ -326,16 +277,10 @@ def _check_head(event: h11.Response) -> tuple[bool, bool]:
     return chunked, sse
 
 
-def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType:
-    while isinstance(stream, trio.SSLStream):
-        stream = stream.transport_stream
-    return stream.socket  # type: ignore[attr-defined, no-any-return]
-
-
 def _readable(stream: trio.abc.Stream) -> bool:
     """Whether an idle connection has something to read: the server closed it, or sent bytes
     nobody asked for. Either way it must not carry the next request."""
-    fd = _socket_of(stream).fileno()
+    fd = socket_of(stream).fileno()
     if hasattr(select, "poll"):
         poller = select.poll()
         poller.register(fd, select.POLLIN)
@@ -365,7 +310,8 @@ class ProviderTransport(httpx.AsyncBaseTransport):
         self._idle: dict[Origin, list[_Connection]] = {}
         self._open = 0
         self._pool_changed = trio.lowlevel.ParkingLot()
-        self._watchdog = _Watchdog()
+        # Read timeouts of response bodies (a timeout fires up to a tick late).
+        self._watchdog = DeadlineWatch(0.05, "atlas provider read timeouts")
         self._closed = False
 
     async def aclose(self) -> None:
@@ -404,7 +350,6 @@ class ProviderTransport(httpx.AsyncBaseTransport):
                 await self._close(connection)
                 raise
             stream = _Body(self, connection, _seconds(timeouts.get("read")), chunked=chunked, sse=sse)
-            connection.timed_out = False
             self._watchdog.watch(connection)
             return httpx.Response(
                 event.status_code, headers=event.headers.raw_items(), stream=stream,
