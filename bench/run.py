@@ -272,11 +272,11 @@ class Bench:
             extra0 = {name: cpu_seconds(pid) for name, pid in extra_pids.items()}
             provider0 = cpu_seconds(self.provider.pid)  # type: ignore[union-attr]
             machine0, wall0 = machine_busy_seconds(), time.monotonic()
-            profiler = self.profiler(pids[0], f"streams-{streams}") if len(pids) == 1 and mode == "atlas" else None
+            profiler = self.profiler(pids[0], f"streams-{mode}-{streams}") if len(pids) == 1 and mode in ("atlas", "relay") else None
             for proc in procs:
                 proc.send({"start": start})
             results = [proc.event(timeout + 30) for proc in procs]
-            self.stop_profiler(profiler, f"streams-{streams}")
+            self.stop_profiler(profiler, f"streams-{mode}-{streams}")
             cpu = sum(cpu_seconds(pid) for pid in pids) - cpu0
             extra = {name: cpu_seconds(pid) - extra0[name] for name, pid in extra_pids.items()}
             provider_cpu = cpu_seconds(self.provider.pid) - provider0  # type: ignore[union-attr]
