@@ -116,7 +116,7 @@ class Room:
                 self.lease = await leases.acquire(self.id)
                 if self.lease is None:
                     raise RoomElsewhere(self.id)
-                self.state = await trio.to_thread.run_sync(self._registry.store.load_room, self.id)
+                self.state = await self._registry.store.read(self._registry.store.load_room, self.id)
             except BaseException as exc:
                 self._load_error = exc
                 raise
@@ -423,7 +423,7 @@ class RoomRegistry:
                     if not await self.leases.healthy():
                         # Known to be down: say so now rather than after the store's timeout.
                         raise StoreUnavailable(f"{self.store.location} is unavailable")
-                    state = await trio.to_thread.run_sync(self.store.load_room, room_id)
+                    state = await self.store.read(self.store.load_room, room_id)
                     view = RoomSnapshot(room_id, state, identity)
                 yield view
         finally:

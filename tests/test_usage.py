@@ -4,6 +4,7 @@ waits and refusals (with an injected clock), and every way to read the ledger.""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import httpx
@@ -17,9 +18,9 @@ from usage_helpers import Clock, ledger_file, open_requests, proxy_text, usage_f
 
 from atlas.gateway.admission import Admission, Refused
 from atlas.llm.types import Usage
-from atlas.store import Charge, Hold, JsonStore, Limits, UsageDay
+from atlas.store import Charge, Hold, JsonStore, Limits, UsageDay, UserGone
 from atlas.store.usage import Busy, Fits, OverQuota, PeriodUsage, ResolvedLimits, plan
-from atlas.store.users import set_limits
+from atlas.store.users import create_user, set_limits
 
 DAY = ResolvedLimits(tokens_per_day=1000)
 
@@ -116,9 +117,38 @@ def test_the_append_log_is_compacted_and_survives_a_torn_write(tmp_path):
     with open(log, "ab") as torn:
         torn.write(b'[{"date":"2025-01-15","requests":1')
     assert store.load_usage("dana").days == record.days
-    store.add_usage("dana", [UsageDay("2025-01-15", 1, 2, 3, 5)])
+    store.close()  # the process that was writing died: the next one opens the log afresh
+    after_crash = JsonStore(tmp_path)
+    after_crash.add_usage("dana", [UsageDay("2025-01-15", 1, 2, 3, 5)])
     day = JsonStore(tmp_path).load_usage("dana").days[0]
     assert (day.requests, day.total_tokens) == (21, 105)
+    assert log.read_bytes().endswith(b"5}]\n")  # the half line is gone, not glued to
+    after_crash.close()
+
+
+def test_a_log_kept_open_follows_its_user_through_removal_and_compaction(tmp_path):
+    """The server keeps each user's usage log open between settlements. Removing the user
+    from another process (``atlas user remove``), and adding them again under the same id, must
+    neither lose the new user's usage nor give them the old one's."""
+    server, cli = JsonStore(tmp_path), JsonStore(tmp_path)
+    server.prepare()
+    create_user(cli, "erin", "sk-test-usage-erin-0123", None)
+    server.add_usage("erin", [UsageDay("2025-01-15", 1, 2, 3, 5)], owner_must_exist=True)
+    cli.remove_user("erin")
+    with pytest.raises(UserGone):
+        server.add_usage("erin", [UsageDay("2025-01-15", 1, 2, 3, 5)], owner_must_exist=True)
+    create_user(cli, "erin", "sk-test-usage-erin-4567", None)
+    server.add_usage("erin", [UsageDay("2025-01-16", 1, 1, 1, 2)], owner_must_exist=True)
+    assert [(d.date, d.requests) for d in cli.load_usage("erin").days] == [("2025-01-16", 1)]
+    # Past the compaction size the log is folded and the next generation's log is opened.
+    server.COMPACT_BYTES = 200
+    for _ in range(10):
+        server.add_usage("erin", [UsageDay("2025-01-16", 1, 1, 1, 2)], owner_must_exist=True)
+    assert cli.load_usage("erin").generation >= 1
+    assert cli.load_usage("erin").days[0].requests == 11
+    open_fds = len(os.listdir("/proc/self/fd"))
+    server.close()
+    assert len(os.listdir("/proc/self/fd")) < open_fds  # the open log and the lock go with close
 
 
 async def test_a_release_costs_nothing_and_frees_the_room(tmp_path):

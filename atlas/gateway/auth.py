@@ -260,7 +260,7 @@ def builtin_me_app(store: Store):
         else:
             try:
                 # Two small file reads; in a thread, so a cold page cache never stalls the server.
-                identity = await trio.to_thread.run_sync(lookup_builtin_user, store, token)
+                identity = await store.read(lookup_builtin_user, store, token)
             except StoreUnavailable as exc:
                 log.error("built-in auth: %s", exc)
                 identity, status = None, 503
@@ -418,7 +418,7 @@ class BuiltinLookup:
     async def __call__(self, token: str) -> Identity:
         try:
             # Two small reads; in a thread, so a cold page cache or a database never stalls the server.
-            identity = await trio.to_thread.run_sync(lookup_builtin_user, self._store, token)
+            identity = await self._store.read(lookup_builtin_user, self._store, token)
         except StoreUnavailable as exc:
             log.error("built-in auth: %s", exc)
             raise AuthStoreUnavailable("the store (database) is unavailable; try again shortly") from None

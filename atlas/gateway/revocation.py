@@ -65,6 +65,6 @@ async def still_valid(verifier: TokenVerifier, token: str) -> bool:
 
 async def user_exists(store: Store, user_id: str) -> bool:
     try:
-        return await trio.to_thread.run_sync(store.load_user, user_id) is not None
+        return await store.read(store.load_user, user_id) is not None
     except StoreError:
         return True  # unreadable is not removed; the operator is told by the store's error

@@ -2,8 +2,9 @@
 
 Rooms, auth and the CLI use only this interface, so a backend is added beside the others
 (``json_store``, the embedded default; ``postgres``, for several processes sharing one database)
-without touching them. Its methods block (file or database I/O); async callers
-run them in a worker thread with ``trio.to_thread.run_sync``.
+without touching them. Its methods block (file or database I/O); async callers run the reads
+on the hot path (a token's user, a room, a user's usage) with the store's own ``read``, and
+the rest in a worker thread with ``trio.to_thread.run_sync``.
 
 Guarantees every backend gives:
 - a ``save_*`` that returns is durable: a crash afterwards never loses it, and a crash during it
@@ -26,14 +27,17 @@ limits, request counts included, hold across every process sharing the database.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import trio
 
 from atlas.store.leases import RoomLeases
 from atlas.store.records import RoomState, TokenRecord, UsageDay, UsageRecord, UserRecord
 from atlas.store.usage import Busy, OverQuota, ResolvedLimits, TooMany
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,13 @@ class Store(Protocol):
 
     def close(self) -> None:
         """Release what the store holds open (database connections). Safe to call again."""
+        ...
+
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)``, one of this store's blocking reads, off the event loop: the JSON files
+        on one thread of their own (``serial_thread``: page-cache reads take less time than a
+        ``to_thread`` hand-over costs a busy loop), a database on ``to_thread`` (its calls wait
+        on the network, side by side, each on a pooled connection)."""
         ...
 
     def room_leases(self) -> RoomLeases:

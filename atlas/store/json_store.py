@@ -31,7 +31,9 @@ import fcntl
 import os
 import re
 import secrets
-from collections.abc import Iterator
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -52,11 +54,14 @@ from atlas.store.records import (
     add_usage_days,
     is_valid_user_id,
 )
+from atlas.store.serial_thread import SerialThread
 
 T = TypeVar("T")
 
 _encoder = msgspec.json.Encoder()
 _usage_line_decoder = msgspec.json.Decoder(list[UsageDay])
+# Users whose usage log a store keeps open: the users settling requests now, in practice.
+MAX_OPEN_USAGE_LOGS = 256
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -111,13 +116,27 @@ class JsonStore:
         self.tokens_dir = data_dir / "tokens"
         self.rooms_dir = data_dir / "rooms"
         self.usage_dir = data_dir / "usage"
+        # Usage logs kept open for appending, least recently used first (``_usage_log``).
+        self._usage_logs: OrderedDict[str, _OpenLog] = OrderedDict()
+        self._usage_lock = threading.Lock()
+        self._usage_lock_fd: int | None = None
+        self._reads = SerialThread("atlas json store reads")
 
     @property
     def location(self) -> str:
         return f"data directory {self.data_dir}"
 
     def close(self) -> None:
-        pass  # nothing held open between calls
+        with self._usage_lock:
+            while self._usage_logs:
+                _, log = self._usage_logs.popitem()
+                os.close(log.fd)
+            if self._usage_lock_fd is not None:
+                os.close(self._usage_lock_fd)
+                self._usage_lock_fd = None
+
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self._reads.run(fn, *args)
 
     def room_leases(self) -> LocalLeases:
         """One process owns the data directory, and with it every room."""
@@ -138,6 +157,19 @@ class JsonStore:
             yield
         finally:
             os.close(fd)  # closing releases the lock
+
+    @contextmanager
+    def _usage_shared_lock(self) -> Iterator[None]:
+        """``_locked(exclusive=False)`` for usage appends, on a descriptor kept open for them
+        (two system calls a settlement fewer). Callers hold ``_usage_lock``: a flock belongs to
+        the open file, so two threads must not share one."""
+        if self._usage_lock_fd is None:
+            self._usage_lock_fd = os.open(self.data_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self._usage_lock_fd, fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._usage_lock_fd, fcntl.LOCK_UN)
 
     @staticmethod
     def _remove_leftovers(directory: Path, stem: str) -> None:
@@ -264,9 +296,9 @@ class JsonStore:
                 self._remove_leftovers(directory, user_id)
 
     # Usage ledger: written by the one server process on this data directory (``usage_ledger``),
-    # read by ``atlas usage``. A write appends one line to ``{user}+{gen}.log`` and fdatasyncs it
-    # (a settlement per request must be cheap: no new file, no rename, no directory fsync); the
-    # log is folded into ``{user}.json`` (generation gen + 1) once it grows past COMPACT_BYTES,
+    # read by ``atlas usage``. A write appends one line to ``{user}+{gen}.log``, opened with
+    # O_DSYNC and kept open (a settlement per request must be cheap: one write, no new file, no
+    # rename, no directory fsync); the log is folded into ``{user}.json`` (generation gen + 1) once it grows past COMPACT_BYTES,
     # after which the old log is deleted. A crash between the two leaves a log of an older
     # generation, which is ignored; a crash mid-append leaves a line without its newline, which
     # was never acknowledged: it is ignored when read and cut off before the next append.
@@ -302,27 +334,61 @@ class JsonStore:
         if not days:
             return
         line = _encoder.encode(days) + b"\n"
-        self.usage_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with self._locked(exclusive=False):
+        with self._usage_lock, self._usage_shared_lock():
             if owner_must_exist and not self.user_path(user_id).exists():
                 raise UserGone(user_id)
-            record = read_struct(self.usage_path(user_id), UsageRecord)
-            generation = record.generation if record is not None else 0
-            log = self.usage_log_path(user_id, generation)
-            fd = os.open(log, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            log = self._usage_log(user_id)
             try:
-                size = os.fstat(fd).st_size
-                if size and os.pread(fd, 1, size - 1) != b"\n":
-                    _cut_torn_line(fd, size)
-                os.write(fd, line)
-                os.fdatasync(fd)
-                size = os.fstat(fd).st_size
-            finally:
-                os.close(fd)
-            if size == len(line):  # a new log: its directory entry must be durable too
+                written = os.write(log.fd, line)  # O_DSYNC: on disk when it returns
+            except BaseException:
+                self._forget_usage_log(user_id)  # the next open cuts what may be half-written
+                raise
+            if written != len(line):
+                self._forget_usage_log(user_id)
+                raise OSError(f"usage log of {user_id}: {written} of {len(line)} bytes written")
+            if not log.size:  # a new log: its directory entry must be durable too
                 fsync_directory(self.usage_dir)
-            if size > self.COMPACT_BYTES:
-                self._compact_usage(user_id, generation)
+            log.size += written
+            if log.size > self.COMPACT_BYTES:
+                self._forget_usage_log(user_id)
+                self._compact_usage(user_id, log.generation)
+
+    def _usage_log(self, user_id: str) -> _OpenLog:
+        """The user's current log, open for appending. Kept open between writes (a settlement
+        per request must be cheap: one write, no open, no read of the record); a log that was
+        deleted meanwhile (its user removed, maybe added again) is let go and the current one
+        opened. Callers hold ``_usage_lock`` and the data directory's lock."""
+        log = self._usage_logs.get(user_id)
+        if log is not None:
+            if os.fstat(log.fd).st_nlink:
+                self._usage_logs.move_to_end(user_id)
+                return log
+            self._forget_usage_log(user_id)
+        record = read_struct(self.usage_path(user_id), UsageRecord)
+        generation = record.generation if record is not None else 0
+        self.usage_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(
+            self.usage_log_path(user_id, generation),
+            os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_DSYNC, 0o600,
+        )
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                _cut_torn_line(fd, size)  # made durable by the next write (O_DSYNC)
+                size = os.fstat(fd).st_size
+        except BaseException:
+            os.close(fd)
+            raise
+        log = self._usage_logs[user_id] = _OpenLog(fd, generation, size)
+        while len(self._usage_logs) > MAX_OPEN_USAGE_LOGS:
+            _, oldest = self._usage_logs.popitem(last=False)
+            os.close(oldest.fd)
+        return log
+
+    def _forget_usage_log(self, user_id: str) -> None:
+        log = self._usage_logs.pop(user_id, None)
+        if log is not None:
+            os.close(log.fd)
 
     def _compact_usage(self, user_id: str, generation: int) -> None:
         """Fold the log into the record of the next generation, then delete the log. The ledger
@@ -342,6 +408,15 @@ class JsonStore:
 
     def usage_ledger(self, *, owner_must_exist: bool = False) -> Ledger:
         return ProcessLedger(self, owner_must_exist=owner_must_exist)
+
+
+class _OpenLog:
+    __slots__ = ("fd", "generation", "size")
+
+    def __init__(self, fd: int, generation: int, size: int) -> None:
+        self.fd = fd
+        self.generation = generation
+        self.size = size
 
 
 def _cut_torn_line(fd: int, size: int) -> None:

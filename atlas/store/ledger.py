@@ -25,6 +25,7 @@ import trio
 
 from atlas.store.base import Charge, Hold, Store
 from atlas.store.records import KEEP_USAGE_DAYS, UsageDay, UsageRecord, UserGone
+from atlas.store.serial_thread import SerialThread
 from atlas.store.usage import Busy, Fits, OverQuota, PeriodUsage, ResolvedLimits, month_of, plan
 
 log = logging.getLogger("atlas.store.ledger")
@@ -145,6 +146,9 @@ class ProcessLedger:
         self._users: OrderedDict[str, _UserUsage] = OrderedDict()
         self._max_cached = max_cached_users
         self._ids = itertools.count(1)
+        # Settlements, one per request, go through one thread of their own (not a
+        # ``to_thread`` hop each): see ``serial_thread``.
+        self._writes = SerialThread("atlas usage ledger writes")
 
     async def _user(self, user_id: str) -> _UserUsage:
         user = self._users.get(user_id)
@@ -156,7 +160,7 @@ class ProcessLedger:
         if not user.loaded:
             async with user.load_lock:
                 if not user.loaded:
-                    user.load(await trio.to_thread.run_sync(self._store.load_usage, user_id))
+                    user.load(await self._store.read(self._store.load_usage, user_id))
         return user
 
     def _evict(self) -> None:
@@ -202,7 +206,7 @@ class ProcessLedger:
             days = user.take_pending()
             try:
                 try:
-                    await trio.to_thread.run_sync(self._add, user_id, days)
+                    await self._writes.run(self._add, user_id, days)
                 except UserGone:
                     # Removed meanwhile (built-in auth): everything kept for them is gone for
                     # good, this usage too.

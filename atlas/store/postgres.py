@@ -58,13 +58,14 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import msgspec
 import psycopg
+import trio
 from psycopg import errors
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
@@ -77,6 +78,8 @@ from atlas.store.records import (
 )
 
 log = logging.getLogger("atlas.store.postgres")
+
+T = TypeVar("T")
 
 POOL_SIZE = 10  # connections per process, at most; one is kept open while idle
 POOL_TIMEOUT = 5.0  # seconds a call waits for a working connection before StoreUnavailable
@@ -322,6 +325,9 @@ class PostgresStore:
             if self._opened:
                 self._pool.close()
                 self._opened = False
+
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        return await trio.to_thread.run_sync(fn, *args)
 
     def room_leases(self) -> PostgresLeases:
         """Leases on a connection of their own, outside the pool (``pg_leases``)."""

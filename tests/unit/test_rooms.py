@@ -58,6 +58,9 @@ class MemoryStore:
     def close(self) -> None:
         pass
 
+    async def read(self, fn, *args):  # type: ignore[no-untyped-def]
+        return await trio.to_thread.run_sync(fn, *args)
+
     def load_user(self, user_id: str) -> UserRecord | None:
         return self.users.get(user_id)
 
