@@ -128,6 +128,22 @@ def test_sse_parser_incremental():
     assert parser.close() == [b"tail-without-newline"]
 
 
+@pytest.mark.parametrize("reads", [
+    [b'data: {"a":1}\n\n', b"data: x\n\n", b"data:[DONE]\n\n"],  # one event per read: the fast path
+    [b"data: \n\n", b"data: a\r\n\n", b"data: b\r\r\n\n", b"data:  two spaces\n\n"],
+    [b"event: delta\n", b"data: after a field\n\n", b": comment\n\n", b"data: x\n\n"],
+    [b"data: half", b" and half\n\n", b"data: x\n\n", b"data: a\ndata: b\n\n"],
+    [b"data: x\n\ndata: y\n\n", b"id: 1\ndata: z\n\n", b"data: a\rb\n\n"],
+])
+def test_sse_parser_gives_the_same_events_whatever_the_reads(reads):
+    whole = SseDataParser()
+    by_read = [event for read in reads for event in whole.feed(read)] + whole.close()
+    single = SseDataParser()
+    stream = b"".join(reads)
+    by_byte = [event for i in range(len(stream)) for event in single.feed(stream[i:i + 1])] + single.close()
+    assert by_read == by_byte and by_read
+
+
 def test_sse_parser_rejects_endless_line():
     parser = SseDataParser()
     with pytest.raises(SseTooLong):

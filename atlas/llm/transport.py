@@ -168,41 +168,38 @@ class _Body(httpx.AsyncByteStream):
         return self
 
     async def __anext__(self) -> bytes:
+        # One method, not a helper per read: this runs once per provider chunk (per delta).
         connection = self._connection
         if connection is None or self._complete:
             raise StopAsyncIteration
-        try:
-            data = await self._next(connection)
-        except BaseException:
-            self._broken = True  # whatever is buffered, this connection is done
-            raise
-        if data is None:
-            self._complete = True
-            raise StopAsyncIteration
-        return data
-
-    async def _next(self, connection: _Connection) -> bytes | None:
         parser = connection.h11
-        while True:
-            try:
+        try:
+            while True:
                 event = parser.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise httpx.RemoteProtocolError(str(exc)) from exc
-            if type(event) is h11.Data:
-                data = bytes(event.data)
-                if self._chunked:
-                    self._chunk = len(data) if event.chunk_start else self._chunk + len(data)
-                    if self._chunk > MAX_CHUNK:
-                        raise httpx.RemoteProtocolError(f"a chunk of more than {MAX_CHUNK} bytes")
-                if self._sse:
-                    self._count_event(data)
-                return data
-            if event is h11.NEED_DATA:
-                parser.receive_data(await connection.receive_watched(self._timeout))
-            elif type(event) is h11.EndOfMessage:
-                return None
-            else:
-                raise httpx.RemoteProtocolError(f"unexpected {type(event).__name__} in a body")
+                if type(event) is h11.Data:
+                    data = bytes(event.data)
+                    if self._chunked:
+                        self._chunk = len(data) if event.chunk_start else self._chunk + len(data)
+                        if self._chunk > MAX_CHUNK:
+                            raise httpx.RemoteProtocolError(f"a chunk of more than {MAX_CHUNK} bytes")
+                    if self._sse:
+                        self._count_event(data)
+                    return data
+                if event is h11.NEED_DATA:
+                    parser.receive_data(await connection.receive_watched(self._timeout))
+                elif type(event) is h11.EndOfMessage:
+                    self._complete = True
+                    raise StopAsyncIteration
+                else:
+                    raise httpx.RemoteProtocolError(f"unexpected {type(event).__name__} in a body")
+        except h11.RemoteProtocolError as exc:
+            self._broken = True  # whatever is buffered, this connection is done
+            raise httpx.RemoteProtocolError(str(exc)) from exc
+        except StopAsyncIteration:
+            raise
+        except BaseException:
+            self._broken = True
+            raise
 
     def _count_event(self, data: bytes) -> None:
         # An event ends at a blank line: two line ends in a row (LF LF, CR CR, LF CR, CR LF CR LF).
