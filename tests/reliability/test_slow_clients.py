@@ -266,6 +266,35 @@ async def test_a_client_busy_receiving_a_long_stream_is_kept(tmp_path, provider)
             await ws.abort()
 
 
+async def test_frames_the_socket_takes_in_parts_reach_a_paused_reader_whole_and_in_order(tmp_path, provider):
+    """A frame is written straight to the socket when it takes the whole of it, and the rest of
+    one it takes only in part is finished before any other frame goes out. A client that stops
+    reading while a reply streams and keeps asking (pings), then reads again, gets every frame
+    whole: deltas in order, each pong between them, the reply complete."""
+    provider.behaviour = Reply(deltas=[f"{n:05d}" + "y" * 20_000 for n in range(200)])  # ~4 MiB
+    async with open_atlas(tmp_path, users={"ann": None}, provider_url=provider.url,
+                          ws_ping_interval_seconds=KEPT_PING_INTERVAL) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        ws = await RawWebSocket.open(port, f"/party/ann?token={server.tokens['ann']}")
+        try:
+            await ws.receive_json()
+            await ws.send_json({"type": "agent:stream", "id": "big", "message": "big"})
+            for _ in range(20):  # not reading: the server's socket fills, writes are cut short
+                await ws.send_json({"type": "ping"})
+                await trio.sleep(0.01)
+            frames = await ws.receive_until("agent:done", timeout=30)
+            while sum(f["type"] == "pong" for f in frames) < 20:
+                frames.append(await ws.receive_json())
+        finally:
+            await ws.abort()
+    deltas = [f for f in frames if f["type"] == "agent:delta"]
+    seqs = [f["seq"] for f in deltas]  # a frame may carry several pieces (the reader fell behind)
+    assert seqs == sorted(set(seqs)) and seqs[-1] == 200, seqs
+    text = "".join(f["text"] for f in deltas)
+    assert [text[i:i + 5] for i in range(0, len(text), 20_005)] == [f"{n:05d}" for n in range(200)]
+    assert sum(f["type"] == "pong" for f in frames) == 20
+
+
 async def test_a_trio_websocket_client_is_kept_across_many_pings(tmp_path, provider):
     """trio-websocket (the tests' and atlas chat's client library) answers pings by itself, as
     long as its one-message queue has room (it answers in its reader task, which waits while a
