@@ -17,6 +17,8 @@ detector must catch it just the same.
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -237,17 +239,24 @@ async def test_a_silent_client_is_found_by_pings_and_closed(tmp_path, caplog):
         assert any("answered no ping" in r.getMessage() for r in caplog.records)
 
 
+@asynccontextmanager
+async def streaming_to_ann(tmp_path: Any, provider: Any) -> AsyncIterator[RawWebSocket]:
+    """A raw WebSocket of user ann, past ``ready``, on a server pinging every KEPT_PING_INTERVAL."""
+    async with open_atlas(tmp_path, users={"ann": None}, provider_url=provider.url,
+                          ws_ping_interval_seconds=KEPT_PING_INTERVAL) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        ws = await RawWebSocket.open(port, f"/party/ann?token={server.tokens['ann']}")
+        await ws.receive_json()
+        yield ws
+
+
 async def test_a_client_busy_receiving_a_long_stream_is_kept(tmp_path, provider):
     """A client that answers pings is never dropped, even while a long reply streams to it and
     while it waits for the rest: several pings pass, each answered, and the reply arrives whole."""
     gate = trio.Event()
     provider.behaviour = Reply(deltas=[DELTA] * 32, gate=gate, hold_after=16)  # 2 MiB, then a pause
-    async with open_atlas(tmp_path, users={"ann": None}, provider_url=provider.url,
-                          ws_ping_interval_seconds=KEPT_PING_INTERVAL) as server:
-        port = int(server.url.rsplit(":", 1)[1])
-        ws = await RawWebSocket.open(port, f"/party/ann?token={server.tokens['ann']}")
+    async with streaming_to_ann(tmp_path, provider) as ws:
         try:
-            await ws.receive_json()
             await ws.send_json({"type": "agent:stream", "id": "long", "message": "long"})
             frames: list[dict[str, Any]] = []
 
@@ -272,12 +281,8 @@ async def test_frames_the_socket_takes_in_parts_reach_a_paused_reader_whole_and_
     reading while a reply streams and keeps asking (pings), then reads again, gets every frame
     whole: deltas in order, each pong between them, the reply complete."""
     provider.behaviour = Reply(deltas=[f"{n:05d}" + "y" * 20_000 for n in range(200)])  # ~4 MiB
-    async with open_atlas(tmp_path, users={"ann": None}, provider_url=provider.url,
-                          ws_ping_interval_seconds=KEPT_PING_INTERVAL) as server:
-        port = int(server.url.rsplit(":", 1)[1])
-        ws = await RawWebSocket.open(port, f"/party/ann?token={server.tokens['ann']}")
+    async with streaming_to_ann(tmp_path, provider) as ws:
         try:
-            await ws.receive_json()
             await ws.send_json({"type": "agent:stream", "id": "big", "message": "big"})
             for _ in range(20):  # not reading: the server's socket fills, writes are cut short
                 await ws.send_json({"type": "ping"})
