@@ -101,9 +101,18 @@ class Connection:
     # Sending
 
     async def send(self, frame: str) -> None:
+        if self.left:
+            return  # the connection is gone; nothing to tell it
+        if self._puts == self._done and not self._direct and self._write is not None:
+            await self._write_now(frame)  # nothing waits to be written: no hop through the writer
+            return
+        await self._enqueue(frame)
+
+    async def _enqueue(self, item: str | DeltaBuffer) -> None:
+        """Into the outbox, waiting for room (a frame, or a request's pending text)."""
         self._puts += 1
         try:
-            await self._outbox_send.send(frame)
+            await self._outbox_send.send(item)
         except BaseException as exc:
             self._puts -= 1
             if not isinstance(exc, (trio.ClosedResourceError, trio.BrokenResourceError)):
@@ -132,14 +141,7 @@ class Connection:
             # writer task (a task switch per delta). While it writes, everything else queues
             # behind it. A client that stops reading then holds up this request in its write
             # (up to the write timeout), as the bound below would anyway.
-            self._direct = True
-            try:
-                await self._write(encode(AgentDelta(buffer.request_id, text, seq)))
-            finally:
-                self._direct = False
-                if self._direct_done is not None:
-                    self._direct_done.set()
-                    self._direct_done = None
+            await self._write_now(encode(AgentDelta(buffer.request_id, text, seq)))
             return
         buffer.parts.append(text)
         buffer.size += len(text)
@@ -152,11 +154,22 @@ class Connection:
                 self._outbox_send.send_nowait(buffer)  # type: ignore[arg-type]
                 self._puts += 1
             except trio.WouldBlock:
-                await self.send(buffer)  # type: ignore[arg-type]
+                await self._enqueue(buffer)
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 pass
         if buffer.size > PENDING_LIMIT:
             await self._wait_taken(buffer)
+
+    async def _write_now(self, frame: str) -> None:
+        """Write ``frame`` from the caller's task; frames queued meanwhile wait behind it."""
+        self._direct = True
+        try:
+            await self._write(frame)  # type: ignore[misc]
+        finally:
+            self._direct = False
+            if self._direct_done is not None:
+                self._direct_done.set()
+                self._direct_done = None
 
     async def _wait_taken(self, buffer: DeltaBuffer) -> None:
         """Backpressure: wait until the writer has taken ``buffer``'s text (or the connection
@@ -177,7 +190,7 @@ class Connection:
         buffer.seq = seq
         if not buffer.queued:
             buffer.queued = True
-            await self.send(buffer)  # type: ignore[arg-type]
+            await self._enqueue(buffer)
 
     def send_delta_nowait(self, buffer: DeltaBuffer, text: str, seq: int) -> bool:
         """``send_delta`` for a request that others receive too: never waits. False when the

@@ -370,3 +370,29 @@ async def test_a_delta_written_by_its_request_keeps_every_frame_in_order(autojum
         assert json.loads(socket.frames[-1]) == delta("a", "a2", 2)
         connection.close_after_pending(1000)
     assert socket.decoded() == [delta("a", "a1", 1), "other", delta("b", "b1", 1), delta("a", "a2", 2)]
+
+
+@bounded
+async def test_a_frame_sent_while_nothing_waits_is_written_by_its_sender(autojump_clock):
+    """send, like send_delta, writes straight to the socket when nothing waits to be written
+    (agent:start and agent:done, pongs: no hop through the writer task); a frame sent while that
+    write is in progress queues behind it, and a resumed request's catch-up text is queued as
+    its buffer, never written as one."""
+    connection, socket = Connection("c1"), Socket()
+    caught_up = DeltaBuffer("r")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(connection.serve_writer, socket.write)
+        await trio.testing.wait_all_tasks_blocked()
+        await connection.send('"first"')
+        assert socket.frames == ['"first"']  # written before send returned: by the sender
+        socket.gate = trio.Event()
+        nursery.start_soon(connection.send, '"held"')
+        await trio.testing.wait_all_tasks_blocked()
+        await connection.send('"behind"')  # a write is in progress: queued
+        await connection.send_catch_up(caught_up, "so far", 2)
+        await trio.testing.wait_all_tasks_blocked()
+        assert socket.frames == ['"first"']
+        socket.gate.set()
+        await trio.testing.wait_all_tasks_blocked()
+        connection.close_after_pending(1000)
+    assert socket.decoded() == ["first", "held", "behind", delta("r", "so far", 2)]
