@@ -16,7 +16,9 @@ from typing import Any
 import trio
 from hypercorn.config import Config
 from hypercorn.events import Closed, RawData, Updated
+from hypercorn.protocol.ws_stream import WSStream
 from hypercorn.trio import serve
+from hypercorn.trio.tcp_server import MAX_RECV
 
 from atlas.config import Bind
 from atlas.deadlines import DeadlineWatch, socket_of
@@ -63,6 +65,41 @@ def decline_permessage_deflate() -> None:
     ws_stream.PerMessageDeflate = DeclinedPerMessageDeflate
 
 
+class KeepAliveTimer:
+    """Hypercorn's keep-alive timer (its ``TrioSingleTask``), as a deadline the listener's
+    ``DeadlineWatch`` keeps. Upstream starts a task for every idle period and cancels it at the
+    next request: a ``nursery.start`` and a cancellation per HTTP request, and two per WebSocket
+    connection (~6% of a proxied request's CPU). Once the deadline passes, the watch marks the
+    timer (``timed_out``: the connection's read loop stops at its next turn) and ends the read it
+    is blocked in (``notify_closing``), and the connection closes as upstream's timer closes it.
+    A server shutting down ends every idle connection at the watch's next tick, as upstream's
+    timer did at once."""
+
+    def __init__(self, server: Any, watch: DeadlineWatch) -> None:
+        self._server = server
+        self._watch = watch
+        self._deadline = math.inf
+        self.timed_out = False
+
+    @property
+    def socket(self) -> trio.socket.SocketType:
+        return socket_of(self._server.stream)
+
+    @property
+    def deadline(self) -> float:
+        if self._deadline < math.inf and self._server.context.terminated.is_set():
+            return -math.inf
+        return self._deadline
+
+    async def restart(self, task_group: Any = None, action: Any = None) -> None:
+        self._deadline = trio.current_time() + self._server.config.keep_alive_timeout
+        self._watch.watch(self)
+
+    async def stop(self) -> None:
+        self._deadline = math.inf
+        self._watch.unwatch(self)
+
+
 def contain_connection_failures() -> None:
     """Make one connection's failure end that connection only, never the server.
 
@@ -99,6 +136,12 @@ def contain_connection_failures() -> None:
         timed_out = False  # set by that watch when it ended a write
         atlas_socket: Any = None  # a plain TCP socket, for the direct write of ``protocol_send``
 
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            idle_watch: DeadlineWatch | None = getattr(self.config, "atlas_idle_watch", None)
+            if idle_watch is not None:
+                self.idle_task = KeepAliveTimer(self, idle_watch)
+
         @property
         def socket(self) -> trio.socket.SocketType:
             return socket_of(self.stream)
@@ -121,6 +164,8 @@ def contain_connection_failures() -> None:
             finally:
                 if watch is not None:
                     watch.unwatch(self)
+                if isinstance(self.idle_task, KeepAliveTimer):
+                    await self.idle_task.stop()
 
         async def _read_data(self) -> None:
             # Upstream defect (Hypercorn 0.18, trio worker): the keep-alive timer task
@@ -136,9 +181,27 @@ def contain_connection_failures() -> None:
             #   ss -tn state close-wait '( sport = :8000 )'   # the server's socket, for 75 s
             # Once reading has ended there is nothing left to time out: stop the timer, and
             # never restart it (a reply that ends after the client's EOF asks to).
-            await super()._read_data()
+            if self.config.read_timeout:
+                await super()._read_data()
+            else:
+                await self._read_untimed()
             self.atlas_reading_ended = True
             await self.idle_task.stop()
+
+        async def _read_untimed(self) -> None:
+            # Upstream's loop, without its ``fail_after(read_timeout or inf)`` around each read:
+            # with no read timeout set (Atlas sets none) that cancel scope bounds nothing and
+            # costs every frame and request a client sends.
+            timer = self.idle_task
+            while not getattr(timer, "timed_out", False):  # ended by the keep-alive timer
+                try:
+                    data = await self.stream.receive_some(MAX_RECV)
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    break
+                await self.protocol.handle(RawData(data))
+                if not data:
+                    break
+            await self.protocol.handle(Closed())
 
         async def protocol_send(self, event: Any) -> None:
             if isinstance(event, Updated):
@@ -151,8 +214,8 @@ def contain_connection_failures() -> None:
             lock: trio.Lock = self.send_lock
             # Asked of the socket at each write: -1 once closed, never a number reused since.
             fd = self.atlas_socket.fileno() if self.atlas_socket is not None else -1
-            if fd >= 0 and not lock.locked():
-                # The usual write: the socket takes the whole frame at once. Written here with
+            if fd >= 0 and not lock.locked() and self._websocket():
+                # The usual WebSocket write: the socket takes the whole frame at once. Written with
                 # one system call, without upstream's lock wait, cancel scope and ``send_all``
                 # (two trips through the scheduler): ~6% of Atlas's CPU per relayed delta
                 # (``python -m bench --quick --only streaming``). Holding the lock from here on
@@ -175,6 +238,16 @@ def contain_connection_failures() -> None:
             async with lock:
                 await self._send_rest(data)
 
+        def _websocket(self) -> bool:
+            """Whether this connection is a WebSocket now. Only its frames are written directly:
+            an HTTP reply must leave the connection's reading task a turn (upstream's write
+            gives it one) to take a request body the client has sent, or Hypercorn, seeing at
+            the reply's end a request not yet read to its end, closes the connection without
+            ``Connection: close`` and the client's next request on it fails (found with a 401
+            answered before the body was read)."""
+            protocol = getattr(self.protocol, "protocol", None)
+            return isinstance(getattr(protocol, "stream", None), WSStream)
+
         async def _send_rest(self, data: bytes) -> None:
             """Upstream's write (callers hold the send lock): shielded, so a frame is never cut
             short by a cancellation, and timed by the listener's ``DeadlineWatch``."""
@@ -192,6 +265,9 @@ def contain_connection_failures() -> None:
 
         async def _update_keep_alive_timer(self, event: Updated) -> None:
             if event.idle and self.atlas_reading_ended:
+                return
+            if isinstance(self.idle_task, KeepAliveTimer):  # no checkpoint: nothing to shield
+                await (self.idle_task.restart() if event.idle else self.idle_task.stop())
                 return
             # Shielded: the end of a reply restarts the timer from within the app's last send,
             # after Hypercorn has already told the app ``http.disconnect`` (its stream is
@@ -262,6 +338,8 @@ def hypercorn_config(
         DeadlineWatch(min(1.0, write_timeout / 4), "atlas write timeouts")
         if math.isfinite(write_timeout) else None
     )
+    # The keep-alive timer of every connection (``KeepAliveTimer``).
+    config.atlas_idle_watch = DeadlineWatch(0.25, "atlas keep-alive timeouts")
     # Hypercorn only sends the pings; atlas.gateway.websocket_stream closes a peer that answers
     # none (the gateway, which serves the WebSockets, installs it).
     config.websocket_ping_interval = ws_ping_interval or None
@@ -324,3 +402,4 @@ async def serve_asgi(
     finally:
         if config.atlas_write_watch is not None:
             config.atlas_write_watch.close()
+        config.atlas_idle_watch.close()

@@ -96,26 +96,27 @@ def atlas_connections() -> int:
     return task_names(_atlas_task()).count(CONNECTION_TASK)
 
 
-IDLE_TIMER_TASK = "hypercorn.trio.tcp_server.TCPServer._idle_timeout"
-APP_TASK = "hypercorn.trio.task_group._handle"
+APP_TASK = "hypercorn.trio.task_group._handle"  # an ASGI app call of a connection
+KEEP_ALIVE_WATCH_TASK = "atlas keep-alive timeouts"  # atlas.http_server.KeepAliveTimer's watch
 
 
-def idle_connections() -> int:
-    """Connections of the in-process server that run no app and wait for their next request
-    (Hypercorn's keep-alive timer runs): idle keep-alive connections."""
+def idle_connections(port: int) -> int:
+    """Connections to the in-process server listening on ``port`` that run no app and wait for
+    their next request: idle keep-alive connections, whose keep-alive timer
+    (``atlas.http_server.KeepAliveTimer``) is armed, i.e. watched by their listener's keep-alive
+    watch (a system task; other in-process servers, a fake provider say, have theirs)."""
     total = 0
 
     def walk(task: trio.lowlevel.Task) -> None:
         nonlocal total
-        if task.name == CONNECTION_TASK:
-            names = task_names(task)
-            total += IDLE_TIMER_TASK in names and APP_TASK not in names
-            return
+        if task.name == KEEP_ALIVE_WATCH_TASK:
+            watch = task.coro.cr_frame.f_locals["self"]
+            total += sum(timer.socket.getsockname()[1] == port for timer in list(watch.watched))
         for nursery in task.child_nurseries:
             for child in nursery.child_tasks:
                 walk(child)
 
-    walk(_atlas_task())
+    walk(trio.lowlevel.current_root_task())
     return total
 
 

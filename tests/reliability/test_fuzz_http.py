@@ -260,7 +260,7 @@ async def hang_up_when_idle(port: int, token: str, method: str, path: str, **kwa
         reply = await client.request(method, f"http://127.0.0.1:{port}{path}",
                                      headers={"Authorization": f"Bearer {token}"}, **kwargs)
         assert reply.status_code == 200, reply.text
-        await wait_for(lambda: idle_connections() == 1, 5, "the connection idle between requests")
+        await wait_for(lambda: idle_connections(port) == 1, 5, "the connection idle between requests")
 
 
 async def json_reply_on_keep_alive(port: int, token: str) -> None:
