@@ -13,7 +13,9 @@ the server's CPU time per request (``/proc``, every thread) and requests served.
   provider call, the durable usage write, the frames);
 - **cold**: a new connection for a new user per request, as every stream of the streaming
   scenario is: the token check, the room's load, the usage ledger's load and a first usage log
-  on top.
+  on top;
+- **proxy**: Atlas alone (the minimal relay has no HTTP side): ``POST /party/USER?proxy=/agents/
+  atlas-assistant/text`` on one keep-alive connection per client, as the proxy scenario sends.
 
 With ``--profile`` (py-spy installed) each server is recorded while measured (``--gil``):
 collapsed stacks under ``bench/results/runs/<time>/``.
@@ -28,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import trio
 import trio_websocket
 
@@ -49,10 +52,11 @@ class Load:
         self.errors: list[str] = []
         self._next_user = 0
 
-    async def run(self, clients: int, cold: bool, seconds: float, on_start: object) -> None:
+    async def run(self, clients: int, shape: str, seconds: float, on_start: object) -> None:
+        client = {"cold": self._cold_client, "warm": self._warm_client, "proxy": self._proxy_client}[shape]
         async with trio.open_nursery() as nursery:
             for index in range(clients):
-                nursery.start_soon(self._cold_client if cold else self._warm_client, index)
+                nursery.start_soon(client, index)
             await trio.sleep(1.0)  # warm-up: connections made, the provider's pool filled
             self.counting = True
             on_start()  # type: ignore[operator]
@@ -67,6 +71,18 @@ class Load:
         while True:
             self._next_user += 1
             await self._requests(self.pairs[self._next_user % len(self.pairs)], limit=1)
+
+    async def _proxy_client(self, index: int) -> None:
+        user, token = self.pairs[index]
+        url = self.url.replace("ws", "http", 1) + f"/party/{user}?proxy=/agents/atlas-assistant/text"
+        body = json.dumps({"input": self.spec}).encode()
+        async with httpx.AsyncClient(headers={"authorization": f"Bearer {token}"}) as client:
+            while True:
+                response = await client.post(url, content=body)
+                if response.status_code != 200:
+                    self.errors.append(f"{response.status_code} {response.text[:200]}")
+                elif self.counting:
+                    self.served += 1
 
     async def _requests(self, pair: tuple[str, str], limit: int | None) -> None:
         user, token = pair
@@ -89,7 +105,7 @@ class Load:
 
 
 def measure(name: str, server: Proc, url: str, pairs: list[tuple[str, str]], args: argparse.Namespace,
-            cold: bool, run_dir: Path) -> dict[str, float]:
+            shape: str, run_dir: Path) -> dict[str, float]:
     load = Load(url, pairs, ready=name == "atlas", deltas=args.deltas)
     marks: dict[str, float] = {}
     profiler = None
@@ -100,9 +116,9 @@ def measure(name: str, server: Proc, url: str, pairs: list[tuple[str, str]], arg
         if args.profile:
             from bench.profile import Profiler
 
-            profiler = Profiler(server.pid, run_dir / f"profile-{name}-{'cold' if cold else 'warm'}.txt", rate=1000)
+            profiler = Profiler(server.pid, run_dir / f"profile-{name}-{shape}.txt", rate=1000)
 
-    trio.run(load.run, args.clients, cold, args.seconds, start)
+    trio.run(load.run, args.clients, shape, args.seconds, start)
     cpu = cpu_seconds(server.pid) - marks["cpu"]
     if profiler is not None:
         profiler.stop()
@@ -116,7 +132,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--deltas", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=6.0)
-    parser.add_argument("--only", choices=("warm", "cold"))
+    parser.add_argument("--only", choices=("warm", "cold", "proxy"))
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     raise_fd_limit()
@@ -138,12 +154,16 @@ def main() -> int:
         relay = Proc("relay", python_module("bench.relay") + ["--provider", provider_url], run_dir)
         servers.append(relay)
         relay_url = relay.wait_line("RELAY ", 30).split()[1]
-        shapes = [args.only] if args.only else ["warm", "cold"]
+        shapes = [args.only] if args.only else ["warm", "cold", "proxy"]
         for shape in shapes:
-            cold = shape == "cold"
             # Cold users come from the far end of the store, so no warm run has touched them.
-            users = pairs[len(pairs) // 2:] if cold else pairs
-            figures = {name: measure(name, proc, url, users, args, cold, run_dir)
+            users = pairs[len(pairs) // 2:] if shape == "cold" else pairs
+            if shape == "proxy":
+                a = measure("atlas", atlas, atlas_url, users, args, shape, run_dir)
+                print(f"proxy: {args.clients} clients, {args.deltas} delta(s) a request: Atlas "
+                      f"{a['cpu_us_per_request']:.0f} us CPU a request ({a['requests']} requests)")
+                continue
+            figures = {name: measure(name, proc, url, users, args, shape, run_dir)
                        for name, proc, url in (("atlas", atlas, atlas_url), ("relay", relay, relay_url))}
             a, r = figures["atlas"], figures["relay"]
             print(f"{shape}: {args.clients} clients, {args.deltas} delta(s) a request: Atlas "

@@ -100,8 +100,9 @@ async def party_http(services: Services, room_id: str, scope: dict[str, Any], re
             await send_error(send, 400, "bad_proxy_path", str(exc))
             return
     try:
-        # Reads the room, changes nothing: any process may answer, the room's owner or not.
-        async with services.rooms.visit_room(room_id, identity) as room:
+        # Reads the room, changes nothing: any process may answer, the room's owner or not. The
+        # proxy needs only the user's credentials (the identity): no read of the stored room.
+        async with services.rooms.visit_room(room_id, identity, read=path is None) as room:
             if path is None:
                 await send_json(send, 200, {
                     "roomId": room.id, "userId": identity.id, "credentials": room.has_credentials,
