@@ -212,39 +212,47 @@ def contain_connection_failures() -> None:
                 return
             data = event.data
             lock: trio.Lock = self.send_lock
-            # Asked of the socket at each write: -1 once closed, never a number reused since.
-            fd = self.atlas_socket.fileno() if self.atlas_socket is not None else -1
-            if fd >= 0 and not lock.locked() and self._websocket():
-                # The usual WebSocket write: the socket takes the whole frame at once. Written with
-                # one system call, without upstream's lock wait, cancel scope and ``send_all``
-                # (two trips through the scheduler): ~6% of Atlas's CPU per relayed delta
-                # (``python -m bench --quick --only streaming``). Holding the lock from here on
-                # (taken without waiting: no checkpoint since it was seen free) keeps any other
-                # write behind what this one started. Only the rest of a frame the socket did
-                # not take at once waits, shielded and timed, as upstream writes.
-                lock.acquire_nowait()
-                try:
+            if self.atlas_socket is not None and self._websocket():
+                # One turn of the scheduler first, as upstream's write takes (for its lock): the
+                # frames of every request that read its provider in one turn then leave
+                # together, and a client process woken by the first finds the rest already
+                # there. Written at once instead, each frame woke its client afresh: ~0.5 s more
+                # kernel time per 50,000 deltas on this machine than the turn costs.
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                # Asked of the socket at each write: -1 once closed, never a number reused since.
+                fd = self.atlas_socket.fileno()
+                if fd >= 0 and not lock.locked():
+                    # The usual WebSocket write: the socket takes the whole frame at once.
+                    # Written with one system call, without upstream's lock wait, cancel scope
+                    # and ``send_all`` (two more trips through the scheduler). Holding the lock
+                    # from here on (taken without waiting: no checkpoint since it was seen free)
+                    # keeps any other write behind what this one started. Only the rest of a
+                    # frame the socket did not take at once waits, shielded and timed, as
+                    # upstream writes.
+                    lock.acquire_nowait()
                     try:
-                        sent = os.write(fd, data)
-                    except BlockingIOError:
-                        sent = 0
-                    except OSError:
-                        sent = 0  # the peer is gone: ``send_all`` below says so as upstream does
-                    if sent < len(data):
-                        await self._send_rest(data[sent:])
-                finally:
-                    lock.release()
-                return
+                        try:
+                            sent = os.write(fd, data)
+                        except BlockingIOError:
+                            sent = 0
+                        except OSError:
+                            sent = 0  # the peer is gone: ``send_all`` below says so as upstream does
+                        if sent < len(data):
+                            await self._send_rest(data[sent:])
+                    finally:
+                        lock.release()
+                    return
             async with lock:
                 await self._send_rest(data)
 
         def _websocket(self) -> bool:
-            """Whether this connection is a WebSocket now. Only its frames are written directly:
-            an HTTP reply must leave the connection's reading task a turn (upstream's write
-            gives it one) to take a request body the client has sent, or Hypercorn, seeing at
-            the reply's end a request not yet read to its end, closes the connection without
-            ``Connection: close`` and the client's next request on it fails (found with a 401
-            answered before the body was read)."""
+            """Whether this connection is a WebSocket now: only its frames are written directly.
+            HTTP replies keep upstream's write, whose turns through the scheduler let the
+            connection's reading task take a request body the client sends after its head: a
+            reply written with no turn at all ended before that, and Hypercorn, seeing a request
+            not read to its end, closed the connection without ``Connection: close``, so the
+            client's next request on it failed (found with a 401 answered before the body was
+            read; ``tests/test_keep_alive.py``)."""
             protocol = getattr(self.protocol, "protocol", None)
             return isinstance(getattr(protocol, "stream", None), WSStream)
 
