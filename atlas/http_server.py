@@ -72,6 +72,7 @@ class KeepAliveTimer:
     connection (~6% of a proxied request's CPU). Once the deadline passes, the watch marks the
     timer (``timed_out``: the connection's read loop stops at its next turn) and ends the read it
     is blocked in (``notify_closing``), and the connection closes as upstream's timer closes it.
+    Installed only with no read timeout set (``_read_untimed`` is the loop that looks at it).
     A server shutting down ends every idle connection at the watch's next tick, as upstream's
     timer did at once."""
 
@@ -97,6 +98,7 @@ class KeepAliveTimer:
 
     async def stop(self) -> None:
         self._deadline = math.inf
+        self.timed_out = False  # a request came in time after all: reading goes on
         self._watch.unwatch(self)
 
 
@@ -139,7 +141,7 @@ def contain_connection_failures() -> None:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             idle_watch: DeadlineWatch | None = getattr(self.config, "atlas_idle_watch", None)
-            if idle_watch is not None:
+            if idle_watch is not None and not self.config.read_timeout:  # see _read_untimed
                 self.idle_task = KeepAliveTimer(self, idle_watch)
 
         @property
@@ -212,36 +214,33 @@ def contain_connection_failures() -> None:
                 return
             data = event.data
             lock: trio.Lock = self.send_lock
-            if self.atlas_socket is not None and self._websocket():
-                # One turn of the scheduler first, as upstream's write takes (for its lock): the
-                # frames of every request that read its provider in one turn then leave
-                # together, and a client process woken by the first finds the rest already
-                # there. Written at once instead, each frame woke its client afresh: ~0.5 s more
-                # kernel time per 50,000 deltas on this machine than the turn costs.
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                # Asked of the socket at each write: -1 once closed, never a number reused since.
-                fd = self.atlas_socket.fileno()
-                if fd >= 0 and not lock.locked():
-                    # The usual WebSocket write: the socket takes the whole frame at once.
-                    # Written with one system call, without upstream's lock wait, cancel scope
-                    # and ``send_all`` (two more trips through the scheduler). Holding the lock
-                    # from here on (taken without waiting: no checkpoint since it was seen free)
-                    # keeps any other write behind what this one started. Only the rest of a
-                    # frame the socket did not take at once waits, shielded and timed, as
-                    # upstream writes.
-                    lock.acquire_nowait()
+            if self.atlas_socket is not None and not lock.locked() and self._websocket():
+                # The lock is taken first, without waiting (no checkpoint since it was seen
+                # free), so writes keep the order they were asked in, as upstream's do; then one
+                # turn of the scheduler, as upstream's write takes: the frames of every request
+                # that read its provider in one turn leave together, and a client process woken
+                # by the first finds the rest already there. Written at once instead, each frame
+                # woke its client afresh: ~0.5 s more kernel time per 50,000 deltas on this
+                # machine than the turn costs.
+                lock.acquire_nowait()
+                try:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    # Asked of the socket at each write: -1 once closed, never a number reused.
+                    fd = self.atlas_socket.fileno()
+                    # The usual WebSocket write: the socket takes the whole frame at once,
+                    # with one system call, without upstream's cancel scope and ``send_all``.
+                    # Only the rest of a frame the socket did not take at once (or all of it,
+                    # when the socket is closed or broken: ``send_all`` says so as upstream
+                    # does) waits, shielded and timed, as upstream writes.
                     try:
-                        try:
-                            sent = os.write(fd, data)
-                        except BlockingIOError:
-                            sent = 0
-                        except OSError:
-                            sent = 0  # the peer is gone: ``send_all`` below says so as upstream does
-                        if sent < len(data):
-                            await self._send_rest(data[sent:])
-                    finally:
-                        lock.release()
-                    return
+                        sent = os.write(fd, data) if fd >= 0 else 0
+                    except OSError:  # BlockingIOError, or the peer is gone
+                        sent = 0
+                    if sent < len(data):
+                        await self._send_rest(data[sent:])
+                finally:
+                    lock.release()
+                return
             async with lock:
                 await self._send_rest(data)
 

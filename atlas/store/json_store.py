@@ -22,11 +22,14 @@ half-done meanwhile. That is what makes "a room write for a removed user is refu
 the removal comes from another process, and what makes every ``.*.tmp`` file seen under the
 exclusive lock a leftover of a crash (it can hold a room's data, so it is deleted).
 
-The functions here block (file I/O, fsync); async callers run them with ``trio.to_thread``.
+The functions here block (file I/O, fsync); async callers run them off the event loop: the reads
+of every new connection and the usage settlements on threads of their own (``read``,
+``serial_thread``), the rest with ``trio.to_thread``.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import re
@@ -46,6 +49,7 @@ from atlas.store.ledger import ProcessLedger
 from atlas.store.records import (
     RoomState,
     StoreCorrupt,
+    StoreUnavailable,
     TokenRecord,
     UsageDay,
     UsageRecord,
@@ -61,8 +65,10 @@ T = TypeVar("T")
 _encoder = msgspec.json.Encoder()
 _usage_line_decoder = msgspec.json.Decoder(list[UsageDay])
 _TOKEN_HASH = re.compile(r"[0-9a-f]{64}")
-# Users whose usage log a store keeps open: the users settling requests now, in practice.
-MAX_OPEN_USAGE_LOGS = 256
+_OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOMEM}
+# Users whose usage log a store keeps open (the users settling requests now, in practice); few,
+# as each is a file descriptor the process cannot use for a connection.
+MAX_OPEN_USAGE_LOGS = 64
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -116,6 +122,8 @@ def read_file(path: Path | str) -> bytes | None:
     except FileNotFoundError:
         return None
     except OSError as exc:
+        if exc.errno in _OUT_OF_RESOURCES:  # this process, not the file: try again later
+            raise StoreUnavailable(f"cannot open {path}: {exc.strerror}") from None
         raise StoreCorrupt(Path(path), exc.strerror or str(exc)) from None
     try:
         chunks = []

@@ -31,6 +31,7 @@ from atlas.store.usage import Busy, Fits, OverQuota, PeriodUsage, ResolvedLimits
 log = logging.getLogger("atlas.store.ledger")
 
 MAX_CACHED_USERS = 10_000
+WRITE_THREADS = 4
 
 
 class _UserUsage:
@@ -146,9 +147,10 @@ class ProcessLedger:
         self._users: OrderedDict[str, _UserUsage] = OrderedDict()
         self._max_cached = max_cached_users
         self._ids = itertools.count(1)
-        # Settlements, one per request, go through one thread of their own (not a
-        # ``to_thread`` hop each): see ``serial_thread``.
-        self._writes = SerialThread("atlas usage ledger writes")
+        # Settlements, one per request, go through threads of their own (not a ``to_thread`` hop
+        # each: see ``serial_thread``), a user always through the same one (their writes stay in
+        # order), a few of them so that the disk syncs of different users overlap.
+        self._writes = [SerialThread(f"atlas usage ledger writes {n}") for n in range(WRITE_THREADS)]
 
     async def _user(self, user_id: str) -> _UserUsage:
         user = self._users.get(user_id)
@@ -206,7 +208,7 @@ class ProcessLedger:
             days = user.take_pending()
             try:
                 try:
-                    await self._writes.run(self._add, user_id, days)
+                    await self._writes[hash(user_id) % WRITE_THREADS].run(self._add, user_id, days)
                 except UserGone:
                     # Removed meanwhile (built-in auth): everything kept for them is gone for
                     # good, this usage too.

@@ -4,10 +4,11 @@ usage ledger's writes (a settlement per request).
 ``trio.to_thread.run_sync`` hands each call to a thread of its pool and back. Once the event
 loop is busy, that costs more CPU than the call: every thread that wants the GIL back makes the
 busy loop give it up, and several threads of a pool do so at once. Here one thread waits on a
-plain queue; each time it wakes it runs every call queued by then, in order, and reports them all
-back to the loop in one ``run_sync_soon``. Calls that queue up while one runs cost one hand-over
-together. One thread, not a pool: calls this short gain less from running side by side than they
-lose to contention for the GIL.
+plain queue and runs the calls in order, handing each result back with ``run_sync_soon`` as soon
+as it is known; calls that queue up while one runs are taken without waking the thread again.
+One thread, not a pool: calls this short gain less from running side by side than they lose to
+contention for the GIL (the ledger spreads its users over a few, so that disk syncs of different
+users still overlap).
 
 Measured with ``python -m bench.request_cost`` (20 clients, 1-delta requests, 2-core machine),
 server CPU per request: 1.75 ms with a ``to_thread`` hop per usage settlement and per read,
@@ -53,40 +54,60 @@ class SerialThread:
         with self._lock:
             self._jobs.put((trio.lowlevel.current_trio_token(), done, box, fn, args))
             if not self._running:
+                thread = threading.Thread(target=self._serve, name=self._name, daemon=True)
+                try:
+                    thread.start()
+                except BaseException:
+                    # No thread, none running: the queue holds this call alone. Nothing is
+                    # left behind for a later thread to run after this caller gave up.
+                    self._jobs.get_nowait()
+                    raise
                 self._running = True
-                threading.Thread(target=self._serve, name=self._name, daemon=True).start()
         with trio.CancelScope(shield=True):
             await done.wait()
         return box[0].unwrap()
 
     def _serve(self) -> None:
+        try:
+            self._serve_until_idle()
+        except BaseException as exc:
+            # Not a call's failure (``outcome.capture`` keeps those): the thread itself broke.
+            # Whoever waits is told, or would wait forever; the next call starts a new thread.
+            with self._lock:
+                self._running = False
+                while True:
+                    try:
+                        token, done, box, _, _ = self._jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                    _report_soon(token, done, box, outcome.Error(
+                        RuntimeError(f"{self._name}: the thread ended ({exc!r})")
+                    ))
+            raise
+
+    def _serve_until_idle(self) -> None:
         jobs = self._jobs
         while True:
             try:
-                batch = [jobs.get(timeout=self._idle_seconds)]
+                token, done, box, fn, args = jobs.get(timeout=self._idle_seconds)
             except queue.Empty:
                 with self._lock:
                     if jobs.empty():  # nothing was queued since: ``run`` starts a new thread
                         self._running = False
                         return
                 continue
-            while True:
-                try:
-                    batch.append(jobs.get_nowait())
-                except queue.Empty:
-                    break
-            reports: dict[trio.lowlevel.TrioToken, list[tuple[trio.Event, list[Any], outcome.Outcome[Any]]]] = {}
-            for token, done, box, fn, args in batch:
-                result = outcome.capture(fn, *args)
-                reports.setdefault(token, []).append((done, box, result))
-            for token, finished in reports.items():
-                try:
-                    token.run_sync_soon(_report, finished)
-                except trio.RunFinishedError:
-                    pass  # that event loop is gone, and no one waits there any more
+            # Each result goes back as soon as it is known: a caller never waits for the
+            # calls queued behind its own.
+            _report_soon(token, done, box, outcome.capture(fn, *args))
 
 
-def _report(finished: list[tuple[trio.Event, list[Any], outcome.Outcome[Any]]]) -> None:
-    for done, box, result in finished:
-        box.append(result)
-        done.set()
+def _report_soon(token: trio.lowlevel.TrioToken, done: trio.Event, box: list[Any], result: Any) -> None:
+    try:
+        token.run_sync_soon(_report, done, box, result)
+    except trio.RunFinishedError:
+        pass  # that event loop is gone, and no one waits there any more
+
+
+def _report(done: trio.Event, box: list[Any], result: Any) -> None:
+    box.append(result)
+    done.set()

@@ -87,3 +87,19 @@ def test_one_serial_thread_serves_successive_event_loops():
     serial = SerialThread("test serial loops")
     assert trio.run(serial.run, lambda: "first") == "first"
     assert trio.run(serial.run, lambda: "second") == "second"
+
+
+async def test_a_thread_that_cannot_start_fails_its_call_and_leaves_nothing_queued(monkeypatch):
+    serial = SerialThread("test serial start")
+    ran: list[int] = []
+    start = threading.Thread.start
+
+    def cannot_start(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", cannot_start)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        await serial.run(ran.append, 1)
+    monkeypatch.setattr(threading.Thread, "start", start)
+    assert await serial.run(lambda: "next") == "next"  # a thread now, and not a stale call first
+    assert ran == []
