@@ -4,8 +4,9 @@ usage ledger's writes (a settlement per request).
 ``trio.to_thread.run_sync`` hands each call to a thread of its pool and back. Once the event
 loop is busy, that costs more CPU than the call: every thread that wants the GIL back makes the
 busy loop give it up, and several threads of a pool do so at once. Here one thread waits on a
-plain queue and runs the calls in order, handing each result back with ``run_sync_soon`` as soon
-as it is known; calls that queue up while one runs are taken without waking the thread again.
+plain queue and runs the calls in order, handing results back with ``run_sync_soon`` as soon as
+nothing else is queued (or every ``REPORT_EVERY`` calls); calls that queue up while one runs are
+taken without waking the thread again.
 One thread, not a pool: calls this short gain less from running side by side than they lose to
 contention for the GIL (the ledger spreads its users over a few, so that disk syncs of different
 users still overlap).
@@ -35,6 +36,7 @@ import trio
 T = TypeVar("T")
 
 IDLE_SECONDS = 5.0
+REPORT_EVERY = 8
 
 _Job = tuple[trio.lowlevel.TrioToken, trio.Event, list[outcome.Outcome[Any]], Callable[..., Any], tuple[Any, ...]]
 
@@ -46,6 +48,7 @@ class SerialThread:
         self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._lock = threading.Lock()  # guards the start and the end of the thread
         self._running = False
+        self._finished: list[tuple[trio.lowlevel.TrioToken, trio.Event, list[Any], Any]] = []
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the thread, after every call queued before it; its result or error."""
@@ -75,18 +78,24 @@ class SerialThread:
             # Whoever waits is told, or would wait forever; the next call starts a new thread.
             with self._lock:
                 self._running = False
+                finished, self._finished = self._finished, []
+                try:
+                    _report_soon(finished)  # calls that ran: their results
+                except BaseException:
+                    pass
                 while True:
                     try:
                         token, done, box, _, _ = self._jobs.get_nowait()
                     except queue.Empty:
                         break
-                    _report_soon(token, done, box, outcome.Error(
+                    _report_soon([(token, done, box, outcome.Error(
                         RuntimeError(f"{self._name}: the thread ended ({exc!r})")
-                    ))
+                    ))])
             raise
 
     def _serve_until_idle(self) -> None:
         jobs = self._jobs
+        finished = self._finished  # results not handed back yet
         while True:
             try:
                 token, done, box, fn, args = jobs.get(timeout=self._idle_seconds)
@@ -96,18 +105,27 @@ class SerialThread:
                         self._running = False
                         return
                 continue
-            # Each result goes back as soon as it is known: a caller never waits for the
-            # calls queued behind its own.
-            _report_soon(token, done, box, outcome.capture(fn, *args))
+            finished.append((token, done, box, outcome.capture(fn, *args)))
+            # Results go back once nothing else is queued, or every REPORT_EVERY calls: a
+            # hand-back costs the thread a system call holding the GIL, and a caller waits for
+            # at most that many calls queued behind its own.
+            if jobs.empty() or len(finished) >= REPORT_EVERY:
+                _report_soon(finished)
+                finished = self._finished = []
 
 
-def _report_soon(token: trio.lowlevel.TrioToken, done: trio.Event, box: list[Any], result: Any) -> None:
-    try:
-        token.run_sync_soon(_report, done, box, result)
-    except trio.RunFinishedError:
-        pass  # that event loop is gone, and no one waits there any more
+def _report_soon(finished: list[tuple[trio.lowlevel.TrioToken, trio.Event, list[Any], Any]]) -> None:
+    by_loop: dict[trio.lowlevel.TrioToken, list[tuple[trio.Event, list[Any], Any]]] = {}
+    for token, done, box, result in finished:
+        by_loop.setdefault(token, []).append((done, box, result))
+    for token, results in by_loop.items():
+        try:
+            token.run_sync_soon(_report, results)
+        except trio.RunFinishedError:
+            pass  # that event loop is gone, and no one waits there any more
 
 
-def _report(done: trio.Event, box: list[Any], result: Any) -> None:
-    box.append(result)
-    done.set()
+def _report(results: list[tuple[trio.Event, list[Any], Any]]) -> None:
+    for done, box, result in results:
+        box.append(result)
+        done.set()
