@@ -72,7 +72,6 @@ class KeepAliveTimer:
     connection (~6% of a proxied request's CPU). Once the deadline passes, the watch marks the
     timer (``timed_out``: the connection's read loop stops at its next turn) and ends the read it
     is blocked in (``notify_closing``), and the connection closes as upstream's timer closes it.
-    Installed only with no read timeout set (``_read_untimed`` is the loop that looks at it).
     A server shutting down ends every idle connection at the watch's next tick, as upstream's
     timer did at once."""
 
@@ -114,8 +113,8 @@ def contain_connection_failures() -> None:
     the connection down, sits in ``send_eof``'s checkpoint: trio raises ``BusyResourceError``
     in the reading task, and the server dies.
 
-    Four changes, installed once by replacing the class in ``hypercorn.trio.run`` (the worker
-    looks it up there for every connection), as ``decline_permessage_deflate`` does:
+    Changes installed once by replacing the class in ``hypercorn.trio.run`` (the worker looks it
+    up there for every connection), as ``decline_permessage_deflate`` does:
     ``_close`` takes the send lock like every other write (so the race cannot happen), ``run``
     logs and contains any ``Exception`` of its connection (so whatever else Hypercorn or the app
     raises costs that connection only; cancellation still propagates), a write that a client
@@ -123,9 +122,11 @@ def contain_connection_failures() -> None:
     from cancellation, so a client that stopped reading held its socket, its task and every
     frame queued for it for as long as TCP kept the connection up; the listener's
     ``DeadlineWatch`` ends it, rather than a timed cancel scope per frame, which cost ~7 us a
-    frame), and the keep-alive timer
-    stops once reading has ended and is restarted under a shield after a reply (both upstream
-    defects too: ``_read_data`` and ``_update_keep_alive_timer``, below)."""
+    frame), and the keep-alive timer stops once reading has ended and is restarted after a reply
+    even when the app cancelled its work (both upstream defects too: ``_read_data`` and
+    ``_update_keep_alive_timer``, below). For speed: a WebSocket frame the socket takes whole
+    is written with one system call (``protocol_send``), and the keep-alive timer is a deadline
+    (``KeepAliveTimer``), not a task per idle period."""
     run_module = importlib.import_module("hypercorn.trio.run")
     base = getattr(run_module, "TCPServer")
     if getattr(base, "atlas_contains_failures", False):
@@ -141,7 +142,7 @@ def contain_connection_failures() -> None:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             idle_watch: DeadlineWatch | None = getattr(self.config, "atlas_idle_watch", None)
-            if idle_watch is not None and not self.config.read_timeout:  # see _read_untimed
+            if idle_watch is not None:
                 self.idle_task = KeepAliveTimer(self, idle_watch)
 
         @property
@@ -183,22 +184,26 @@ def contain_connection_failures() -> None:
             #   ss -tn state close-wait '( sport = :8000 )'   # the server's socket, for 75 s
             # Once reading has ended there is nothing left to time out: stop the timer, and
             # never restart it (a reply that ends after the client's EOF asks to).
-            if self.config.read_timeout:
-                await super()._read_data()
-            else:
-                await self._read_untimed()
+            await self._read_until_done()
             self.atlas_reading_ended = True
             await self.idle_task.stop()
 
-        async def _read_untimed(self) -> None:
-            # Upstream's loop, without its ``fail_after(read_timeout or inf)`` around each read:
-            # with no read timeout set (Atlas sets none) that cancel scope bounds nothing and
-            # costs every frame and request a client sends.
+        async def _read_until_done(self) -> None:
+            # Upstream's loop, with two changes: its ``fail_after(read_timeout or inf)`` is
+            # entered only when a read timeout is set (Atlas sets none: a cancel scope per read
+            # that bounds nothing costs every frame and request a client sends), and the loop
+            # ends once the keep-alive timer has expired (``KeepAliveTimer``: its watch ends a
+            # read it finds blocked; this ends one it did not).
             timer = self.idle_task
-            while not getattr(timer, "timed_out", False):  # ended by the keep-alive timer
+            read_timeout = self.config.read_timeout
+            while not getattr(timer, "timed_out", False):
                 try:
-                    data = await self.stream.receive_some(MAX_RECV)
-                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    if read_timeout:
+                        with trio.fail_after(read_timeout):
+                            data = await self.stream.receive_some(MAX_RECV)
+                    else:
+                        data = await self.stream.receive_some(MAX_RECV)
+                except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
                     break
                 await self.protocol.handle(RawData(data))
                 if not data:

@@ -103,7 +103,7 @@ class Connection:
     async def send(self, frame: str) -> None:
         if self.left:
             return  # the connection is gone; nothing to tell it
-        if self._puts == self._done and not self._direct and self._write is not None:
+        if self._writer_idle():
             await self._write_now(frame)  # nothing waits to be written: no hop through the writer
             return
         await self._enqueue(frame)
@@ -135,7 +135,7 @@ class Connection:
     async def send_delta(self, buffer: DeltaBuffer, text: str, seq: int) -> None:
         if self.left:
             return  # nothing more is written: keeping the text would only grow the buffer
-        if self._puts == self._done and not self._direct and self._write is not None:
+        if self._writer_idle():
             # The hot path of a client that keeps up: nothing waits to be written and no one is
             # writing, so the request writes its delta itself, without the hop through the
             # writer task (a task switch per delta). While it writes, everything else queues
@@ -159,6 +159,11 @@ class Connection:
                 pass
         if buffer.size > PENDING_LIMIT:
             await self._wait_taken(buffer)
+
+    def _writer_idle(self) -> bool:
+        """Nothing waits to be written and no one is writing: a frame may be written now, by
+        whoever sends it (the writer task has started: ``_write`` is its write)."""
+        return self._puts == self._done and not self._direct and self._write is not None
 
     async def _write_now(self, frame: str) -> None:
         """Write ``frame`` from the caller's task; frames queued meanwhile wait behind it."""

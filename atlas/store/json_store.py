@@ -217,15 +217,13 @@ class JsonStore:
             fsync_directory(directory)
 
     def _file(self, directory: Path, name: str) -> Path:
-        # Ids are validated against USER_ID_PATTERN before they get here; the check is repeated
-        # because a path built from an unchecked id could escape the data directory.
-        if not is_valid_user_id(name):
-            raise ValueError(f"invalid id {name!r}")
-        return directory / f"{name}.json"
+        return Path(self._path(os.fspath(directory), name))
 
     @staticmethod
     def _path(directory: str, name: str) -> str:
-        """``_file`` as a string, for the hot reads."""
+        """``{directory}/{name}.json``, as a string (the hot reads use it as it is)."""
+        # Ids are validated against USER_ID_PATTERN before they get here; the check is repeated
+        # because a path built from an unchecked id could escape the data directory.
         if not is_valid_user_id(name):
             raise ValueError(f"invalid id {name!r}")
         return f"{directory}/{name}.json"
@@ -266,14 +264,15 @@ class JsonStore:
     # Tokens (built-in auth): the file name is the token's SHA-256, the token itself is never stored.
 
     def token_path(self, token_hash: str) -> Path:
+        return Path(self._token_path(token_hash))
+
+    def _token_path(self, token_hash: str) -> str:
         if not _TOKEN_HASH.fullmatch(token_hash):
             raise ValueError("not a token hash")
-        return self.tokens_dir / f"{token_hash}.json"
+        return f"{self._tokens}/{token_hash}.json"
 
     def load_token(self, token_hash: str) -> TokenRecord | None:
-        if not _TOKEN_HASH.fullmatch(token_hash):
-            raise ValueError("not a token hash")
-        return read_struct(f"{self._tokens}/{token_hash}.json", TokenRecord)
+        return read_struct(self._token_path(token_hash), TokenRecord)
 
     def save_token(self, token_hash: str, user_id: str) -> None:
         self._write(self.token_path(token_hash), TokenRecord(user_id=user_id), owner=user_id)
@@ -341,8 +340,8 @@ class JsonStore:
     # Usage ledger: written by the one server process on this data directory (``usage_ledger``),
     # read by ``atlas usage``. A write appends one line to ``{user}+{gen}.log``, opened with
     # O_DSYNC and kept open (a settlement per request must be cheap: one write, no new file, no
-    # rename, no directory fsync); the log is folded into ``{user}.json`` (generation gen + 1) once it grows past COMPACT_BYTES,
-    # after which the old log is deleted. A crash between the two leaves a log of an older
+    # rename, no directory fsync); the log is folded into ``{user}.json`` (generation gen + 1)
+    # once it grows past COMPACT_BYTES, after which the old log is deleted. A crash between the two leaves a log of an older
     # generation, which is ignored; a crash mid-append leaves a line without its newline, which
     # was never acknowledged: it is ignored when read and cut off before the next append.
 
@@ -352,13 +351,16 @@ class JsonStore:
         return self._file(self.usage_dir, user_id)
 
     def usage_log_path(self, user_id: str, generation: int) -> Path:
-        self._file(self.usage_dir, user_id)  # checks the id
+        return Path(self._usage_log_path(user_id, generation))
+
+    def _usage_log_path(self, user_id: str, generation: int) -> str:
+        self._path(self._usage, user_id)  # checks the id
         # "+" is not in USER_ID_PATTERN: no user's file name can be another's log.
-        return self.usage_dir / f"{user_id}+{generation}.log"
+        return f"{self._usage}/{user_id}+{generation}.log"
 
     def load_usage(self, user_id: str) -> UsageRecord:
         record = read_struct(self._path(self._usage, user_id), UsageRecord) or UsageRecord()
-        log = f"{self._usage}/{user_id}+{record.generation}.log"  # the id was checked just above
+        log = self._usage_log_path(user_id, record.generation)
         data = read_file(log)
         if data is None:
             return record
@@ -408,7 +410,7 @@ class JsonStore:
         generation = record.generation if record is not None else 0
         self.usage_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(
-            self.usage_log_path(user_id, generation),
+            self._usage_log_path(user_id, generation),
             os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_DSYNC, 0o600,
         )
         try:
