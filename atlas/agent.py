@@ -215,7 +215,10 @@ async def open_agent_service(
     """Load the agents (``ConfigError`` on a bad file) and own the provider HTTP client.
     ``agents`` skips the loading, for a caller that has already loaded (or built) them."""
     agents = load_agents(settings) if agents is None else agents
-    transport = open_provider_transport(settings.provider_transport, proxy=settings.provider_proxy)
+    transport = open_provider_transport(
+        settings.provider_transport, proxy=settings.provider_proxy,
+        max_connections=settings.provider_max_connections,
+    )
     async with transport:
         provider = ProviderClient(
             transport, RetryPolicy(retries=settings.provider_retries), timeout=settings.provider_timeout

@@ -20,6 +20,9 @@ from urllib.parse import urlsplit
 
 DEFAULT_SERVE_BIND = "127.0.0.1:1999"
 DEFAULT_AGENT_BIND = "127.0.0.1:8788"
+# Provider connections per process, busy or idle: above the streams one process relays at once
+# on a small machine (~450 on 2 cores), so that none waits for a connection (docs/benchmarks.md).
+DEFAULT_PROVIDER_MAX_CONNECTIONS = 1000
 
 
 class ConfigError(Exception):
@@ -259,6 +262,9 @@ SETTINGS: tuple[Setting, ...] = (
             parse_non_negative_int, "retries before the first token on 429/5xx/connect failures"),
     Setting("provider_transport", ("ATLAS_PROVIDER_TRANSPORT",), "--provider-transport",
             parse_transport, "HTTP transport for provider calls: atlas (h11) or httpx (httpcore)"),
+    Setting("provider_max_connections", ("ATLAS_PROVIDER_MAX_CONNECTIONS",), "--provider-max-connections",
+            parse_positive_int, "connections to providers open at once, busy or idle (one pool per "
+            "process); a request past it waits for one, up to the provider timeout"),
     Setting("provider_proxy", ("ATLAS_PROVIDER_PROXY",), None, parse_proxy_url,
             "http:// proxy for every provider call (default: HTTPS_PROXY, HTTP_PROXY, ALL_PROXY "
             "and NO_PROXY decide, as for every outbound call)"),
@@ -339,6 +345,7 @@ class Settings:
     provider_timeout: float = 60.0
     provider_retries: int = 2
     provider_transport: str = "atlas"
+    provider_max_connections: int = DEFAULT_PROVIDER_MAX_CONNECTIONS
     provider_proxy: str | None = None
     default_agent: str | None = None
     agents_file: Path | None = None

@@ -20,6 +20,8 @@ import trio
 import trio.testing
 import trustme
 
+from atlas.config import ConfigError, load_settings
+from atlas.llm.provider import open_provider_transport
 from atlas.llm.transport import MAX_CHUNK, MAX_SSE_EVENT, ProviderTransport, proxy_for
 
 # (stream, request, index of the request on its connection) -> keep the connection open?
@@ -455,6 +457,37 @@ async def test_an_idle_connection_elsewhere_makes_room_under_the_cap():
         _, body = await fetch(transport, f"http://127.0.0.1:{second.port}/")
         await trio.testing.wait_all_tasks_blocked()
     assert body == b"ok" and first.ended == 1 and second.connections == 1
+
+
+
+async def test_hundreds_of_concurrent_requests_each_get_a_connection_that_is_kept_for_the_next():
+    # Once the cap was 256 (the 257th concurrent stream waited for another to end) and only 100
+    # idle connections were kept (each stream past them reconnected): both cost CPU per delta.
+    concurrent = 300
+    async with scripted_server(reply(OK)) as server, ProviderTransport() as transport:
+        url = f"http://127.0.0.1:{server.port}/"
+        for _ in range(2):
+            with trio.fail_after(10):  # a request over the cap would wait here
+                responses = [await transport.handle_async_request(httpx.Request("GET", url))
+                             for _ in range(concurrent)]
+            for response in responses:
+                assert await response.aread() == b"ok"
+                await response.aclose()
+    assert server.connections == concurrent  # the second round reused every one of them
+
+
+@pytest.mark.parametrize("kind", ["atlas", "httpx"])
+async def test_the_provider_connection_cap_is_a_setting(kind):
+    settings = load_settings({}, {"ATLAS_PROVIDER_MAX_CONNECTIONS": "7"})
+    transport = open_provider_transport(kind, max_connections=settings.provider_max_connections)
+    async with transport:
+        if isinstance(transport, ProviderTransport):
+            assert transport.max_connections == 7
+        else:
+            assert transport._limits.max_connections == transport._limits.max_keepalive_connections == 7
+    assert load_settings({}, {}).provider_max_connections == 1000
+    with pytest.raises(ConfigError, match="ATLAS_PROVIDER_MAX_CONNECTIONS"):
+        load_settings({}, {"ATLAS_PROVIDER_MAX_CONNECTIONS": "0"})
 
 
 # Proxies.

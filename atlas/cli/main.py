@@ -20,7 +20,8 @@ from atlas.config import (
 SERVE_SETTINGS = {s.name for s in SETTINGS}
 AGENT_SETTINGS = {
     "data_dir", "bind", "agent_secret", "provider_url", "provider_urls", "provider_timeout",
-    "provider_retries", "provider_transport", "provider_proxy", "agents_file", "log_level", "log_format",
+    "provider_retries", "provider_transport", "provider_max_connections", "provider_proxy", "agents_file",
+    "log_level", "log_format",
 }
 USER_SETTINGS = {"data_dir", "database_url", "log_level"}
 LIMIT_SETTINGS = {

@@ -119,7 +119,10 @@ async def _serve(
             log.info("agent requests go to the remote agent at %s", settings.agent_url)
             # The OpenAI-compatible endpoint calls the provider itself, with its own client.
             transport = await stack.enter_async_context(
-                open_provider_transport(settings.provider_transport)
+                open_provider_transport(
+                    settings.provider_transport, proxy=settings.provider_proxy,
+                    max_connections=settings.provider_max_connections,
+                )
             )
             provider = ProviderClient(
                 transport, RetryPolicy(retries=0), timeout=settings.provider_timeout

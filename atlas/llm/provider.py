@@ -32,6 +32,7 @@ import msgspec
 import trio
 
 from atlas import __version__
+from atlas.config import DEFAULT_PROVIDER_MAX_CONNECTIONS
 from atlas.backoff import backoff_delay
 from atlas.llm.sse import SseDataParser, SseTooLong
 from atlas.llm.transport import ProviderTransport, proxy_for
@@ -134,7 +135,9 @@ class RetryPolicy:
         return backoff_delay(attempt, first=self.base_seconds, factor=2.0, cap=self.max_seconds)
 
 
-def open_provider_transport(kind: str = "atlas", *, proxy: str | None = None) -> httpx.AsyncBaseTransport:
+def open_provider_transport(
+    kind: str = "atlas", *, proxy: str | None = None, max_connections: int = DEFAULT_PROVIDER_MAX_CONNECTIONS,
+) -> httpx.AsyncBaseTransport:
     """The process's one connection pool for provider calls (use it as an async context manager).
 
     ``atlas`` is Atlas's own HTTP/1.1 transport on h11 (``atlas.llm.transport``, measured cheaper
@@ -142,18 +145,20 @@ def open_provider_transport(kind: str = "atlas", *, proxy: str | None = None) ->
     the transport rather than through an ``AsyncClient``, whose layers (redirects, auth flows,
     cookies, event hooks, content decoding) provider calls never use. Both follow the outbound
     policy of every Atlas client: the standard proxy variables as httpx reads them, and ``proxy``
-    (``ATLAS_PROVIDER_PROXY``) over them."""
+    (``ATLAS_PROVIDER_PROXY``) over them, and both keep at most ``max_connections`` open,
+    every one of which may stay idle for the next request."""
     if kind == "httpx":
-        return HttpxTransportWithProxies(proxy)
-    return ProviderTransport(proxy=proxy)
+        return HttpxTransportWithProxies(proxy, max_connections)
+    return ProviderTransport(proxy=proxy, max_connections=max_connections)
 
 
 class HttpxTransportWithProxies(httpx.AsyncBaseTransport):
     """httpx's own transport, with the proxy picked per request as ``proxy_for`` says (httpx's
     ``AsyncClient`` does the same with its mounts; a bare transport has none)."""
 
-    def __init__(self, override: str | None) -> None:
+    def __init__(self, override: str | None, max_connections: int = DEFAULT_PROVIDER_MAX_CONNECTIONS) -> None:
         self._override = override
+        self._limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self._by_proxy: dict[str, httpx.AsyncHTTPTransport] = {}
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -162,7 +167,7 @@ class HttpxTransportWithProxies(httpx.AsyncBaseTransport):
         transport = self._by_proxy.get(key)
         if transport is None:
             transport = self._by_proxy[key] = httpx.AsyncHTTPTransport(
-                limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
+                limits=self._limits,
                 proxy=None if proxy is None else httpx.Proxy(proxy),
             )
         return await transport.handle_async_request(request)
