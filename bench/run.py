@@ -293,7 +293,9 @@ class Bench:
             "streams": streams, "deltas": deltas, "expected_deltas": expected,
             "done": sum(r["done"] for r in results), "errors": sum(r["errors"] for r in results),
             "error_samples": [e for r in results for e in r["error_samples"]][:3],
-            "delay_ms": summary(delays), "atlas_cpu_s": cpu, "provider_cpu_s": provider_cpu,
+            "delay_ms": summary(delays),
+            "start_lag_ms": summary(sorted(lag / 1000 for r in results for lag in r["start_lags_us"])),
+            "atlas_cpu_s": cpu, "provider_cpu_s": provider_cpu,
             "last_done_s": max((max(r["done_ms"], default=0) for r in results), default=0) / 1000,
             "client_cpu_s": sum(r["cpu_s"] - c["cpu_s"] for r, c in zip(results, connected)), "wall_s": wall, "machine_busy_s": machine,
             "cpu_us_per_delta": cpu / deltas * 1e6 if deltas and pids else None,
@@ -420,7 +422,8 @@ class Bench:
     @staticmethod
     def report_streams(kind: str, level: dict[str, Any]) -> None:
         progress(
-            f"streaming: {SERVER_NAMES[kind]}, {level['streams']} streams: p99 delay {level['delay_ms']['p99']:.1f} ms, "
+            f"streaming: {SERVER_NAMES[kind]}, {level['streams']} streams: p99 delay {level['delay_ms']['p99']:.1f} ms "
+            f"(request to provider p99 {level['start_lag_ms']['p99']:.1f} ms), "
             f"{level['cpu_us_per_delta'] or 0:.1f} us CPU/delta, errors {level['errors']}, "
             f"deltas {level['deltas']}/{level['expected_deltas']}; "
             f"other processes used {level['others_cpu_share']:.0%} of the machine"

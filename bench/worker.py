@@ -9,7 +9,9 @@ and by time. Jobs (``kind``):
 - ``proxy``: sequential requests, straight to the provider and then ``POST /party/...?proxy=``;
   time to the whole response.
 - ``streams``: hold N streams (WebSocket to Atlas, or HTTP straight to the provider); on ``go``
-  start each at its offset and record every delta's delay (receive time minus provider stamp).
+  start each at its offset and record every delta's delay: receive time minus provider stamp,
+  plus how long its stream's request took to reach the provider (so that a request held back
+  makes its deltas late).
 - ``idle``: open many WebSocket connections and keep them; on ``ping`` measure ping round trips
   on a sample of them; on ``close`` leave.
 - ``cold``: for each user, the first connection (to ``ready``), then a second, warm one.
@@ -25,6 +27,7 @@ import re
 import resource
 import sys
 import time
+from functools import partial
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -163,16 +166,33 @@ async def streams(job: dict[str, Any]) -> None:
             finished.set()
 
     starters: list[tuple[float, Any]] = []
+    # A stream's deltas are late by their own delay (arrival - the provider's stamp) plus how long
+    # its request took to reach the provider (first stamp - request sent): a server that holds a
+    # request back (a full connection pool) makes every delta of it late, though each one, once
+    # sent, arrives at once.
+    requested: dict[Any, float] = {}
+    start_lag: dict[Any, float] = {}
+
+    def on_stamps(stream: Any, data: bytes, t: float) -> None:
+        for stamp in STAMP.findall(data):
+            sent = float(stamp)
+            lag = start_lag.get(stream)
+            if lag is None:
+                lag = start_lag[stream] = max(0.0, sent - requested.get(stream, sent))
+            delays.append(t - sent + lag)
+            stamps.append(sent)
+            counts["deltas"] += 1
+
+    def request(stream: Any, send: Any) -> None:
+        requested[stream] = loop.time()  # time.monotonic(), the provider's clock for its stamps
+        send()
+
     if job["mode"] == "atlas":
 
         def on_message(message: Any, t: float) -> None:
             kind = message.get("type")
             if kind == "agent:delta":
-                for stamp in STAMP.findall(message["text"].encode()):
-                    sent = float(stamp)
-                    delays.append(t - sent)
-                    stamps.append(sent)
-                    counts["deltas"] += 1
+                on_stamps(message.get("id"), message["text"].encode(), t)
             elif kind == "agent:done":
                 done_times.append(t)
                 done_one()
@@ -196,30 +216,23 @@ async def streams(job: dict[str, Any]) -> None:
         sockets = await asyncio.gather(*(connect(u, t) for u, t, _ in job["streams"]))
         for index, (ws, (_, _, offset)) in enumerate(zip(sockets, job["streams"])):
             payload = json.dumps({"type": "agent:stream", "message": spec, "id": f"s{index}"}).encode()
-            starters.append((offset, lambda ws=ws, payload=payload: ws.send(payload)))
+            starters.append((offset, partial(request, f"s{index}", partial(ws.send, payload))))
     else:
         host, port, path, body = provider_request(job["provider"], spec)
-        request = (
+        head = (
             f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nauthorization: Bearer bench\r\n"
             f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
         ).encode() + body
 
-        def on_stamps(data: bytes, t: float) -> None:
-            for stamp in STAMP.findall(data):
-                sent = float(stamp)
-                delays.append(t - sent)
-                stamps.append(sent)
-                counts["deltas"] += 1
-
         sockets = []
-        for _, _, offset in job["streams"]:
+        for index, (_, _, offset) in enumerate(job["streams"]):
             done = loop.create_future()
             done.add_done_callback(lambda _: done_one())
             _, stream = await loop.create_connection(
-                lambda done=done: SseStream(request, on_stamps, done), host, port
+                lambda done=done, index=index: SseStream(head, partial(on_stamps, index), done), host, port
             )
             sockets.append(stream)
-            starters.append((offset, stream.start))
+            starters.append((offset, partial(request, index, stream.start)))
     emit("connected", count=len(sockets))
     go = await command(timeout=120)
     start = go["start"]
@@ -235,7 +248,7 @@ async def streams(job: dict[str, Any]) -> None:
         elif ws.transport is not None:
             ws.transport.close()
     # (when the provider sent it, relative to the start, in ms; its delay in us), in arrival order
-    emit("result", done_ms=sorted(round((t - start) * 1000, 1) for t in done_times), sent_ms=[round((s - start) * 1000, 2) for s in stamps], delays_us=[int(d * 1e6) for d in delays], deltas=counts["deltas"], done=counts["done"], errors=counts["errors"],
+    emit("result", done_ms=sorted(round((t - start) * 1000, 1) for t in done_times), sent_ms=[round((s - start) * 1000, 2) for s in stamps], delays_us=[int(d * 1e6) for d in delays], start_lags_us=[int(lag * 1e6) for lag in start_lag.values()], deltas=counts["deltas"], done=counts["done"], errors=counts["errors"],
          error_samples=error_samples, streams=total)
 
 
