@@ -20,8 +20,9 @@ from urllib.parse import urlsplit
 
 DEFAULT_SERVE_BIND = "127.0.0.1:1999"
 DEFAULT_AGENT_BIND = "127.0.0.1:8788"
-# Provider connections per process, busy or idle: above the streams one process relays at once
-# on a small machine (~450 on 2 cores), so that none waits for a connection (docs/benchmarks.md).
+# Provider connections per process, busy or idle: well above the streams one process relays at
+# once on a small machine (300-450 on 2 cores), so that none waits for a connection
+# (docs/benchmarks.md, "the provider pool").
 DEFAULT_PROVIDER_MAX_CONNECTIONS = 1000
 
 

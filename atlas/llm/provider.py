@@ -32,8 +32,8 @@ import msgspec
 import trio
 
 from atlas import __version__
-from atlas.config import DEFAULT_PROVIDER_MAX_CONNECTIONS
 from atlas.backoff import backoff_delay
+from atlas.config import DEFAULT_PROVIDER_MAX_CONNECTIONS
 from atlas.llm.sse import SseDataParser, SseTooLong
 from atlas.llm.transport import ProviderTransport, proxy_for
 from atlas.llm.types import AgentError, Finish, StreamEvent, TextDelta, Usage
