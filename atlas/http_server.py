@@ -141,9 +141,8 @@ def contain_connection_failures() -> None:
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            idle_watch: DeadlineWatch | None = getattr(self.config, "atlas_idle_watch", None)
-            if idle_watch is not None:
-                self.idle_task = KeepAliveTimer(self, idle_watch)
+            # The config is ``hypercorn_config``'s, which installs this class.
+            self.idle_task = KeepAliveTimer(self, self.config.atlas_idle_watch)
 
         @property
         def socket(self) -> trio.socket.SocketType:
@@ -153,7 +152,7 @@ def contain_connection_failures() -> None:
             # A plain TCP socket is written to directly (``protocol_send``); TLS goes through
             # its stream as upstream does.
             self.atlas_socket = self.stream.socket if isinstance(self.stream, trio.SocketStream) else None
-            watch: DeadlineWatch | None = getattr(self.config, "atlas_write_watch", None)
+            watch: DeadlineWatch | None = self.config.atlas_write_watch  # None: no write timeout
             if watch is not None:
                 watch.watch(self)
             try:
@@ -167,8 +166,7 @@ def contain_connection_failures() -> None:
             finally:
                 if watch is not None:
                     watch.unwatch(self)
-                if isinstance(self.idle_task, KeepAliveTimer):
-                    await self.idle_task.stop()
+                await self.idle_task.stop()
 
         async def _read_data(self) -> None:
             # Upstream defect (Hypercorn 0.18, trio worker): the keep-alive timer task
@@ -194,9 +192,9 @@ def contain_connection_failures() -> None:
             # that bounds nothing costs every frame and request a client sends), and the loop
             # ends once the keep-alive timer has expired (``KeepAliveTimer``: its watch ends a
             # read it finds blocked; this ends one it did not).
-            timer = self.idle_task
+            timer: KeepAliveTimer = self.idle_task
             read_timeout = self.config.read_timeout
-            while not getattr(timer, "timed_out", False):
+            while not timer.timed_out:
                 try:
                     if read_timeout:
                         with trio.fail_after(read_timeout):
@@ -278,20 +276,15 @@ def contain_connection_failures() -> None:
         async def _update_keep_alive_timer(self, event: Updated) -> None:
             if event.idle and self.atlas_reading_ended:
                 return
-            if isinstance(self.idle_task, KeepAliveTimer):  # no checkpoint: nothing to shield
-                await (self.idle_task.restart() if event.idle else self.idle_task.stop())
-                return
-            # Shielded: the end of a reply restarts the timer from within the app's last send,
-            # after Hypercorn has already told the app ``http.disconnect`` (its stream is
-            # closed first). An app that cancels its work on that message (the agent API does)
-            # cancelled the restart, and the idle connection then had no timer at all: the
-            # server never closed it. Upstream defect too; the restart is a lock and a
-            # ``nursery.start`` whose task starts at once, so the shield is short. Reproduction:
-            # an app that runs its reply in a nursery beside a task that cancels the nursery on
-            # ``http.disconnect``, under ``hypercorn -k trio --keep-alive 2``; a client that
-            # sends one request and then stays connected, silent, is still connected 8 s later.
-            with trio.CancelScope(shield=True):
-                await super().protocol_send(event)
+            # No checkpoint, so a cancellation cannot lose the restart. Upstream's timer is a
+            # task started under a lock: the end of a reply restarts it from within the app's
+            # last send, after Hypercorn has already told the app ``http.disconnect``, and an
+            # app that cancels its work on that message (the agent API does) cancelled the
+            # restart, leaving the idle connection with no timer at all (an upstream defect:
+            # under ``hypercorn -k trio --keep-alive 2``, an app that cancels its reply's nursery
+            # on ``http.disconnect``; a client that sends one request and stays silent is still
+            # connected 8 s later).
+            await (self.idle_task.restart() if event.idle else self.idle_task.stop())
 
         async def _close(self) -> None:
             # Upstream's _close, with send_eof under the send lock. The wait for the lock is
