@@ -162,5 +162,19 @@ def atlas_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "atlas"]
 
 
+def start_atlas_serve(
+    name: str, data_dir: Path, provider_url: str, log_dir: Path, *extra: str, timeout: float = 30.0,
+) -> tuple[Proc, str]:
+    """``atlas serve`` on a free loopback port, on ``data_dir``, with ``provider_url`` as its
+    default and only allowed provider and warnings-only logs (plus ``extra`` arguments): the
+    process and its URL, once it listens."""
+    argv = atlas_command() + [
+        "serve", "--bind", "127.0.0.1:0", "--data-dir", str(data_dir),
+        "--provider-url", provider_url, "--provider-urls", provider_url, "--log-level", "warning", *extra,
+    ]
+    proc = Proc(name, argv, log_dir, stderr_lines=True)
+    return proc, proc.wait_line("Atlas listening on ", timeout, stderr=True).rsplit(" ", 1)[1]
+
+
 def python_module(module: str) -> list[str]:
     return [sys.executable, "-m", module]

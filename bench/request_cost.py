@@ -34,7 +34,7 @@ import httpx
 import trio
 import trio_websocket
 
-from bench.procs import Proc, atlas_command, cpu_seconds, python_module, raise_fd_limit
+from bench.procs import Proc, cpu_seconds, python_module, raise_fd_limit, start_atlas_serve
 from bench.users import build_store
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -145,12 +145,8 @@ def main() -> int:
         provider_url = provider.wait_line("PROVIDER ", 15).split()[1]
         data_dir = run_dir / "data"
         shutil.copytree(RESULTS / "cache" / f"store-{STORE_USERS}", data_dir)
-        atlas = Proc("atlas", atlas_command() + [
-            "serve", "--bind", "127.0.0.1:0", "--data-dir", str(data_dir), "--provider-url", provider_url,
-            "--provider-urls", provider_url, "--log-level", "warning",
-        ], run_dir, stderr_lines=True)
+        atlas, atlas_url = start_atlas_serve("atlas", data_dir, provider_url, run_dir)
         servers.append(atlas)
-        atlas_url = atlas.wait_line("Atlas listening on ", 30, stderr=True).rsplit(" ", 1)[1]
         relay = Proc("relay", python_module("bench.relay") + ["--provider", provider_url], run_dir)
         servers.append(relay)
         relay_url = relay.wait_line("RELAY ", 30).split()[1]

@@ -29,8 +29,8 @@ if __package__ in (None, ""):  # run as a file: python bench/run.py
     __package__ = "bench"
 
 from bench.procs import (  # noqa: E402
-    REPO, BenchError, Proc, atlas_command, cpu_seconds, machine_busy_seconds, python_module,
-    raise_fd_limit, rss_bytes,
+    REPO, BenchError, Proc, cpu_seconds, machine_busy_seconds, python_module, raise_fd_limit, rss_bytes,
+    start_atlas_serve,
 )
 
 RESULTS = REPO / "bench" / "results"
@@ -136,14 +136,7 @@ class Bench:
     def start_atlas(self, data_dir: Path, label: str) -> tuple[Proc, str, float]:
         """A fresh ``atlas serve``; returns it, its URL and the seconds until it answered."""
         self._serial += 1
-        argv = atlas_command() + [
-            "serve", "--bind", "127.0.0.1:0", "--data-dir", str(data_dir),
-            "--provider-url", self.provider_url, "--provider-urls", self.provider_url,
-            "--log-level", "warning",
-        ]
-        proc = Proc(f"atlas-{self._serial}-{label}", argv, self.log_dir, stderr_lines=True)
-        line = proc.wait_line("Atlas listening on ", 30, stderr=True)
-        url = line.rsplit(" ", 1)[1]
+        proc, url = start_atlas_serve(f"atlas-{self._serial}-{label}", data_dir, self.provider_url, self.log_dir)
         with urllib.request.urlopen(f"{url}/healthz", timeout=10) as response:
             response.read()
         ready = time.monotonic() - proc.started

@@ -25,7 +25,7 @@ import urllib.error
 import urllib.request
 from typing import TYPE_CHECKING, Any
 
-from bench.procs import REPO, BenchError, Proc, atlas_command
+from bench.procs import REPO, BenchError, Proc, start_atlas_serve
 
 if TYPE_CHECKING:
     from bench.run import Bench
@@ -75,12 +75,8 @@ def start_atlas(bench: Bench, database_url: str, label: str) -> tuple[Proc, str,
     """``atlas serve`` on the database; it, its URL, and the seconds until ``/healthz`` answered."""
     data_dir = bench.work / f"data-{label}"
     data_dir.mkdir(exist_ok=True)
-    argv = atlas_command() + [
-        "serve", "--bind", "127.0.0.1:0", "--data-dir", str(data_dir), "--database-url", database_url,
-        "--provider-url", bench.provider_url, "--provider-urls", bench.provider_url, "--log-level", "warning",
-    ]
-    proc = Proc(f"atlas-scale-{label}", argv, bench.log_dir, stderr_lines=True)
-    url = proc.wait_line("Atlas listening on ", 60, stderr=True).rsplit(" ", 1)[1]
+    proc, url = start_atlas_serve(f"atlas-scale-{label}", data_dir, bench.provider_url, bench.log_dir,
+                                  "--database-url", database_url, timeout=60)
     deadline = time.monotonic() + 30
     while True:
         try:

@@ -23,7 +23,7 @@ b = R.Bench(plan, work, work, profile=bool(os.environ.get("PROFILE")))
 b.start_provider(); b.prepare_users()
 for name in order:
     root = variants[name]
-    R.atlas_command = lambda root=root: [sys.executable, "-c", f"import sys; sys.path.insert(0, {root!r}); from atlas.cli.main import main; sys.exit(main())"]
+    procs.atlas_command = lambda root=root: [sys.executable, "-c", f"import sys; sys.path.insert(0, {root!r}); from atlas.cli.main import main; sys.exit(main())"]
     if "ft" in what:
         b.rows = []; b.first_token()
         ft = b.data["first_token"]
